@@ -1,0 +1,172 @@
+"""Offline subcommands: train, evaluate, verify, index build, publish, batch-score, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from towers.errors import ConfigError
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from e
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _existing_dir(value: str) -> Path:
+    p = Path(value)
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"directory not found: {value}")
+    return p
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from towers.cli import default_data_dir
+
+    p = sub.add_parser("train", help="train the towers and write a verified bundle")
+    p.add_argument("--dataset", default="ml-100k", help="ml-100k | a GroupLens directory | synthetic:UxI[:SEED]")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
+    p.add_argument("--epochs", type=_positive_int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq", "sq8"])
+    p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a bundle on its dataset's test split (serving path)")
+    p.add_argument("--bundle", required=True, type=_existing_dir)
+    p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("verify", help="check a bundle's checksums and shapes")
+    p.add_argument("bundle", type=_existing_dir)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("index", help="index operations")
+    isub = p.add_subparsers(dest="index_command", required=True, parser_class=type(p))
+    b = isub.add_parser("build", help="rebuild a bundle's FAISS index and measure its recall@100")
+    b.add_argument("--bundle", required=True, type=_existing_dir)
+    b.add_argument("--type", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq", "sq8"])
+    b.add_argument("--recall-target", type=float, default=0.95)
+    b.set_defaults(func=cmd_index_build)
+
+    p = sub.add_parser("publish", help="install a verified bundle into a registry and flip CURRENT")
+    p.add_argument("bundle", type=_existing_dir)
+    p.add_argument("--registry", required=True, type=Path)
+    p.add_argument("--redis", dest="redis_url", default=None,
+                   help="load user embeddings and precomputed recs into this Redis before the flip")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("batch-score", help="precompute top-K per user into the bundle (the batch path)")
+    p.add_argument("--bundle", required=True, type=_existing_dir)
+    p.add_argument("--k", type=_positive_int, default=100)
+    p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
+    p.set_defaults(func=cmd_batch_score)
+
+    p = sub.add_parser("synth-bundle", help="a verified synthetic bundle (clustered embeddings, no training)")
+    p.add_argument("--items", type=_positive_int, required=True)
+    p.add_argument("--users", type=_positive_int, required=True)
+    p.add_argument("--dim", type=_positive_int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq", "sq8"])
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_synth_bundle)
+
+    register_demo(sub)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from offline.datasets import load_dataset
+    from offline.evaluate import format_table
+    from offline.train import TrainConfig, train
+
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError("--out", f"{args.out} exists and is not a directory")
+    ds = load_dataset(args.dataset, cache_dir=args.data_dir)
+    man = train(dataset=ds, dataset_spec=args.dataset, out=args.out,
+                train_cfg=TrainConfig(epochs=args.epochs, seed=args.seed), index_type=args.index)
+    if args.json:
+        print(json.dumps(man["metrics"]))
+    else:
+        print(format_table(man["metrics"]))
+        print(f"bundle {man['version']} written to {args.out} (trained in {man['train_seconds']} s, "
+              f"{man['epochs_run']} epochs)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from offline.evaluate import evaluate_bundle, format_table
+
+    m = evaluate_bundle(args.bundle, cache_dir=args.data_dir)
+    print(json.dumps(m) if args.json else format_table(m))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from towers.bundle import verify
+
+    man = verify(args.bundle)
+    print(f"ok: {man['version']} ({len(man['files'])} files)")
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from offline.index_build import rebuild_index
+
+    if not 0.0 < args.recall_target <= 1.0:
+        raise ConfigError("--recall-target", "must be in (0, 1]")
+    rebuild_index(args.bundle, kind=args.type, recall_target=args.recall_target)
+    return 0
+
+
+def cmd_batch_score(args: argparse.Namespace) -> int:
+    from offline.batch_score import batch_score_bundle, seen_rows
+    from towers.bundle import read_manifest
+
+    man = read_manifest(args.bundle)
+    synthetic = man["dataset"].startswith("synthetic-embeddings")
+    seen = None if synthetic else seen_rows(args.bundle, cache_dir=args.data_dir)
+    man = batch_score_bundle(args.bundle, k=args.k, seen=seen)
+    print(f"batch recs (k={man['batch']['k']}) stored in {args.bundle}")
+    return 0
+
+
+def cmd_synth_bundle(args: argparse.Namespace) -> int:
+    from offline.synth import make_synthetic_bundle
+
+    man = make_synthetic_bundle(args.out, n_items=args.items, n_users=args.users, dim=args.dim, seed=args.seed,
+                                index_type=args.index)
+    print(f"synthetic bundle {man['version']} ({args.items:,} items, {args.users:,} users, "
+          f"{man['index']['spec']['type']} recall@100 {man['index']['ann_recall@100']:.3f}) in {args.out}")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from offline.publish import publish
+
+    version = publish(args.bundle, registry=args.registry, redis_url=args.redis_url)
+    print(f"published {version}: {args.registry}/CURRENT -> {version}")
+    return 0
+
+
+def register_demo(sub: argparse._SubParsersAction) -> None:
+    from towers.cli import default_data_dir
+
+    p = sub.add_parser("demo", help="the end-to-end demo on ML-100k with embedded defaults")
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--epochs", type=_positive_int, default=40)
+    p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from offline.demo import run_demo
+
+    return run_demo(workdir=args.workdir, epochs=args.epochs, cache_dir=args.data_dir)

@@ -1,0 +1,23 @@
+"""``twotower publish``: install a bundle in a registry, load what the online
+feature store needs (when a Redis URL is given), then flip ``CURRENT``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from towers import registry as registry_mod
+
+
+def publish(bundle_dir: Path, *, registry: Path, redis_url: str | None = None,
+            fault: registry_mod.FaultHook | None = None) -> str:
+    """Copy + verify into the registry; with ``redis_url``, load the version's user
+    embeddings and precomputed recs into Redis before the pointer flips."""
+    before = None
+    if redis_url is not None:
+        from online.loader import load_bundle_into_redis
+
+        def before(version: str) -> None:
+            load_bundle_into_redis(registry / version, redis_url=redis_url)
+
+    kwargs = {"fault": fault} if fault is not None else {}
+    return registry_mod.publish(bundle_dir, registry, before_switch=before, **kwargs)

@@ -1,0 +1,113 @@
+"""Bundle verification refuses corruption; publish is atomic under crashes; index rebuilds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from offline.index_build import rebuild_index
+from towers import bundle as bundle_mod
+from towers import registry as registry_mod
+from towers.errors import BundleError, RegistryError
+
+
+def test_a_good_bundle_verifies_and_loads(synth_bundle: Path) -> None:
+    b = bundle_mod.load(synth_bundle)
+    assert b.item_emb.shape == (3000, 32) and b.index.ntotal == 3000
+    assert b.recs_items is not None and b.recs_items.shape == (400, 100)
+    man = json.loads((synth_bundle / "manifest.json").read_text())
+    assert {"version", "created", "files", "index", "shapes", "metrics"} <= man.keys()
+    assert all(len(f["sha256"]) == 64 for f in man["files"].values())
+
+
+def test_flipped_byte_is_refused(synth_bundle: Path) -> None:
+    p = synth_bundle / "item_embeddings.npy"
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"item_embeddings\.npy: sha256 mismatch"):
+        bundle_mod.verify(synth_bundle)
+    with pytest.raises(BundleError):
+        bundle_mod.load(synth_bundle)
+
+
+def test_missing_file_is_refused(synth_bundle: Path) -> None:
+    (synth_bundle / "index.faiss").unlink()
+    with pytest.raises(BundleError, match=r"missing file index\.faiss"):
+        bundle_mod.verify(synth_bundle)
+
+
+def test_wrong_shape_is_refused_even_with_matching_checksum(synth_bundle: Path) -> None:
+    # A consistent-looking manifest (checksums updated) with an embedding matrix of the wrong shape.
+    bundle_mod.update_bundle(synth_bundle, {"user_embeddings.npy": np.zeros((399, 32), np.float32)}, {})
+    with pytest.raises(BundleError, match=r"user_embeddings\.npy has shape \(399, 32\)"):
+        bundle_mod.verify(synth_bundle)
+
+
+def test_publish_refuses_an_unverifiable_bundle(synth_bundle: Path, tmp_path: Path) -> None:
+    (synth_bundle / "combiner.npz").write_bytes(b"garbage")
+    with pytest.raises(BundleError, match="refusing to publish"):
+        registry_mod.publish(synth_bundle, tmp_path / "reg")
+    assert registry_mod.current_version(tmp_path / "reg") is None
+
+
+CRASH_POINTS = ["before_copy", "copied:item_embeddings.npy", "before_rename", "after_rename", "before_pointer",
+                "after_pointer"]
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_publish_killed_at_any_point_leaves_current_on_a_complete_bundle(
+    synth_bundle_factory, tmp_path: Path, point: str  # type: ignore[no-untyped-def]
+) -> None:
+    old, new = synth_bundle_factory(seed=0), synth_bundle_factory(seed=1)
+    reg = tmp_path / "reg"
+    v_old = registry_mod.publish(old, reg)
+    v_new = bundle_mod.read_manifest(new)["version"]
+    assert v_old != v_new
+    script = textwrap.dedent(f"""
+        import os, sys
+        from pathlib import Path
+        from towers import registry
+        def fault(p):
+            if p == {point!r}:
+                os._exit(137)  # as abrupt as SIGKILL: no cleanup, no finally
+        registry.publish(Path({str(new)!r}), Path({str(reg)!r}), fault=fault)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 137, proc.stderr
+    live = registry_mod.current_version(reg)
+    assert live == (v_new if point == "after_pointer" else v_old)
+    bundle_mod.verify(registry_mod.current_path(reg))  # the live bundle is complete
+    # The next publish completes and cleans up the debris.
+    assert registry_mod.publish(new, reg) == v_new
+    assert registry_mod.current_version(reg) == v_new
+    assert not list(reg.glob(".incoming-*"))
+    assert set(registry_mod.versions(reg)) == {v_old, v_new}
+
+
+def test_registry_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="does not exist"):
+        registry_mod.current_path(tmp_path / "nope")
+    (tmp_path / "reg").mkdir()
+    with pytest.raises(RegistryError, match="nothing published"):
+        registry_mod.current_path(tmp_path / "reg")
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq", "sq8"])
+def test_index_rebuild_records_recall(synth_bundle: Path, kind: str) -> None:
+    entry = rebuild_index(synth_bundle, kind=kind, recall_target=0.9, log=lambda *_: None)
+    man = bundle_mod.verify(synth_bundle)
+    assert man["index"] == entry and man["index"]["spec"]["type"] == kind
+    assert 0.0 < entry["ann_recall@100"] <= 1.0
+    if kind in ("flat",):
+        assert entry["ann_recall@100"] == 1.0
+    if kind in ("ivf", "sq8"):
+        assert entry["ann_recall@100"] >= 0.9  # nprobe was tuned to the target
+    b = bundle_mod.load(synth_bundle)
+    assert b.index.ntotal == 3000

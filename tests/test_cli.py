@@ -1,0 +1,47 @@
+"""CLI errors: one clear line naming the flag or file, exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "towers.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["evaluate", "--bundle", "/no/such/dir"], "--bundle: directory not found: /no/such/dir"),
+        (["train", "--epochs", "zero", "--out", "x"], "--epochs: expected a positive integer"),
+        (["train", "--epochs", "0", "--out", "x"], "--epochs: expected a positive integer"),
+        (["index", "build", "--bundle", ".", "--type", "lsh"], "--type: invalid choice: 'lsh'"),
+        (["publish", "/no/such/bundle", "--registry", "r"], "bundle: directory not found"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["train"], "the following arguments are required: --out"),
+    ],
+)
+def test_bad_flags_and_paths(args: list[str], needle: str) -> None:
+    proc = run(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0]
+
+
+def test_not_a_bundle_is_one_line(tmp_path: Path) -> None:
+    proc = run("verify", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"twotower verify: error: {tmp_path}: not a bundle (no manifest.json)"
+
+
+def test_corrupt_bundle_refused_at_publish(synth_bundle: Path, tmp_path: Path) -> None:
+    (synth_bundle / "popularity.npy").write_bytes(b"x")
+    proc = run("publish", str(synth_bundle), "--registry", str(tmp_path / "reg"))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "refusing to publish" in proc.stderr and "popularity.npy" in proc.stderr

@@ -1,0 +1,48 @@
+"""The one exception tree of twotower.
+
+Third-party errors (OSError, redis, faiss, grpc) are translated into these at
+the boundary with ``raise ... from``; the gRPC layer maps them to status codes
+in exactly one place (``online.errors_map``), the CLI maps them to exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class TwoTowerError(Exception):
+    """Base of every error twotower raises on purpose."""
+
+
+class ConfigError(TwoTowerError):
+    """A configuration value or CLI flag is invalid. ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class InvalidRequest(TwoTowerError):
+    """A request is malformed; maps to INVALID_ARGUMENT. ``field`` names the culprit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class DataError(TwoTowerError):
+    """A dataset cannot be fetched or parsed; the message names the file (and line)."""
+
+
+class BundleError(TwoTowerError):
+    """A bundle is missing, incomplete or corrupt; the message says what is wrong."""
+
+
+class RegistryError(TwoTowerError):
+    """The registry (CURRENT pointer, bundle directories) is unusable."""
+
+
+class FeatureStoreError(TwoTowerError):
+    """The online feature store failed or timed out; serving degrades on it."""
+
+
+class NotReady(TwoTowerError):
+    """No bundle is loaded yet; maps to UNAVAILABLE."""
