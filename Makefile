@@ -23,11 +23,12 @@ data: $(STAMP)
 	$(BIN)/python -c "from pathlib import Path; import os; from offline.datasets import fetch_recbole_wheel; print('data:', fetch_recbole_wheel(Path(os.environ['TWOTOWER_DATA_DIR'])))"
 
 # The machine normally runs Redis on 127.0.0.1:6379; start one if none answers.
+# The tests also need the redis-server binary (they start throwaway servers).
 redis:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
 	@if $(BIN)/python -c "import redis,sys; redis.Redis(port=6379, socket_timeout=1).ping()" 2>/dev/null; then \
 	  echo "redis: running on 127.0.0.1:6379"; \
 	else \
-	  command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null); \
 	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no; \
 	  for i in $$(seq 50); do $(BIN)/python -c "import redis; redis.Redis(port=6379).ping()" 2>/dev/null && break; sleep 0.1; done; \
 	  echo "redis: started on 127.0.0.1:6379"; \
@@ -46,7 +47,7 @@ lint: $(STAMP)
 demo: setup
 	$(BIN)/twotower demo
 
-test: setup lint
+test: setup lint check-protos
 	$(BIN)/pytest -q -ra
 
 clean:

@@ -1,9 +1,92 @@
-"""Online subcommands (serve, recommend); registered by ``towers.cli``."""
+"""Online subcommands: serve, recommend; registered by ``towers.cli``."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    del sub
+    p = sub.add_parser("serve", help="serve the registry's CURRENT bundle over gRPC")
+    p.add_argument("--registry", type=Path, required=True)
+    store = p.add_mutually_exclusive_group()
+    store.add_argument("--redis-url", default=None, help="use Redis as the feature store")
+    store.add_argument("--feature-store", choices=["memory", "redis"], default=None)
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--config", type=Path, default=None, help="JSON file of ServeConfig settings")
+    p.add_argument("--max-batch-size", type=int, default=None)
+    p.add_argument("--max-wait-ms", type=float, default=None)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("recommend", help="ask a running server for recommendations")
+    p.add_argument("--user", required=True)
+    p.add_argument("--session", default="", help="comma-separated recent item ids, most recent first")
+    p.add_argument("--k", type=int, default=None)
+    p.add_argument("--mode", choices=["auto", "online", "batch"], default="auto")
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.set_defaults(func=cmd_recommend)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from online.config import load_config
+    from online.server import start_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config(args.config, host=args.host, port=args.port,
+                      feature_store="redis" if args.redis_url else args.feature_store,
+                      batching__max_batch_size=args.max_batch_size, batching__max_wait_ms=args.max_wait_ms)
+    if args.redis_url:
+        from dataclasses import replace
+
+        cfg = replace(cfg, redis=replace(cfg.redis, url=args.redis_url))
+
+    async def main() -> None:
+        running = await start_server(cfg, registry=args.registry)
+        print(f"serving {running.service.model.version if running.service.model else '-'} on "
+              f"{cfg.host}:{running.port} ({cfg.feature_store} feature store)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await running.stop(grace=5.0)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    import grpc
+
+    from online.client import RecommenderClient
+    from towers.errors import TwoTowerError
+
+    session = [s for s in args.session.split(",") if s]
+    with RecommenderClient(args.target, timeout=2.0) as client:
+        try:
+            resp = client.recommend(args.user, k=args.k, recent=session, mode=args.mode, include_titles=True)
+        except grpc.RpcError as e:
+            raise TwoTowerError(f"{e.code().name}: {e.details()}") from e
+    print(format_response(resp))
+    return 0
+
+
+def format_response(r: Any) -> str:
+    """A RecommendResponse as a few readable lines."""
+    lines = [f"version {r.model_version}  rung {RUNG_NAMES[r.rung]}  source {r.source}  "
+             f"total {r.timings.total_us / 1000:.2f} ms"]
+    for reason in r.reasons:
+        lines.append(f"  reason: {reason}")
+    titles = list(r.titles) or [""] * len(r.item_ids)
+    for n, (i, s, t) in enumerate(zip(r.item_ids, r.scores, titles, strict=True), 1):
+        lines.append(f"  {n:2d}. {i:>8s}  {s:7.4f}  {t}")
+    return "\n".join(lines)
+
+
+RUNG_NAMES = ("unspecified", "full", "no_session", "batch", "popularity")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -51,3 +52,85 @@ def synth_bundle(synth_bundle_factory, tmp_path: Path) -> Path:  # type: ignore[
     dst = tmp_path / "bundle"
     shutil.copytree(src, dst)
     return dst
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisProcess:
+    """A throwaway redis-server on a free loopback port, which a test can stop and restart."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.dir = workdir
+        self.proc: object = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        import redis
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir), "--dbfilename", "dump.rdb"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        for _ in range(200):  # bounded wait for the server to accept connections
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def shutdown_saving(self) -> None:
+        import redis
+
+        with contextlib.suppress(redis.ConnectionError):
+            redis.Redis(port=self.port).shutdown(save=True)
+        self.proc.wait(timeout=10)  # type: ignore[attr-defined]
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)  # type: ignore[attr-defined]
+
+    def kill(self) -> None:
+        self.proc.kill()  # type: ignore[attr-defined]
+        self.proc.wait(timeout=10)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def redis_proc(tmp_path: Path):  # type: ignore[no-untyped-def]
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (make setup installs it)")
+    r = RedisProcess(tmp_path)
+    yield r
+    r.kill()
+
+
+@pytest.fixture(scope="session")
+def served_registry(tmp_path_factory: pytest.TempPathFactory, trained_bundle: Path, data_dir: Path) -> Path:
+    """The trained bundle with batch recs, published to a registry."""
+    import shutil
+
+    from offline.batch_score import batch_score_bundle, seen_rows
+    from towers import registry
+
+    b = tmp_path_factory.mktemp("served") / "bundle"
+    shutil.copytree(trained_bundle, b)
+    batch_score_bundle(b, k=100, seen=seen_rows(b, cache_dir=data_dir), progress=False)
+    reg = tmp_path_factory.mktemp("registry")
+    registry.publish(b, reg)
+    return reg

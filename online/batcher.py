@@ -1,0 +1,157 @@
+"""Dynamic batching of concurrent requests inside one worker (DESIGN §5).
+
+Each submitted item gets its own future. The dispatcher takes the first
+waiting item, waits for a free in-flight slot (while a batch runs, more items
+queue up), then drains the queue up to ``max_batch_size``; only when another
+batch is still in flight does it linger up to ``max_wait_ms`` for more, so an
+idle worker dispatches at once and batching adds no latency at low load.
+
+Items whose caller has gone (cancelled future) or whose deadline has passed are
+dropped before the batch runs. The handler returns one result or exception per
+item; an exception fails only its own item. Results are set "if not done".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class DeadlineExceeded(Exception):
+    """The item's deadline passed before its batch ran."""
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R]
+    deadline: float  # time.monotonic(); inf when none
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+    dropped_cancelled: int = 0
+    dropped_deadline: int = 0
+    sizes: list[int] = field(default_factory=list)  # recent batch sizes (bounded)
+
+
+Handler = Callable[[Sequence[T], Sequence[float]], Awaitable[Sequence["R | BaseException"]]]
+
+
+class Batcher(Generic[T, R]):
+    """``handler(items, queue_seconds)`` → one result or exception per item."""
+
+    def __init__(self, handler: Handler[T, R], *, max_batch_size: int, max_wait_ms: float,
+                 max_inflight: int = 2) -> None:
+        if max_batch_size < 1 or max_inflight < 1:
+            raise ValueError("max_batch_size and max_inflight must be >= 1")
+        self._handler = handler
+        self._max = max_batch_size
+        self._wait = max_wait_ms / 1000.0
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._max_inflight = max_inflight
+        self._queue: asyncio.Queue[_Pending[T, R]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self.stats = BatchStats()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._running)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def submit(self, item: T, *, deadline: float = float("inf")) -> R:
+        """Queue ``item`` and wait for its result. Cancelling the caller drops the item."""
+        self.start()
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(item, fut, deadline))
+        return await fut
+
+    async def _dispatch(self) -> None:
+        while True:
+            first = await self._queue.get()
+            await self._slots.acquire()
+            batch = [first]
+            self._drain(batch)
+            if len(batch) < self._max and self._wait > 0 and self._running:
+                # Under load: give batchmates up to max_wait to arrive.
+                end = time.monotonic() + self._wait
+                while len(batch) < self._max:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), left))
+                    except asyncio.TimeoutError:
+                        break
+                    self._drain(batch)
+            live = self._live(batch)
+            if not live:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(live))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _drain(self, batch: list[_Pending[T, R]]) -> None:
+        while len(batch) < self._max:
+            try:
+                batch.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                return
+
+    def _live(self, batch: list[_Pending[T, R]]) -> list[_Pending[T, R]]:
+        now = time.monotonic()
+        live = []
+        for p in batch:
+            if p.future.done():  # cancelled by its caller
+                self.stats.dropped_cancelled += 1
+            elif p.deadline <= now:
+                self.stats.dropped_deadline += 1
+                p.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+            else:
+                live.append(p)
+        return live
+
+    async def _run(self, batch: list[_Pending[T, R]]) -> None:
+        try:
+            now = time.monotonic()
+            self.stats.batches += 1
+            self.stats.items += len(batch)
+            self.stats.sizes.append(len(batch))
+            del self.stats.sizes[:-1000]
+            try:
+                results = await self._handler([p.item for p in batch], [now - p.enqueued for p in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch handler returned {len(results)} results for {len(batch)} items")
+            except Exception as e:  # the whole batch failed: every caller hears why
+                results = [e] * len(batch)
+            for p, r in zip(batch, results, strict=True):
+                if p.future.done():
+                    continue
+                if isinstance(r, BaseException):
+                    p.future.set_exception(r)
+                else:
+                    p.future.set_result(r)
+        finally:
+            self._slots.release()

@@ -1,0 +1,116 @@
+"""Serving configuration: typed, documented, validated once at the edge
+(``twotower serve`` flags and an optional JSON config file) and passed down."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from towers.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Latency budget in milliseconds (DESIGN §4), capped by the client's deadline."""
+
+    total_ms: float = 100.0
+    network_ms: float = 10.0  # reserved for the way back to the client
+    fetch_ms: float = 30.0  # feature fetch + preprocessing
+    inference_ms: float = 50.0  # combiner + ANN search
+    post_ms: float = 10.0  # filtering + serialisation
+    min_search_ms: float = 2.0  # below this much time left, skip the search: serve batch recs
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 64  # 1 turns batching off
+    max_wait_ms: float = 2.0  # only while another batch is in flight; idle requests go at once
+    max_inflight_batches: int = 2  # a batch's feature fetch overlaps the previous batch's search
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "tt"
+    max_connections: int = 32
+    socket_timeout_ms: float = 200.0  # hard ceiling; each call also gets the remaining budget
+    session_ttl_s: int = 7 * 24 * 3600
+    session_cap: int = 100  # events kept per user
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    feature_store: str = "memory"  # memory | redis
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    default_k: int = 10
+    max_k: int = 200
+    max_session_items: int = 1000  # request-supplied recent + cart items
+    max_exclude_items: int = 10_000
+    max_id_length: int = 256
+    max_events_per_call: int = 10_000
+    max_message_bytes: int = 8 * 1024 * 1024  # larger messages are refused by gRPC itself
+    variant: str = "control"
+    search_threads: int = 2
+
+    def validate(self) -> ServeConfig:
+        checks = [
+            ("port", 0 <= self.port <= 65535, "must be in 0..65535"),
+            ("feature_store", self.feature_store in ("memory", "redis"), "must be 'memory' or 'redis'"),
+            ("max_k", self.max_k >= 1, "must be >= 1"),
+            ("default_k", 1 <= self.default_k <= self.max_k, "must be in 1..max_k"),
+            ("batching.max_batch_size", self.batching.max_batch_size >= 1, "must be >= 1"),
+            ("batching.max_wait_ms", self.batching.max_wait_ms >= 0, "must be >= 0"),
+            ("batching.max_inflight_batches", self.batching.max_inflight_batches >= 1, "must be >= 1"),
+            ("budget.total_ms", self.budget.total_ms > 0, "must be > 0"),
+        ]
+        for name, ok, msg in checks:
+            if not ok:
+                raise ConfigError(name, msg)
+        return self
+
+
+def _from_dict(cls: Any, d: dict[str, Any], path: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for k, v in d.items():
+        if k not in known:
+            raise ConfigError(f"{path}{k}", "unknown setting")
+        default = getattr(cls(), k)
+        if hasattr(default, "__dataclass_fields__"):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{path}{k}", "expected an object")
+            kwargs[k] = _from_dict(type(default), v, f"{path}{k}.")
+        else:
+            if not isinstance(v, type(default)) and not (isinstance(default, float) and isinstance(v, int)):
+                raise ConfigError(f"{path}{k}", f"expected {type(default).__name__}, got {type(v).__name__}")
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> ServeConfig:
+    """Defaults ← JSON file ← explicit overrides (flags); ``batching__max_batch_size`` style
+    keys reach nested settings."""
+    cfg = ServeConfig()
+    if path is not None:
+        try:
+            data = json.loads(path.read_text())
+        except OSError as e:
+            raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from e
+        except ValueError as e:
+            raise ConfigError("--config", f"{path} is not valid JSON: {e}") from e
+        cfg = _from_dict(ServeConfig, data, "")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if "__" in key:
+            outer, inner = key.split("__", 1)
+            cfg = replace(cfg, **{outer: replace(getattr(cfg, outer), **{inner: value})})
+        else:
+            cfg = replace(cfg, **{key: value})
+    return cfg.validate()

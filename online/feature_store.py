@@ -1,0 +1,232 @@
+"""Online feature stores: Redis (production) and in-memory (the embedded default).
+
+Redis key layout — the one place it is defined (``RedisKeys``)::
+
+    {p}:v:{version}:ue:{user_id}    user embedding, raw little-endian float32 (or float16) bytes
+    {p}:v:{version}:recs:{user_id}  precomputed top-K: int32 item rows then float32 scores
+    {p}:v:{version}:ready           set last by the loader: the version's keys are all there
+    {p}:sess:{user_id}              session events, newest first, "item\\ttype\\tts", capped + TTL
+
+Embeddings and recs are version-scoped, so a worker serving version N can never
+read another version's vectors (no skew); sessions are facts about the user,
+shared by all versions, and hold raw item ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from towers.errors import FeatureStoreError
+
+EVENT_TYPES = ("view", "click", "cart", "purchase")
+
+
+@dataclass(frozen=True)
+class Event:
+    user_id: str
+    item_id: str
+    type: str  # one of EVENT_TYPES
+    timestamp: int
+
+
+@dataclass(frozen=True)
+class UserFeatures:
+    embedding: np.ndarray | None  # (d,) float32; None when the store has none for this user
+    session: list[Event]  # newest first
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str = "tt"
+
+    def user_embedding(self, version: str, user_id: str) -> str:
+        return f"{self.prefix}:v:{version}:ue:{user_id}"
+
+    def recs(self, version: str, user_id: str) -> str:
+        return f"{self.prefix}:v:{version}:recs:{user_id}"
+
+    def ready(self, version: str) -> str:
+        return f"{self.prefix}:v:{version}:ready"
+
+    def session(self, user_id: str) -> str:
+        return f"{self.prefix}:sess:{user_id}"
+
+
+def encode_event(e: Event) -> bytes:
+    return f"{e.item_id}\t{e.type}\t{e.timestamp}".encode()
+
+
+def decode_event(user_id: str, raw: bytes) -> Event:
+    item, typ, ts = raw.decode().split("\t")
+    return Event(user_id, item, typ, int(ts))
+
+
+def decode_embedding(raw: bytes | None, dim: int) -> np.ndarray | None:
+    if raw is None:
+        return None
+    if len(raw) == 4 * dim:
+        return np.frombuffer(raw, dtype="<f4")
+    if len(raw) == 2 * dim:
+        return np.frombuffer(raw, dtype="<f2").astype(np.float32)
+    raise FeatureStoreError(f"user embedding of {len(raw)} bytes does not match dim {dim}")
+
+
+def encode_recs(rows: np.ndarray, scores: np.ndarray) -> bytes:
+    keep = rows >= 0
+    return rows[keep].astype("<i4").tobytes() + scores[keep].astype("<f4").tobytes()
+
+
+def decode_recs(raw: bytes | None) -> tuple[np.ndarray, np.ndarray] | None:
+    if raw is None:
+        return None
+    n = len(raw) // 8
+    return (np.frombuffer(raw[: 4 * n], dtype="<i4").astype(np.int64),
+            np.frombuffer(raw[4 * n:], dtype="<f4").astype(np.float32))
+
+
+class FeatureStore(Protocol):
+    async def fetch(self, version: str, user_ids: Sequence[str], *, dim: int, n_recent: int,
+                    timeout: float) -> list[UserFeatures]:
+        """User embeddings (of ``version``) and recent session events, for a batch, in one round trip."""
+        ...
+
+    async def batch_recs(self, version: str, user_ids: Sequence[str], *,
+                         timeout: float) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Precomputed (item rows, scores) of ``version`` per user; None where absent."""
+        ...
+
+    async def record(self, events: Sequence[Event], *, timeout: float) -> int:
+        """Append events to the users' sessions; returns how many were stored."""
+        ...
+
+    async def has_version(self, version: str) -> bool:
+        ...
+
+    async def close(self) -> None:
+        ...
+
+
+class InMemoryFeatureStore:
+    """The embedded default: embeddings and recs from loaded bundles, sessions in process memory."""
+
+    def __init__(self, *, session_cap: int = 100) -> None:
+        self._versions: dict[str, tuple[dict[str, int], np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
+        self._sessions: dict[str, deque[Event]] = {}
+        self._cap = session_cap
+
+    def add_version(self, version: str, *, user_ids: Sequence[str], user_emb: np.ndarray,
+                    recs_items: np.ndarray | None = None, recs_scores: np.ndarray | None = None) -> None:
+        self._versions[version] = ({u: i for i, u in enumerate(user_ids)}, user_emb, recs_items, recs_scores)
+
+    async def fetch(self, version: str, user_ids: Sequence[str], *, dim: int, n_recent: int,
+                    timeout: float) -> list[UserFeatures]:
+        index, emb, _, _ = self._versions.get(version, ({}, np.zeros((0, dim), np.float32), None, None))
+        out = []
+        for u in user_ids:
+            row = index.get(u)
+            sess = self._sessions.get(u)
+            out.append(UserFeatures(None if row is None else np.asarray(emb[row], dtype=np.float32),
+                                    list(sess)[:n_recent] if sess else []))
+        return out
+
+    async def batch_recs(self, version: str, user_ids: Sequence[str], *,
+                         timeout: float) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        index, _, items, scores = self._versions.get(version, ({}, None, None, None))
+        out: list[tuple[np.ndarray, np.ndarray] | None] = []
+        for u in user_ids:
+            row = index.get(u)
+            if row is None or items is None or scores is None:
+                out.append(None)
+            else:
+                keep = items[row] >= 0
+                out.append((items[row][keep].astype(np.int64), scores[row][keep].astype(np.float32)))
+        return out
+
+    async def record(self, events: Sequence[Event], *, timeout: float) -> int:
+        for e in events:
+            self._sessions.setdefault(e.user_id, deque(maxlen=self._cap)).appendleft(e)
+        return len(events)
+
+    async def has_version(self, version: str) -> bool:
+        return version in self._versions
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisFeatureStore:
+    """``redis.asyncio`` with a connection pool; every batch is one pipeline (one round trip)."""
+
+    def __init__(self, *, url: str, prefix: str = "tt", max_connections: int = 32, socket_timeout_s: float = 0.2,
+                 session_ttl_s: int = 7 * 24 * 3600, session_cap: int = 100) -> None:
+        import redis.asyncio as aioredis
+
+        self.keys = RedisKeys(prefix)
+        self._ttl = session_ttl_s
+        self._cap = session_cap
+        self._redis = aioredis.Redis.from_url(
+            url, max_connections=max_connections, socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s, retry_on_timeout=False,
+        )
+
+    async def _run(self, what: str, coro_fn: object, timeout: float) -> list[object]:
+        import redis
+
+        try:
+            return await asyncio.wait_for(coro_fn(), timeout=max(timeout, 0.0005))  # type: ignore[operator]
+        except asyncio.TimeoutError as e:
+            raise FeatureStoreError(f"redis {what} timed out after {timeout * 1000:.1f} ms") from e
+        except (redis.RedisError, OSError) as e:
+            raise FeatureStoreError(f"redis {what} failed: {type(e).__name__}: {e}") from e
+
+    async def fetch(self, version: str, user_ids: Sequence[str], *, dim: int, n_recent: int,
+                    timeout: float) -> list[UserFeatures]:
+        async def go() -> list[object]:
+            pipe = self._redis.pipeline(transaction=False)
+            for u in user_ids:
+                pipe.get(self.keys.user_embedding(version, u))
+                pipe.lrange(self.keys.session(u), 0, max(n_recent - 1, 0))
+            return list(await pipe.execute())
+
+        res = await self._run("fetch", go, timeout)
+        out = []
+        for j, u in enumerate(user_ids):
+            raw_emb, raw_sess = res[2 * j], res[2 * j + 1]
+            out.append(UserFeatures(decode_embedding(raw_emb, dim),  # type: ignore[arg-type]
+                                    [decode_event(u, r) for r in raw_sess]))  # type: ignore[attr-defined]
+        return out
+
+    async def batch_recs(self, version: str, user_ids: Sequence[str], *,
+                         timeout: float) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        async def go() -> list[object]:
+            return list(await self._redis.mget([self.keys.recs(version, u) for u in user_ids]))
+
+        return [decode_recs(r) for r in await self._run("batch recs", go, timeout)]  # type: ignore[arg-type]
+
+    async def record(self, events: Sequence[Event], *, timeout: float) -> int:
+        async def go() -> list[object]:
+            pipe = self._redis.pipeline(transaction=True)  # MULTI: a user's push/trim/expire land together
+            for e in events:
+                key = self.keys.session(e.user_id)
+                pipe.lpush(key, encode_event(e))
+                pipe.ltrim(key, 0, self._cap - 1)
+                pipe.expire(key, self._ttl)
+            return list(await pipe.execute())
+
+        await self._run("record", go, timeout)
+        return len(events)
+
+    async def has_version(self, version: str) -> bool:
+        async def go() -> list[object]:
+            return [await self._redis.exists(self.keys.ready(version))]
+
+        return bool((await self._run("has_version", go, 1.0))[0])
+
+    async def close(self) -> None:
+        await self._redis.aclose()

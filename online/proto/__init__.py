@@ -1,0 +1,1 @@
+"""Generated from protos/ by `python -m online.protogen`; do not edit."""

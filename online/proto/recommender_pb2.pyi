@@ -1,0 +1,145 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_AUTO: _ClassVar[Mode]
+    MODE_ONLINE: _ClassVar[Mode]
+    MODE_BATCH: _ClassVar[Mode]
+
+class Rung(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUNG_UNSPECIFIED: _ClassVar[Rung]
+    RUNG_FULL: _ClassVar[Rung]
+    RUNG_NO_SESSION: _ClassVar[Rung]
+    RUNG_BATCH: _ClassVar[Rung]
+    RUNG_POPULARITY: _ClassVar[Rung]
+
+class EventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_TYPE_UNSPECIFIED: _ClassVar[EventType]
+    EVENT_TYPE_VIEW: _ClassVar[EventType]
+    EVENT_TYPE_CLICK: _ClassVar[EventType]
+    EVENT_TYPE_CART: _ClassVar[EventType]
+    EVENT_TYPE_PURCHASE: _ClassVar[EventType]
+MODE_AUTO: Mode
+MODE_ONLINE: Mode
+MODE_BATCH: Mode
+RUNG_UNSPECIFIED: Rung
+RUNG_FULL: Rung
+RUNG_NO_SESSION: Rung
+RUNG_BATCH: Rung
+RUNG_POPULARITY: Rung
+EVENT_TYPE_UNSPECIFIED: EventType
+EVENT_TYPE_VIEW: EventType
+EVENT_TYPE_CLICK: EventType
+EVENT_TYPE_CART: EventType
+EVENT_TYPE_PURCHASE: EventType
+
+class Session(_message.Message):
+    __slots__ = ("recent_item_ids", "cart_item_ids")
+    RECENT_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    CART_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    recent_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    cart_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, recent_item_ids: _Optional[_Iterable[str]] = ..., cart_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Context(_message.Message):
+    __slots__ = ("device", "timestamp")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    timestamp: int
+    def __init__(self, device: _Optional[str] = ..., timestamp: _Optional[int] = ...) -> None: ...
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("user_id", "k", "session", "context", "exclude_item_ids", "mode", "request_id", "include_titles")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_TITLES_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    k: int
+    session: Session
+    context: Context
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    mode: Mode
+    request_id: str
+    include_titles: bool
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., session: _Optional[_Union[Session, _Mapping]] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., request_id: _Optional[str] = ..., include_titles: _Optional[bool] = ...) -> None: ...
+
+class StageTimings(_message.Message):
+    __slots__ = ("queue_us", "fetch_us", "combine_us", "search_us", "filter_us", "total_us")
+    QUEUE_US_FIELD_NUMBER: _ClassVar[int]
+    FETCH_US_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_US_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_US_FIELD_NUMBER: _ClassVar[int]
+    FILTER_US_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_US_FIELD_NUMBER: _ClassVar[int]
+    queue_us: int
+    fetch_us: int
+    combine_us: int
+    search_us: int
+    filter_us: int
+    total_us: int
+    def __init__(self, queue_us: _Optional[int] = ..., fetch_us: _Optional[int] = ..., combine_us: _Optional[int] = ..., search_us: _Optional[int] = ..., filter_us: _Optional[int] = ..., total_us: _Optional[int] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("item_ids", "scores", "model_version", "variant", "rung", "reasons", "timings", "request_id", "titles", "source", "batch_size")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    RUNG_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    model_version: str
+    variant: str
+    rung: Rung
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    timings: StageTimings
+    request_id: str
+    titles: _containers.RepeatedScalarFieldContainer[str]
+    source: str
+    batch_size: int
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., variant: _Optional[str] = ..., rung: _Optional[_Union[Rung, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., request_id: _Optional[str] = ..., titles: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("user_id", "item_id", "type", "timestamp")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    item_id: str
+    type: EventType
+    timestamp: int
+    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., timestamp: _Optional[int] = ...) -> None: ...
+
+class RecordEventsRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class RecordEventsResponse(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    def __init__(self, accepted: _Optional[int] = ...) -> None: ...

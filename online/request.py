@@ -1,0 +1,109 @@
+"""Typed requests and results of the request path, and validation of the wire
+messages into them. Every rejection is an ``InvalidRequest`` naming the field."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from online.config import ServeConfig
+from online.feature_store import EVENT_TYPES, Event
+from towers.errors import InvalidRequest
+
+MODES = {0: "auto", 1: "online", 2: "batch"}
+RUNGS = ("unspecified", "full", "no_session", "batch", "popularity")  # index == proto Rung value
+
+
+@dataclass(frozen=True)
+class RecRequest:
+    user_id: str
+    k: int
+    recent: tuple[str, ...]  # request-supplied session, most recent first
+    cart: tuple[str, ...]
+    exclude: tuple[str, ...]
+    mode: str  # auto | online | batch
+    request_id: str
+    include_titles: bool
+    deadline: float  # time.monotonic() by which the response must be sent
+    received: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class RecResult:
+    item_ids: list[str]
+    scores: list[float]
+    version: str
+    variant: str
+    rung: str  # one of RUNGS[1:]
+    reasons: list[str]
+    source: str  # online | session_only | user_only | batch | popularity
+    timings_us: dict[str, int]
+    batch_size: int
+    titles: list[str] = field(default_factory=list)
+    request_id: str = ""
+
+
+def _ids(values: Any, name: str, cfg: ServeConfig, limit: int, *, unique: bool) -> tuple[str, ...]:
+    vals = tuple(values)
+    if len(vals) > limit:
+        raise InvalidRequest(name, f"{len(vals)} ids exceed the limit of {limit}")
+    seen: set[str] = set()
+    for v in vals:
+        if not v:
+            raise InvalidRequest(name, "empty item id")
+        if len(v) > cfg.max_id_length:
+            raise InvalidRequest(name, f"item id longer than {cfg.max_id_length} characters")
+        if unique and v in seen:
+            raise InvalidRequest(name, f"duplicate item id {v!r}")
+        seen.add(v)
+    return vals
+
+
+def parse_recommend(msg: Any, cfg: ServeConfig, *, time_remaining: float | None) -> RecRequest:
+    """From a ``RecommendRequest`` message; ``time_remaining`` is the client's gRPC deadline (s)."""
+    now = time.monotonic()
+    if not msg.user_id:
+        raise InvalidRequest("user_id", "must not be empty")
+    if len(msg.user_id) > cfg.max_id_length:
+        raise InvalidRequest("user_id", f"longer than {cfg.max_id_length} characters")
+    k = msg.k if msg.HasField("k") else cfg.default_k
+    if k < 1:
+        raise InvalidRequest("k", "must be >= 1 (leave it unset for the default)")
+    if k > cfg.max_k:
+        raise InvalidRequest("k", f"{k} exceeds the maximum of {cfg.max_k}")
+    if msg.mode not in MODES:
+        raise InvalidRequest("mode", f"unknown mode {msg.mode}")
+    n_session = len(msg.session.recent_item_ids) + len(msg.session.cart_item_ids)
+    if n_session > cfg.max_session_items:
+        raise InvalidRequest("session", f"{n_session} items exceed the limit of {cfg.max_session_items}")
+    recent = _ids(msg.session.recent_item_ids, "session.recent_item_ids", cfg, cfg.max_session_items, unique=True)
+    cart = _ids(msg.session.cart_item_ids, "session.cart_item_ids", cfg, cfg.max_session_items, unique=True)
+    exclude = _ids(msg.exclude_item_ids, "exclude_item_ids", cfg, cfg.max_exclude_items, unique=False)
+    budget = cfg.budget.total_ms / 1000.0
+    if time_remaining is not None:
+        budget = min(budget, time_remaining)
+    # Keep the network share for the way back: the server must be done before the client gives up.
+    deadline = now + max(budget - cfg.budget.network_ms / 1000.0, budget * 0.5)
+    return RecRequest(user_id=msg.user_id, k=int(k), recent=recent, cart=cart, exclude=exclude, mode=MODES[msg.mode],
+                      request_id=msg.request_id, include_titles=msg.include_titles, deadline=deadline, received=now)
+
+
+def parse_events(msg: Any, cfg: ServeConfig) -> list[Event]:
+    if len(msg.events) == 0:
+        raise InvalidRequest("events", "must not be empty")
+    if len(msg.events) > cfg.max_events_per_call:
+        raise InvalidRequest("events", f"{len(msg.events)} events exceed the limit of {cfg.max_events_per_call}")
+    out = []
+    now = int(time.time())
+    for j, e in enumerate(msg.events):
+        if not e.user_id or len(e.user_id) > cfg.max_id_length:
+            raise InvalidRequest(f"events[{j}].user_id", f"must be 1..{cfg.max_id_length} characters")
+        if not e.item_id or len(e.item_id) > cfg.max_id_length:
+            raise InvalidRequest(f"events[{j}].item_id", f"must be 1..{cfg.max_id_length} characters")
+        if not 1 <= e.type <= len(EVENT_TYPES):
+            raise InvalidRequest(f"events[{j}].type", "must be VIEW, CLICK, CART or PURCHASE")
+        if "\t" in e.item_id:
+            raise InvalidRequest(f"events[{j}].item_id", "must not contain a tab")
+        out.append(Event(e.user_id, e.item_id, EVENT_TYPES[e.type - 1], int(e.timestamp or now)))
+    return out

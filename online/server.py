@@ -1,0 +1,194 @@
+"""The gRPC server (``grpc.aio``): the Recommender service over ``RecommendService``,
+the standard health service (NOT_SERVING until a bundle is loaded and warmed)
+and server reflection (so ``grpcurl`` works). Errors map to status codes here,
+in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from online.batcher import DeadlineExceeded
+from online.config import ServeConfig
+from online.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore
+from online.proto import recommender_pb2 as pb
+from online.proto import recommender_pb2_grpc as pb_grpc
+from online.request import RUNGS, RecResult, parse_events, parse_recommend
+from online.service import LoadedModel, RecommendService
+from towers import registry as registry_mod
+from towers.errors import FeatureStoreError, InvalidRequest, NotReady, TwoTowerError
+
+log = logging.getLogger("twotower.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+
+# The one mapping from our exceptions to gRPC status codes.
+STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (FeatureStoreError, grpc.StatusCode.UNAVAILABLE),
+    (TwoTowerError, grpc.StatusCode.INTERNAL),
+]
+
+
+def status_of(e: BaseException) -> grpc.StatusCode:
+    for cls, code in STATUS_OF:
+        if isinstance(e, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def to_proto(r: RecResult) -> pb.RecommendResponse:
+    t = r.timings_us
+    return pb.RecommendResponse(
+        item_ids=r.item_ids, scores=r.scores, model_version=r.version, variant=r.variant, rung=RUNGS.index(r.rung),  # type: ignore[arg-type]
+        reasons=r.reasons, source=r.source, batch_size=r.batch_size, titles=r.titles, request_id=r.request_id,
+        timings=pb.StageTimings(queue_us=t["queue"], fetch_us=t["fetch"], combine_us=t["combine"],
+                                search_us=t["search"], filter_us=t["filter"], total_us=t["total"]),
+    )
+
+
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    def __init__(self, service: RecommendService) -> None:
+        self.service = service
+
+    async def _fail(self, context: grpc.aio.ServicerContext, e: BaseException) -> Any:
+        code = status_of(e)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("internal error", exc_info=e)
+        await context.abort(code, str(e))
+
+    async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            req = parse_recommend(request, self.service.cfg, time_remaining=context.time_remaining())
+            return to_proto(await self.service.recommend(req))
+        except Exception as e:
+            return await self._fail(context, e)
+
+    async def RecordEvents(self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            events = parse_events(request, self.service.cfg)
+            return pb.RecordEventsResponse(accepted=await self.service.record_events(events))
+        except Exception as e:
+            return await self._fail(context, e)
+
+
+def make_store(cfg: ServeConfig) -> FeatureStore:
+    if cfg.feature_store == "redis":
+        r = cfg.redis
+        return RedisFeatureStore(url=r.url, prefix=r.prefix, max_connections=r.max_connections,
+                                 socket_timeout_s=r.socket_timeout_ms / 1000.0, session_ttl_s=r.session_ttl_s,
+                                 session_cap=r.session_cap)
+    return InMemoryFeatureStore(session_cap=cfg.redis.session_cap)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    service: RecommendService
+    health: Any
+    port: int
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.service.close()
+
+
+async def warmup(service: RecommendService, model: LoadedModel) -> int:
+    """Synthetic requests down every path (online with/without session, batch, cold start)
+    and every batch size up to the configured maximum, before reporting SERVING."""
+    from online.request import RecRequest
+
+    users = model.bundle.features.user_vocab.values[:4] or ["warmup-user"]
+    items = model.bundle.item_ids[:3]
+    cases = []
+    for u in users:
+        cases += [(u, (), "auto"), (u, tuple(items), "online"), (u, (), "batch")]
+    cases += [("__warmup_unknown__", tuple(items[:1]), "auto"), ("__warmup_unknown__", (), "auto")]
+    sent = 0
+    size = 1
+    while size <= service.cfg.batching.max_batch_size:
+        reqs = [RecRequest(user_id=u, k=10, recent=s, cart=(), exclude=(), mode=m, request_id="warmup",
+                           include_titles=False, deadline=time.monotonic() + 5.0)
+                for u, s, m in (cases * (size // len(cases) + 1))[:size]]
+        await asyncio.gather(*(service.recommend(r) for r in reqs))
+        sent += size
+        size *= 2
+    service.rung_counts.clear()
+    return sent
+
+
+async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, registry: Path | None = None,
+                       store: FeatureStore | None = None) -> RunningServer:
+    """Bind, report NOT_SERVING, load + verify + warm the bundle, then report SERVING."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.so_reuseport", 1),
+    ])
+    service = RecommendService(cfg, store or make_store(cfg))
+    pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if port == 0:
+        raise TwoTowerError(f"cannot bind {cfg.host}:{cfg.port}")
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    running = RunningServer(server, service, health_servicer, port)
+    if bundle_path is None and registry is not None:
+        bundle_path = registry_mod.current_path(registry)
+    if bundle_path is not None:
+        await load_and_serve(running, bundle_path)
+    return running
+
+
+async def load_and_serve(running: RunningServer, bundle_path: Path) -> LoadedModel:
+    loop = asyncio.get_running_loop()
+    model = await loop.run_in_executor(None, LoadedModel.load, bundle_path)
+    if running.service.cfg.feature_store == "redis" and not await running.service.store.has_version(model.version):
+        raise FeatureStoreError(f"version {model.version} is not loaded in Redis (run publish --redis first)")
+    running.service.install(model)
+    n = await warmup(running.service, model)
+    log.info("loaded %s from %s, warmed with %d requests", model.version, bundle_path, n)
+    for name in ("", SERVICE_NAME):
+        await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return model
+
+
+class ServerThread:
+    """A server on its own event loop in a background thread: for the in-process
+    demo and tests, where the calling thread uses the blocking client."""
+
+    def __init__(self, cfg: ServeConfig, **kwargs: Any) -> None:
+        import threading
+
+        self.cfg = cfg
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-server", daemon=True)
+        self._thread.start()
+        self.running: RunningServer = self.call(start_server(cfg, **kwargs), timeout=120)
+
+    def call(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def target(self) -> str:
+        return f"{self.cfg.host}:{self.running.port}"
+
+    def stop(self) -> None:
+        self.call(self.running.stop(grace=0.5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()

@@ -1,0 +1,152 @@
+"""The online service over real gRPC on loopback (in-memory feature store)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from online.client import RecommenderClient
+from online.config import load_config
+from online.proto import recommender_pb2 as pb
+from online.server import ServerThread, load_and_serve
+from towers import bundle as bundle_mod
+from towers import registry as registry_mod
+from towers.scoring import QueryInput, Scorer
+
+
+@pytest.fixture
+def server(served_registry: Path) -> Iterator[ServerThread]:
+    srv = ServerThread(load_config(port=0, max_k=100), registry=served_registry)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[RecommenderClient]:
+    with RecommenderClient(server.target, timeout=5.0) as c:
+        yield c
+
+
+def test_health_goes_from_not_serving_to_serving(served_registry: Path) -> None:
+    srv = ServerThread(load_config(port=0))  # bound, but no bundle yet
+    try:
+        with RecommenderClient(srv.target, timeout=5.0) as c:
+            assert c.health() == "NOT_SERVING"
+            assert c.health("twotower.v1.Recommender") == "NOT_SERVING"
+            with pytest.raises(grpc.RpcError) as e:
+                c.recommend("1", timeout=0.5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            srv.call(load_and_serve(srv.running, registry_mod.current_path(served_registry)))
+            assert c.health() == "SERVING" and c.health("twotower.v1.Recommender") == "SERVING"
+            assert len(c.recommend("1").item_ids) == 10
+    finally:
+        srv.stop()
+
+
+def test_online_offline_parity(client: RecommenderClient, served_registry: Path) -> None:
+    b = bundle_mod.load(registry_mod.current_path(served_registry))
+    scorer = Scorer.from_bundle(b)
+    vocab = b.features.item_vocab
+    for user, session in [("1", ["50", "1"]), ("300", ["181", "172", "174"]), ("943", [])]:
+        resp = client.recommend(user, k=20, recent=session)
+        rows = [vocab.known(i) for i in session]
+        want = scorer.recommend([QueryInput(b.features.user_vocab.known(user), rows, frozenset(rows))], 20)[0]
+        assert list(resp.item_ids) == [b.item_ids[r] for r in want.rows.tolist()]
+        np.testing.assert_allclose(resp.scores, want.scores, rtol=1e-5)
+        assert resp.model_version == b.version and resp.rung == pb.RUNG_FULL
+
+
+def test_recorded_events_change_the_next_recommendation_and_are_excluded(client: RecommenderClient) -> None:
+    before = client.recommend("7", k=10)
+    assert before.source == "user_only"
+    events = [("7", "184", "click", 1), ("7", "200", "view", 2), ("7", "219", "cart", 3)]
+    assert client.record_events(events) == 3
+    after = client.recommend("7", k=10)
+    assert after.source == "online" and after.rung == pb.RUNG_FULL
+    assert list(after.item_ids) != list(before.item_ids)
+    assert not {"184", "200", "219"} & set(after.item_ids)
+    assert len(after.item_ids) == 10
+
+
+def test_unknown_users(client: RecommenderClient) -> None:
+    r = client.recommend("never-seen", k=5, recent=["50", "no-such-item"])
+    assert r.source == "session_only" and r.rung == pb.RUNG_FULL and len(r.item_ids) == 5
+    assert "50" not in r.item_ids
+    r = client.recommend("never-seen-either", k=5)
+    assert r.source == "popularity" and r.rung == pb.RUNG_POPULARITY
+    assert any("cold start" in x for x in r.reasons) and len(r.item_ids) == 5
+
+
+def test_batch_mode_equals_the_precomputed_list(client: RecommenderClient, served_registry: Path) -> None:
+    b = bundle_mod.load(registry_mod.current_path(served_registry))
+    assert b.recs_items is not None
+    for user in ["1", "42", "900"]:
+        row = b.features.user_vocab.known(user)
+        want = [b.item_ids[r] for r in b.recs_items[row][:10].tolist()]
+        r = client.recommend(user, k=10, mode="batch")
+        assert list(r.item_ids) == want and r.rung == pb.RUNG_BATCH and r.source == "batch"
+
+
+def test_exclusions_and_k(client: RecommenderClient) -> None:
+    full = client.recommend("5", k=20)
+    excluded = list(full.item_ids[:5])
+    r = client.recommend("5", k=20, exclude=excluded, cart=[full.item_ids[5]])
+    assert len(r.item_ids) == 20 and not set([*excluded, full.item_ids[5]]) & set(r.item_ids)
+    assert len(client.recommend("5").item_ids) == 10  # default k
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"user_id": ""}, "user_id"),
+        ({"user_id": "u" * 300}, "user_id"),
+        ({"k": 0}, "k"),
+        ({"k": 101}, "k"),
+        ({"recent": [str(i) for i in range(100_000)]}, "session"),
+        ({"recent": ["50", "50"]}, "session.recent_item_ids"),
+        ({"exclude": [""]}, "exclude_item_ids"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_field(client: RecommenderClient, kwargs: dict[str, object],
+                                                        field: str) -> None:
+    user = str(kwargs.pop("user_id", "1"))
+    with pytest.raises(grpc.RpcError) as e:
+        client.recommend(user, **kwargs)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(field + ":")
+    assert client.health() == "SERVING" and len(client.recommend("1").item_ids) == 10
+
+
+def test_bad_events_and_oversized_messages(client: RecommenderClient) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.RecordEvents(pb.RecordEventsRequest(events=[pb.Event(user_id="1", item_id="5")]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "events[0].type" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.Recommend(pb.RecommendRequest(user_id="1", exclude_item_ids=["x" * 200] * 50_000))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # above the 8 MiB message cap: gRPC refuses
+    assert client.health() == "SERVING"
+    r = client.recommend("1")
+    assert len(r.item_ids) == 10 and r.timings.total_us > 0
+
+
+def test_concurrent_requests_are_batched(server: ServerThread) -> None:
+    import asyncio
+
+    from online.client import request
+    from online.proto import recommender_pb2_grpc as pb_grpc
+
+    async def burst() -> list[pb.RecommendResponse]:
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            stub = pb_grpc.RecommenderStub(ch)
+            return list(await asyncio.gather(*(stub.Recommend(request(str(1 + i), k=10), timeout=10)
+                                               for i in range(64))))
+
+    resps = asyncio.run(burst())
+    assert all(len(r.item_ids) == 10 for r in resps)
+    assert max(r.batch_size for r in resps) > 1  # 64 concurrent calls did not run one by one
+    stats = server.running.service.batcher.stats
+    assert stats.items >= 64 and stats.batches < stats.items

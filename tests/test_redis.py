@@ -1,0 +1,105 @@
+"""The Redis feature store path against a real, throwaway redis-server that the
+tests stop and restart: publish --redis, sessions, degradation and recovery."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from online.client import RecommenderClient
+from online.config import RedisConfig, load_config
+from online.feature_store import RedisKeys
+from online.loader import load_bundle_into_redis
+from online.proto import recommender_pb2 as pb
+from online.server import ServerThread
+from towers import bundle as bundle_mod
+from towers import registry as registry_mod
+from towers.errors import FeatureStoreError
+
+
+@pytest.fixture
+def loaded(served_registry: Path, redis_proc) -> tuple[Path, object]:  # type: ignore[no-untyped-def]
+    path = registry_mod.current_path(served_registry)
+    load_bundle_into_redis(path, redis_url=redis_proc.url, prefix="tt-test", progress=False)
+    return path, redis_proc
+
+
+def _cfg(url: str):  # type: ignore[no-untyped-def]
+    cfg = load_config(port=0, feature_store="redis")
+    return replace(cfg, redis=RedisConfig(url=url, prefix="tt-test", socket_timeout_ms=50.0))
+
+
+@pytest.fixture
+def redis_server(loaded) -> Iterator[tuple[ServerThread, object]]:  # type: ignore[no-untyped-def]
+    path, proc = loaded
+    srv = ServerThread(_cfg(proc.url), bundle_path=path)
+    yield srv, proc
+    srv.stop()
+
+
+def test_publish_loads_version_scoped_keys(loaded) -> None:  # type: ignore[no-untyped-def]
+    path, proc = loaded
+    b = bundle_mod.load(path)
+    r = redis.Redis(port=proc.port)
+    keys = RedisKeys("tt-test")
+    assert int(r.get(keys.ready(b.version))) == len(b.features.user_vocab)
+    raw = r.get(keys.user_embedding(b.version, "1"))
+    np.testing.assert_array_equal(np.frombuffer(raw, "<f4"), b.user_emb[b.features.user_vocab.known("1")])
+    assert r.get(keys.recs(b.version, "1")) is not None
+    assert r.get(keys.user_embedding("some-other-version", "1")) is None
+
+
+def test_a_version_missing_from_redis_is_not_served(served_registry: Path, redis_proc) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(FeatureStoreError, match="not loaded in Redis"):
+        ServerThread(_cfg(redis_proc.url), registry=served_registry)
+
+
+def test_events_are_in_redis_and_shape_the_next_answer(redis_server) -> None:  # type: ignore[no-untyped-def]
+    srv, proc = redis_server
+    with RecommenderClient(srv.target, timeout=5.0) as c:
+        assert c.recommend("3").source == "user_only"
+        assert c.record_events([("3", "50", "click", 10), ("3", "181", "cart", 11)]) == 2
+        stored = redis.Redis(port=proc.port).lrange(RedisKeys("tt-test").session("3"), 0, -1)
+        assert [s.split(b"\t")[0] for s in stored] == [b"181", b"50"]
+        r = c.recommend("3")
+        assert r.source == "online" and r.rung == pb.RUNG_FULL and not {"50", "181"} & set(r.item_ids)
+
+
+def test_redis_hung_then_back_degrades_then_recovers(redis_server) -> None:  # type: ignore[no-untyped-def]
+    srv, proc = redis_server
+    with RecommenderClient(srv.target, timeout=5.0) as c:
+        c.record_events([("9", "50", "click", 1)])
+        assert c.recommend("9").rung == pb.RUNG_FULL
+        proc.signal(signal.SIGSTOP)  # Redis stops answering: every fetch times out
+        try:
+            for _ in range(5):
+                r = c.recommend("9", recent=["172"])
+                assert r.rung == pb.RUNG_NO_SESSION and len(r.item_ids) == 10
+                assert any("feature store" in x and "timed out" in x for x in r.reasons)
+                assert r.model_version == srv.running.service.model.version
+            b = c.recommend("9", mode="batch")
+            assert b.rung == pb.RUNG_BATCH and len(b.item_ids) == 10  # from the bundle's copy of the recs
+        finally:
+            proc.signal(signal.SIGCONT)
+        recovered = [c.recommend("9").rung for _ in range(20)]
+        assert recovered[-1] == pb.RUNG_FULL  # no restart needed
+
+
+def test_redis_killed_then_restarted_recovers(redis_server) -> None:  # type: ignore[no-untyped-def]
+    srv, proc = redis_server
+    with RecommenderClient(srv.target, timeout=5.0) as c:
+        c.record_events([("11", "50", "click", 1)])
+        proc.shutdown_saving()  # the data survives in dump.rdb, the process is gone
+        r = c.recommend("11")
+        assert r.rung == pb.RUNG_NO_SESSION and len(r.item_ids) == 10
+        assert any("feature store" in x for x in r.reasons)
+        proc.start()
+        rungs = [c.recommend("11").rung for _ in range(20)]
+        assert rungs[-1] == pb.RUNG_FULL
+        assert c.recommend("11").source == "online"  # the session came back with Redis
