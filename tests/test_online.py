@@ -150,3 +150,14 @@ def test_concurrent_requests_are_batched(server: ServerThread) -> None:
     assert max(r.batch_size for r in resps) > 1  # 64 concurrent calls did not run one by one
     stats = server.running.service.batcher.stats
     assert stats.items >= 64 and stats.batches < stats.items
+
+
+def test_reflection_lists_the_services(server: ServerThread) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        resp = next(iter(stub.ServerReflectionInfo(iter([req]), timeout=5)))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"twotower.v1.Recommender", "grpc.health.v1.Health"} <= names

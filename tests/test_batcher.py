@@ -1,0 +1,129 @@
+"""Batcher semantics, driven by events: routing, partial failure, cancellation,
+deadlines, max batch size, no wait when idle. Counts and structure, not wall time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from online.batcher import Batcher, DeadlineExceeded
+
+
+class Recorder:
+    """A handler that records each batch and can be held at a gate."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.entered = asyncio.Event()
+
+    async def __call__(self, items: Sequence[int], waited: Sequence[float]) -> list[object]:
+        self.batches.append(list(items))
+        self.entered.set()
+        await self.gate.wait()
+        return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_results_reach_their_own_callers_in_any_order() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b: Batcher[int, int] = Batcher(rec, max_batch_size=8, max_wait_ms=0)
+        out = await asyncio.gather(*(b.submit(i) for i in [5, 3, 9, 1]))
+        assert out == [50, 30, 90, 10]
+        await b.stop()
+
+    run(main())
+
+
+def test_idle_request_is_dispatched_alone_and_at_once() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b: Batcher[int, int] = Batcher(rec, max_batch_size=64, max_wait_ms=1000)  # a long wait that must not apply
+        assert await b.submit(7) == 70
+        assert rec.batches == [[7]]  # nothing in flight: no lingering for batchmates
+        await b.stop()
+
+    run(main())
+
+
+def test_batches_form_while_the_previous_one_runs_and_respect_max_size() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b: Batcher[int, int] = Batcher(rec, max_batch_size=4, max_wait_ms=0, max_inflight=1)
+        rec.gate.clear()
+        first = asyncio.ensure_future(b.submit(0))
+        await rec.entered.wait()  # batch [0] is running and holds the only slot
+        rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 11)]
+        await asyncio.sleep(0)  # let the submissions enqueue
+        rec.gate.set()
+        assert await first == 0
+        assert await asyncio.gather(*rest) == [i * 10 for i in range(1, 11)]
+        assert rec.batches[0] == [0]
+        assert [len(x) for x in rec.batches[1:]] == [4, 4, 2]
+        assert sorted(i for x in rec.batches for i in x) == list(range(11))
+        await b.stop()
+
+    run(main())
+
+
+def test_an_exception_fails_only_its_own_request() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b: Batcher[int, int] = Batcher(rec, max_batch_size=8, max_wait_ms=0)
+        res = await asyncio.gather(b.submit(1), b.submit(-2), b.submit(3), return_exceptions=True)
+        assert res[0] == 10 and res[2] == 30
+        assert isinstance(res[1], ValueError) and str(res[1]) == "bad -2"
+        await b.stop()
+
+    run(main())
+
+
+def test_cancelled_and_expired_requests_are_dropped_before_the_batch_runs() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b: Batcher[int, int] = Batcher(rec, max_batch_size=8, max_wait_ms=0, max_inflight=1)
+        rec.gate.clear()
+        blocker = asyncio.ensure_future(b.submit(0))
+        await rec.entered.wait()
+        cancelled = asyncio.ensure_future(b.submit(1))
+        expired = asyncio.ensure_future(b.submit(2, deadline=time.monotonic() - 1.0))
+        alive = asyncio.ensure_future(b.submit(3))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        rec.gate.set()
+        assert await blocker == 0 and await alive == 30
+        with pytest.raises(DeadlineExceeded):
+            await expired
+        assert rec.batches == [[0], [3]]
+        assert b.stats.dropped_cancelled == 1 and b.stats.dropped_deadline == 1
+        await b.stop()
+
+    run(main())
+
+
+def test_a_handler_crash_fails_the_batch_not_the_batcher() -> None:
+    async def main() -> None:
+        calls = 0
+
+        async def flaky(items: Sequence[int], waited: Sequence[float]) -> list[object]:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("boom")
+            return [i for i in items]
+
+        b: Batcher[int, int] = Batcher(flaky, max_batch_size=8, max_wait_ms=0)
+        with pytest.raises(RuntimeError, match="boom"):
+            await b.submit(1)
+        assert await b.submit(2) == 2
+        await b.stop()
+
+    run(main())
