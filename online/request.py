@@ -25,8 +25,11 @@ class RecRequest:
     mode: str  # auto | online | batch
     request_id: str
     include_titles: bool
-    deadline: float  # time.monotonic() by which the response must be sent
+    deadline: float  # time.monotonic() by which the budget says the response must be sent
     received: float = field(default_factory=time.monotonic)
+    # The client's own gRPC deadline (inf when none). Only this one may fail an RPC;
+    # running out of budget degrades instead (DESIGN §3).
+    client_deadline: float = float("inf")
 
 
 @dataclass
@@ -86,7 +89,8 @@ def parse_recommend(msg: Any, cfg: ServeConfig, *, time_remaining: float | None)
     # Keep the network share for the way back: the server must be done before the client gives up.
     deadline = now + max(budget - cfg.budget.network_ms / 1000.0, budget * 0.5)
     return RecRequest(user_id=msg.user_id, k=int(k), recent=recent, cart=cart, exclude=exclude, mode=MODES[msg.mode],
-                      request_id=msg.request_id, include_titles=msg.include_titles, deadline=deadline, received=now)
+                      request_id=msg.request_id, include_titles=msg.include_titles, deadline=deadline, received=now,
+                      client_deadline=now + time_remaining if time_remaining is not None else float("inf"))
 
 
 def parse_events(msg: Any, cfg: ServeConfig) -> list[Event]:

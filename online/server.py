@@ -150,7 +150,11 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
     if bundle_path is None and registry is not None:
         bundle_path = registry_mod.current_path(registry)
     if bundle_path is not None:
-        await load_and_serve(running, bundle_path)
+        try:
+            await load_and_serve(running, bundle_path)
+        except BaseException:
+            await running.stop(grace=0)
+            raise
     return running
 
 
@@ -178,7 +182,12 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-server", daemon=True)
         self._thread.start()
-        self.running: RunningServer = self.call(start_server(cfg, **kwargs), timeout=120)
+        try:
+            self.running: RunningServer = self.call(start_server(cfg, **kwargs), timeout=120)
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+            raise
 
     def call(self, coro: Any, timeout: float = 30.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

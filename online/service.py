@@ -103,7 +103,7 @@ class RecommendService:
     async def recommend(self, req: RecRequest) -> RecResult:
         if self.model is None:
             raise NotReady("no model loaded yet")
-        res = await self.batcher.submit(_Work(req, 0.0), deadline=req.deadline)
+        res = await self.batcher.submit(_Work(req, 0.0), deadline=req.client_deadline)
         self.rung_counts[res.rung] = self.rung_counts.get(res.rung, 0) + 1
         return res
 

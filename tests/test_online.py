@@ -161,3 +161,22 @@ def test_reflection_lists_the_services(server: ServerThread) -> None:
         resp = next(iter(stub.ServerReflectionInfo(iter([req]), timeout=5)))
     names = {s.name for s in resp.list_services_response.service}
     assert {"twotower.v1.Recommender", "grpc.health.v1.Health"} <= names
+
+
+def test_an_exhausted_budget_degrades_instead_of_failing(served_registry: Path) -> None:
+    from dataclasses import replace
+
+    from online.config import BudgetConfig
+
+    cfg = replace(load_config(port=0), budget=BudgetConfig(total_ms=1.0))  # far less than a search needs
+    srv = ServerThread(cfg, registry=served_registry)
+    try:
+        with RecommenderClient(srv.target, timeout=5.0) as c:
+            r = c.recommend("1", recent=["50"])
+            assert r.rung == pb.RUNG_BATCH and len(r.item_ids) == 10
+            assert "too little time left for the search" in r.reasons
+            assert "50" not in r.item_ids
+            r = c.recommend("unknown-user-x", recent=["50"])  # nothing precomputed: the last rung
+            assert r.rung == pb.RUNG_POPULARITY and len(r.item_ids) == 10
+    finally:
+        srv.stop()
