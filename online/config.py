@@ -41,6 +41,19 @@ class RedisConfig:
 
 
 @dataclass(frozen=True)
+class WorkersConfig:
+    """Multi-process serving (``twotower serve --workers N``) and scheduled recycling.
+    A threshold of 0 disables that trigger."""
+
+    workers: int = 1
+    max_age_s: float = 0.0  # recycle a worker older than this
+    max_requests: int = 0  # ... or that has served this many Recommend calls
+    max_rss_mb: float = 0.0  # ... or whose resident memory exceeds this
+    drain_grace_s: float = 5.0  # in-flight work gets this long to finish on shutdown
+    check_interval_s: float = 1.0  # how often the supervisor looks at its workers
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50051
@@ -48,6 +61,7 @@ class ServeConfig:
     redis: RedisConfig = field(default_factory=RedisConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
     default_k: int = 10
     max_k: int = 200
     max_session_items: int = 1000  # request-supplied recent + cart items
@@ -68,6 +82,7 @@ class ServeConfig:
             ("batching.max_wait_ms", self.batching.max_wait_ms >= 0, "must be >= 0"),
             ("batching.max_inflight_batches", self.batching.max_inflight_batches >= 1, "must be >= 1"),
             ("budget.total_ms", self.budget.total_ms > 0, "must be > 0"),
+            ("workers.workers", self.workers.workers >= 1, "must be >= 1"),
         ]
         for name, ok, msg in checks:
             if not ok:

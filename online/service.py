@@ -84,6 +84,7 @@ class RecommendService:
                                                            max_wait_ms=b.max_wait_ms,
                                                            max_inflight=b.max_inflight_batches)
         self.rung_counts: dict[str, int] = {}
+        self.requests_served = 0  # Recommend calls answered (the supervisor recycles on it)
 
     # -- lifecycle ------------------------------------------------------------
     def install(self, model: LoadedModel) -> None:
@@ -105,6 +106,7 @@ class RecommendService:
             raise NotReady("no model loaded yet")
         res = await self.batcher.submit(_Work(req, 0.0), deadline=req.client_deadline)
         self.rung_counts[res.rung] = self.rung_counts.get(res.rung, 0) + 1
+        self.requests_served += 1
         return res
 
     async def record_events(self, events: Sequence[Event]) -> int:
