@@ -34,6 +34,10 @@ def batch_topk(
             kk = min(int(index.ntotal), k + extra)
             q = np.ascontiguousarray(user_emb[lo:hi], dtype=np.float32)
             d, r = index.search(q, kk)
+            if seen is None:  # nothing to filter: -1 padding from the index stays as it is
+                rows_out[lo:hi, :kk] = r[:, :k]
+                scores_out[lo:hi, :kk] = np.where(r[:, :k] >= 0, d[:, :k], 0.0)
+                continue
             for i in range(hi - lo):
                 row, sc = r[i], d[i]
                 keep = row >= 0

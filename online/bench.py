@@ -1,9 +1,462 @@
-"""``twotower bench``: load generation and the benchmark scenarios (registered by ``towers.cli``)."""
+"""``twotower bench``: the serving benchmark (DESIGN §7), as ratios measured in one run.
+
+Scenarios (``--scenarios``, comma separated):
+
+- ``matrix``  closed loop at each concurrency, batching on and off, per catalog
+              (ML-100k, synthetic 100k, synthetic 1M with flat/ivf/hnsw/sq8)
+- ``ceiling`` the same load against a trivial handler returning a fixed response
+              (the Python gRPC limit of this machine)
+- ``open``    open loop at half the measured peak (1M items, batching on)
+- ``faults``  Redis feature store: steady, slowed (DEBUG SLEEP), stopped (SIGSTOP), recovered
+- ``cold``    the first requests after a load, with and without warmup
+
+Servers and load generators run as separate processes; every number is written
+to ``--out/results.json`` and drawn in ``--out/bench.png``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+CONCURRENCY = (1, 8, 32, 64, 128)
+ALL_SCENARIOS = ("ceiling", "matrix", "open", "faults", "cold")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    del sub  # the bench subcommand is registered here once the load generator lands
+    p = sub.add_parser("bench", help="load-test the server: batching, catalogs, faults; JSON + PNG")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--workdir", type=Path, default=Path("runs/bench"), help="bundles are built and cached here")
+    p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS))
+    p.add_argument("--catalogs", default="ml-100k,synth-100k,synth-1m-flat,synth-1m-ivf,synth-1m-hnsw,synth-1m-sq8")
+    p.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    p.add_argument("--duration", type=float, default=5.0, help="seconds measured per cell")
+    p.add_argument("--users-1m", type=int, default=1_000_000, help="users in the synthetic 1M-item catalogs")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.set_defaults(func=cmd_bench)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_serving(target: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> float:
+    """Seconds until the health service says SERVING (bounded by ``timeout``)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    t0 = time.perf_counter()
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.perf_counter() - t0 < timeout:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode} before SERVING")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.perf_counter() - t0
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise TimeoutError(f"{target} not SERVING after {timeout} s")
+
+
+@contextmanager
+def server(registry: Path, *, batch_size: int, redis_url: str | None = None, config: dict[str, Any] | None = None,
+           timeout: float = 600) -> Iterator[tuple[str, float]]:
+    """``twotower serve`` in a subprocess; yields (target, seconds to SERVING)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "towers.cli", "serve", "--registry", str(registry), "--port", str(port),
+           "--max-batch-size", str(batch_size)]
+    if redis_url:
+        cmd += ["--redis-url", redis_url]
+    cfg_file = None
+    if config:
+        cfg_file = Path(tempfile.mkstemp(suffix=".json")[1])
+        cfg_file.write_text(json.dumps(config))
+        cmd += ["--config", str(cfg_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ready = wait_serving(f"127.0.0.1:{port}", timeout, proc)
+        yield f"127.0.0.1:{port}", ready
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if cfg_file:
+            cfg_file.unlink(missing_ok=True)
+
+
+def _trivial_main(port: int) -> None:
+    """A Recommender whose handler returns a fixed 10-item response: the gRPC ceiling."""
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from online.proto import recommender_pb2 as pb
+    from online.proto import recommender_pb2_grpc as pb_grpc
+
+    fixed = pb.RecommendResponse(item_ids=[str(i) for i in range(10)], scores=[0.5] * 10, model_version="trivial",
+                                 rung=pb.RUNG_FULL, source="trivial")
+
+    class Trivial(pb_grpc.RecommenderServicer):
+        async def Recommend(self, request: Any, context: Any) -> Any:
+            return fixed
+
+    async def main() -> None:
+        srv = grpc.aio.server()
+        pb_grpc.add_RecommenderServicer_to_server(Trivial(), srv)
+        h = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(h, srv)
+        srv.add_insecure_port(f"127.0.0.1:{port}")
+        await srv.start()
+        await h.set("", health_pb2.HealthCheckResponse.SERVING)
+        await srv.wait_for_termination()
+
+    asyncio.run(main())
+
+
+@contextmanager
+def trivial_server() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "online.bench", "trivial", str(port)])
+    try:
+        wait_serving(f"127.0.0.1:{port}", 60, proc)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+class RedisProcess:
+    """A throwaway redis-server (no persistence) on a free port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        for _ in range(300):
+            try:
+                redis.Redis(port=self.port).ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+# --------------------------------------------------------------------------- catalogs
+
+
+def prepare_catalog(name: str, workdir: Path, *, data_dir: Path, users_1m: int) -> Path:
+    """A registry holding the catalog's bundle (built once, then reused)."""
+    from towers import registry as registry_mod
+
+    reg = workdir / name / "registry"
+    if registry_mod.current_version(reg) is not None:
+        return reg
+    bundle = workdir / name / "bundle"
+    if name == "ml-100k":
+        from offline.batch_score import batch_score_bundle, seen_rows
+        from offline.datasets import load_dataset
+        from offline.train import train
+
+        train(dataset=load_dataset("ml-100k", cache_dir=data_dir), dataset_spec="ml-100k", out=bundle)
+        batch_score_bundle(bundle, k=100, seen=seen_rows(bundle, cache_dir=data_dir))
+    elif name == "synth-100k":
+        from offline.synth import make_synthetic_bundle
+
+        make_synthetic_bundle(bundle, n_items=100_000, n_users=100_000, seed=1, index_type="auto")
+    elif name.startswith("synth-1m-"):
+        kind = name.removeprefix("synth-1m-")
+        base = workdir / "synth-1m-base" / "bundle"
+        if not (base / "manifest.json").is_file():
+            from offline.synth import make_synthetic_bundle
+
+            make_synthetic_bundle(base, n_items=1_000_000, n_users=users_1m, seed=2, index_type="ivf")
+        if bundle.exists():
+            shutil.rmtree(bundle)
+        shutil.copytree(base, bundle)
+        if kind != "ivf":
+            from offline.index_build import rebuild_index
+
+            rebuild_index(bundle, kind=kind, recall_target=0.9)
+    else:
+        raise ValueError(f"unknown catalog {name}")
+    registry_mod.publish(bundle, reg)
+    return reg
+
+
+def sample_ids(registry: Path, n: int = 2000) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    import numpy as np
+
+    from towers import registry as registry_mod
+    from towers.features import FeaturePipeline
+
+    fp = FeaturePipeline.loads((registry_mod.current_path(registry) / "features.json").read_text())
+    rng = np.random.default_rng(0)
+    users = [fp.user_vocab.values[i] for i in rng.choice(len(fp.user_vocab), size=min(n, len(fp.user_vocab)),
+                                                          replace=False)]
+    items = [fp.item_vocab.values[i] for i in rng.choice(len(fp.item_vocab), size=min(n, len(fp.item_vocab)),
+                                                          replace=False)]
+    return tuple(users), tuple(items)
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.results: list[dict[str, Any]] = []
+        self.samples: dict[str, list[float]] = {}
+        self.out: Path = args.out
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def load(self, label: str, target: str, *, mode: str, users: tuple[str, ...], items: tuple[str, ...],
+             concurrency: int = 1, rate: float = 0.0, duration: float | None = None, **meta: Any) -> dict[str, Any]:
+        from online.loadgen import LoadSpec, run_load
+
+        spec = LoadSpec(target=target, mode=mode, duration_s=duration or self.args.duration, concurrency=concurrency,
+                        rate=rate, processes=1 if (concurrency <= 8 and rate < 500) else 2, users=users, items=items)
+        res = run_load(spec)
+        row = {"label": label, "mode": mode, "concurrency": concurrency, "rate": rate, **meta, **res.to_dict()}
+        self.results.append(row)
+        self.samples[label] = res.samples_ms
+        lat = res.latency_ms
+        print(f"{label:48s} {res.qps:8.0f} QPS  p50 {lat.get('p50', 0):7.2f}  p99 {lat.get('p99', 0):7.2f} ms  "
+              f"errors {sum(res.errors.values())}  rungs {res.rungs}", flush=True)
+        self.save()
+        return row
+
+    def save(self) -> None:
+        data = {"machine": {"cpus": os.cpu_count()}, "duration_s": self.args.duration, "results": self.results,
+                "summary": summarize(self.results)}
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.out / "results.json")
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets as ratios measured in this run."""
+    def find(**kw: Any) -> dict[str, Any] | None:
+        return next((r for r in rows if all(r.get(k) == v for k, v in kw.items())), None)
+
+    out: dict[str, Any] = {}
+    for cat in sorted({str(r["catalog"]) for r in rows if r.get("catalog")}):
+        on = find(catalog=cat, batching=True, concurrency=64)
+        off = find(catalog=cat, batching=False, concurrency=64)
+        if on and off and off["qps"]:
+            out[f"{cat}: batching speedup at c=64"] = round(on["qps"] / off["qps"], 2)
+            out[f"{cat}: p99 at c=64 batched / unbatched"] = round(
+                on["latency_ms"]["p99"] / off["latency_ms"]["p99"], 2)
+        on1 = find(catalog=cat, batching=True, concurrency=1)
+        off1 = find(catalog=cat, batching=False, concurrency=1)
+        if on1 and off1:
+            out[f"{cat}: p50 added by batching at c=1 (ms)"] = round(
+                on1["latency_ms"]["p50"] - off1["latency_ms"]["p50"], 3)
+    ceiling = find(label="ceiling c=64")
+    best = max((r for r in rows if r["mode"] == "closed" and r.get("catalog")), key=lambda r: r["qps"], default=None)
+    if ceiling and best:
+        out["best QPS / trivial-handler QPS"] = round(best["qps"] / ceiling["qps"], 2)
+    return out
+
+
+def run_matrix(b: Bench, catalogs: list[str], conc: list[int]) -> None:
+    for cat in catalogs:
+        reg = prepare_catalog(cat, b.args.workdir, data_dir=b.args.data_dir, users_1m=b.args.users_1m)
+        users, items = sample_ids(reg)
+        for batching in (True, False):
+            with server(reg, batch_size=64 if batching else 1) as (target, ready):
+                for c in conc:
+                    b.load(f"{cat} {'batched' if batching else 'unbatched'} c={c}", target, mode="closed",
+                           users=users, items=items, concurrency=c, catalog=cat, batching=batching,
+                           time_to_serving_s=round(ready, 2))
+
+
+def run_open(b: Bench, catalog: str) -> None:
+    reg = prepare_catalog(catalog, b.args.workdir, data_dir=b.args.data_dir, users_1m=b.args.users_1m)
+    users, items = sample_ids(reg)
+    peak = max((r["qps"] for r in b.results if r.get("catalog") == catalog and r.get("batching")), default=0.0)
+    with server(reg, batch_size=64) as (target, _):
+        if not peak:
+            peak = b.load(f"{catalog} peak probe c=64", target, mode="closed", users=users, items=items,
+                          concurrency=64)["qps"]
+        b.load(f"{catalog} open loop at half peak", target, mode="open", rate=peak / 2, users=users, items=items,
+               catalog_open=catalog, peak_qps=peak, duration=max(b.args.duration, 10.0))
+
+
+def run_faults(b: Bench, catalog: str) -> None:
+    """Redis as the feature store: steady, slowed, stopped, back. Each phase is its own load run."""
+    from online.loader import load_bundle_into_redis
+    from towers import registry as registry_mod
+
+    reg = prepare_catalog(catalog, b.args.workdir, data_dir=b.args.data_dir, users_1m=b.args.users_1m)
+    users, items = sample_ids(reg)
+    tmp = Path(tempfile.mkdtemp())
+    redis_proc = RedisProcess(tmp)
+    try:
+        t0 = time.perf_counter()
+        n = load_bundle_into_redis(registry_mod.current_path(reg), redis_url=redis_proc.url)
+        load_s = time.perf_counter() - t0
+        print(f"loaded {n:,} users into Redis in {load_s:.1f} s", flush=True)
+        rate = 300.0
+        with server(reg, batch_size=64, redis_url=redis_proc.url) as (target, _):
+            common: dict[str, Any] = {"users": users, "items": items, "rate": rate, "mode": "open",
+                                      "redis_users_loaded": n, "redis_load_s": round(load_s, 1)}
+            b.load("redis steady", target, phase="steady", **common)
+            stop = threading.Event()
+
+            def slow() -> None:  # Redis answers, but every call waits behind a 50 ms sleep
+                import redis
+
+                r = redis.Redis(port=redis_proc.port, socket_timeout=5)
+                while not stop.is_set():
+                    r.execute_command("DEBUG", "SLEEP", "0.05")
+
+            t = threading.Thread(target=slow, daemon=True)
+            t.start()
+            try:
+                b.load("redis slowed (DEBUG SLEEP 50 ms)", target, phase="slowed", **common)
+            finally:
+                stop.set()
+                t.join()
+            redis_proc.proc.send_signal(signal.SIGSTOP)
+            try:
+                b.load("redis stopped (SIGSTOP)", target, phase="stopped", **common)
+            finally:
+                redis_proc.proc.send_signal(signal.SIGCONT)
+            b.load("redis back (no server restart)", target, phase="recovered", **common)
+    finally:
+        redis_proc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_cold(b: Bench, catalog: str) -> None:
+    """The first 100 requests right after SERVING, with and without warmup, beside steady state
+    (sequential calls from one client, each timed)."""
+    import numpy as np
+
+    from online.client import RecommenderClient
+    from online.loadgen import percentiles
+
+    reg = prepare_catalog(catalog, b.args.workdir, data_dir=b.args.data_dir, users_1m=b.args.users_1m)
+    users, items = sample_ids(reg)
+    for warm in (True, False):
+        with server(reg, batch_size=64, config={"warmup": warm}) as (target, ready), \
+                RecommenderClient(target, timeout=5.0) as c:
+            lat = []
+            for i in range(600):
+                t = time.perf_counter()
+                c.recommend(users[i % len(users)], k=10, recent=[items[i % len(items)]])
+                lat.append((time.perf_counter() - t) * 1000.0)
+            first, steady = percentiles(np.array(lat[:100])), percentiles(np.array(lat[100:]))
+            label = f"cold start {catalog}, warmup={'on' if warm else 'off'}"
+            b.results.append({"label": label, "mode": "cold", "warmup": warm, "time_to_serving_s": round(ready, 2),
+                              "first_request_ms": round(lat[0], 3), "first100_ms": first, "steady_ms": steady,
+                              "first100_p99_over_steady_p50": round(first["p99"] / steady["p50"], 2)})
+            print(f"{label}: first {lat[0]:.2f} ms, first-100 p99 {first['p99']:.2f} ms, "
+                  f"steady p50 {steady['p50']:.2f} ms", flush=True)
+    b.save()
+
+
+def plot(b: Bench) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(1, 2, figsize=(14, 5.5))
+    cats = sorted({r["catalog"] for r in b.results if r.get("catalog")})
+    for j, cat in enumerate(cats):
+        for batching, style in ((True, "-"), (False, "--")):
+            pts = sorted((r["concurrency"], r["qps"]) for r in b.results
+                         if r.get("catalog") == cat and r.get("batching") == batching)
+            if pts:
+                ax[0].plot(*zip(*pts, strict=True), style, marker="o", color=f"C{j}",
+                           label=f"{cat} {'batched' if batching else 'batch=1'}")
+    ceiling = [r for r in b.results if r["label"].startswith("ceiling")]
+    if ceiling:
+        ax[0].plot([r["concurrency"] for r in ceiling], [r["qps"] for r in ceiling], ":", color="k", marker="x",
+                   label="trivial handler (ceiling)")
+    ax[0].set(xscale="log", xlabel="concurrency (closed loop)", ylabel="QPS", title="throughput vs concurrency")
+    ax[0].legend(fontsize=7)
+    for label, s in b.samples.items():
+        if s and any(key in label for key in ("c=64", "open loop", "redis")):
+            ax[1].plot(s, np.linspace(0, 1, len(s)), label=label)
+    ax[1].set(xscale="log", xlabel="latency (ms, client-measured)", ylabel="CDF", title="latency CDFs")
+    ax[1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(b.out / "bench.png", dpi=100)
+    plt.close(fig)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from towers.cli import default_data_dir
+
+    args.data_dir = args.data_dir or Path(default_data_dir())
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = set(scenarios) - set(ALL_SCENARIOS)
+    if unknown:
+        from towers.errors import ConfigError
+
+        raise ConfigError("--scenarios", f"unknown scenario(s) {', '.join(sorted(unknown))}")
+    catalogs = [c for c in args.catalogs.split(",") if c]
+    conc = [int(c) for c in args.concurrency.split(",") if c]
+    b = Bench(args)
+    if "ceiling" in scenarios:
+        users = ("1",)
+        with trivial_server() as target:
+            for c in conc:
+                b.load(f"ceiling c={c}", target, mode="closed", users=users, items=(), concurrency=c)
+    if "matrix" in scenarios:
+        run_matrix(b, catalogs, conc)
+    big = next((c for c in catalogs if c.endswith("ivf")), catalogs[-1])
+    if "open" in scenarios:
+        run_open(b, big)
+    if "faults" in scenarios:
+        run_faults(b, big)
+    if "cold" in scenarios:
+        run_cold(b, big)
+    plot(b)
+    print(json.dumps(summarize(b.results), indent=1))
+    print(f"wrote {b.out / 'results.json'} and {b.out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "trivial":
+        _trivial_main(int(sys.argv[2]))

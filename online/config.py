@@ -70,6 +70,7 @@ class ServeConfig:
     max_events_per_call: int = 10_000
     max_message_bytes: int = 8 * 1024 * 1024  # larger messages are refused by gRPC itself
     variant: str = "control"
+    warmup: bool = True  # send synthetic requests down every path before reporting SERVING
     search_threads: int = 2
 
     def validate(self) -> ServeConfig:

@@ -164,7 +164,7 @@ async def load_and_serve(running: RunningServer, bundle_path: Path) -> LoadedMod
     if running.service.cfg.feature_store == "redis" and not await running.service.store.has_version(model.version):
         raise FeatureStoreError(f"version {model.version} is not loaded in Redis (run publish --redis first)")
     running.service.install(model)
-    n = await warmup(running.service, model)
+    n = await warmup(running.service, model) if running.service.cfg.warmup else 0
     log.info("loaded %s from %s, warmed with %d requests", model.version, bundle_path, n)
     for name in ("", SERVICE_NAME):
         await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)

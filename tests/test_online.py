@@ -180,3 +180,23 @@ def test_an_exhausted_budget_degrades_instead_of_failing(served_registry: Path) 
             assert r.rung == pb.RUNG_POPULARITY and len(r.item_ids) == 10
     finally:
         srv.stop()
+
+
+def test_the_client_deadline_caps_the_budget(served_registry: Path) -> None:
+    """A client deadline shorter than the configured budget leaves too little time for the
+    search (min_search_ms is set high so the outcome does not depend on machine speed)."""
+    from dataclasses import replace
+
+    from online.config import BudgetConfig
+
+    budget = BudgetConfig(total_ms=5000.0, min_search_ms=500.0)
+    srv = ServerThread(replace(load_config(port=0), budget=budget), registry=served_registry)
+    try:
+        with RecommenderClient(srv.target) as c:
+            relaxed = c.recommend("1", timeout=4.0)  # budget ≈ 4 s: plenty for the search
+            assert relaxed.rung == pb.RUNG_FULL
+            hurried = c.recommend("1", timeout=0.4)  # budget capped at ≈ 0.4 s < min_search_ms
+            assert hurried.rung == pb.RUNG_BATCH and "too little time left for the search" in hurried.reasons
+            assert len(hurried.item_ids) == 10
+    finally:
+        srv.stop()
