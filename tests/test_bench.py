@@ -1,0 +1,57 @@
+"""The load generator and the benchmark's summary: structure and counting, never wall time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from online.bench import summarize
+from online.config import load_config
+from online.loadgen import LoadSpec, run_load
+from online.server import ServerThread
+
+
+@pytest.fixture
+def target(served_registry: Path) -> Iterator[str]:
+    srv = ServerThread(load_config(port=0), registry=served_registry)
+    yield srv.target
+    srv.stop()
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_load_generator_counts_every_response(target: str, mode: str) -> None:
+    spec = LoadSpec(target=target, mode=mode, duration_s=0.5, concurrency=4, rate=100.0, users=("1", "2", "3"),
+                    items=("50", "181", "1"), warmup_s=0.1)
+    res = run_load(spec)
+    assert res.requests > 0 and res.errors == {}
+    assert sum(res.rungs.values()) == res.requests  # every recorded response has a rung
+    assert set(res.latency_ms) >= {"p50", "p90", "p99", "p99.9"}
+    assert res.latency_ms["p50"] <= res.latency_ms["p99"] <= res.latency_ms["max"]
+    assert len(res.versions) == 1
+
+
+def test_load_generator_reports_failures_by_status_code() -> None:
+    from online.bench import free_port
+
+    spec = LoadSpec(target=f"127.0.0.1:{free_port()}", mode="closed", duration_s=0.3, concurrency=2, warmup_s=0.0,
+                    timeout_s=0.2)
+    res = run_load(spec)
+    assert res.requests > 0 and set(res.errors) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+    assert sum(res.errors.values()) == res.requests
+
+
+def test_summary_ratios() -> None:
+    def row(cat: str, batching: bool, c: int, qps: float, p50: float, p99: float) -> dict[str, object]:
+        return {"label": f"{cat} {batching} {c}", "mode": "closed", "catalog": cat, "batching": batching,
+                "concurrency": c, "qps": qps, "latency_ms": {"p50": p50, "p99": p99}}
+
+    rows = [row("x", True, 64, 3000, 10, 20), row("x", False, 64, 1000, 30, 40), row("x", True, 1, 900, 1.1, 2),
+            row("x", False, 1, 950, 1.0, 2),
+            {"label": "ceiling c=64", "mode": "closed", "concurrency": 64, "qps": 4000.0, "latency_ms": {}}]
+    s = summarize(rows)
+    assert s["x: batching speedup at c=64"] == 3.0
+    assert s["x: p99 at c=64 batched / unbatched"] == 0.5
+    assert s["x: p50 added by batching at c=1 (ms)"] == pytest.approx(0.1)
+    assert s["best QPS / trivial-handler QPS"] == 0.75
