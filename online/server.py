@@ -123,7 +123,6 @@ async def warmup(service: RecommendService, model: LoadedModel) -> int:
         await asyncio.gather(*(service.recommend(r) for r in reqs))
         sent += size
         size *= 2
-    service.rung_counts.clear()
     return sent
 
 

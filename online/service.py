@@ -24,6 +24,7 @@ from online.batcher import Batcher
 from online.config import ServeConfig
 from online.feature_store import Event, FeatureStore, InMemoryFeatureStore, UserFeatures
 from online.request import RecRequest, RecResult
+from online.stats import ServingStats
 from towers import bundle as bundle_mod
 from towers.errors import FeatureStoreError, NotReady
 from towers.scoring import QueryInput, Ranked, Scorer
@@ -83,8 +84,12 @@ class RecommendService:
         self.batcher: Batcher[_Work, RecResult] = Batcher(self._handle, max_batch_size=b.max_batch_size,
                                                            max_wait_ms=b.max_wait_ms,
                                                            max_inflight=b.max_inflight_batches)
-        self.rung_counts: dict[str, int] = {}
-        self.requests_served = 0  # Recommend calls answered (the supervisor recycles on it)
+        self.stats = ServingStats()
+
+    @property
+    def requests_served(self) -> int:
+        """Recommend calls answered (the supervisor recycles on it)."""
+        return self.stats.total()
 
     # -- lifecycle ------------------------------------------------------------
     def install(self, model: LoadedModel) -> None:
@@ -105,8 +110,7 @@ class RecommendService:
         if self.model is None:
             raise NotReady("no model loaded yet")
         res = await self.batcher.submit(_Work(req, 0.0), deadline=req.client_deadline)
-        self.rung_counts[res.rung] = self.rung_counts.get(res.rung, 0) + 1
-        self.requests_served += 1
+        self.stats.observe(res)
         return res
 
     async def record_events(self, events: Sequence[Event]) -> int:

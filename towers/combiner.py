@@ -64,7 +64,7 @@ def combine(
     p: CombinerParams, user: np.ndarray, has_user: np.ndarray, sess: np.ndarray, mask: np.ndarray
 ) -> np.ndarray:
     """Queries (B, d), float32, unit norm; all-zero rows where there is neither user nor session."""
-    b, n, d = sess.shape
+    _, n, d = sess.shape
     has_sess = mask.any(axis=1)
     logits = p.pos_bias[:n][None, :] + sess @ p.w_a
     logits = np.where(mask, logits, -np.inf)
