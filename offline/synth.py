@@ -36,8 +36,11 @@ def clustered(n: int, centres: np.ndarray, noise: float, rng: np.random.Generato
 def make_synthetic_bundle(
     out: Path, *, n_items: int, n_users: int, dim: int = 64, seed: int = 0, index_type: str = "auto",
     n_clusters: int | None = None, max_session: int = 10, recs_k: int = 100, progress: bool = True,
+    item_prefix: str = "i",
 ) -> dict[str, Any]:
-    """Write a synthetic bundle; ``seed`` changes every array, hence the version id."""
+    """Write a synthetic bundle; ``seed`` changes every array, hence the version id.
+    ``item_prefix`` names the items (tests give each version its own, so a response
+    mixing versions would show)."""
     rng = np.random.default_rng(seed)
     n_clusters = n_clusters or max(8, n_items // 100)
     centres = rng.standard_normal((n_clusters, dim), dtype=np.float32)
@@ -49,7 +52,7 @@ def make_synthetic_bundle(
     user_emb = clustered(n_users, centres, 2 * noise, rng)
     # Item rows most popular first; a random order (cluster-independent) is enough here.
     popularity = rng.permutation(n_items).astype(np.int64)
-    item_ids = [f"i{j}" for j in range(n_items)]
+    item_ids = [f"{item_prefix}{j}" for j in range(n_items)]
     user_ids = [f"u{j}" for j in range(n_users)]
     # Vocabulary sorts on fit; build directly so row j is id j's position.
     fp = FeaturePipeline(

@@ -71,6 +71,9 @@ class ServeConfig:
     max_message_bytes: int = 8 * 1024 * 1024  # larger messages are refused by gRPC itself
     variant: str = "control"
     warmup: bool = True  # send synthetic requests down every path before reporting SERVING
+    registry_poll_s: float = 1.0  # how often CURRENT is checked for a new version (0: never)
+    admin_host: str = "127.0.0.1"  # the admin surface stays on localhost unless told otherwise
+    admin_port: int = -1  # -1: no admin service; 0: a free port
     search_threads: int = 2
 
     def validate(self) -> ServeConfig:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from online.batcher import DeadlineExceeded
 from online.config import ServeConfig
 from online.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore
+from online.hotswap import RegistryWatcher
 from online.proto import recommender_pb2 as pb
 from online.proto import recommender_pb2_grpc as pb_grpc
 from online.request import RUNGS, RecResult, parse_events, parse_recommend
@@ -90,40 +90,41 @@ def make_store(cfg: ServeConfig) -> FeatureStore:
     return InMemoryFeatureStore(session_cap=cfg.redis.session_cap)
 
 
+class AdminServicer(pb_grpc.AdminServicer):
+    def __init__(self, watcher: RegistryWatcher) -> None:
+        self.watcher = watcher
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> Any:
+        return pb.StatusResponse(**self.watcher.status())  # type: ignore[arg-type]
+
+    async def Reload(self, request: pb.ReloadRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self.watcher.check(force=True)
+        return pb.StatusResponse(**self.watcher.status())  # type: ignore[arg-type]
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
     service: RecommendService
     health: Any
     port: int
+    watcher: RegistryWatcher | None = None
+    admin: grpc.aio.Server | None = None
+    admin_port: int = -1
+
+    async def set_serving(self) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float = 1.0) -> None:
+        """Graceful drain: NOT_SERVING, stop accepting, let in-flight calls finish within ``grace``."""
+        if self.watcher is not None:
+            await self.watcher.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.admin is not None:
+            await self.admin.stop(0)
         await self.service.close()
-
-
-async def warmup(service: RecommendService, model: LoadedModel) -> int:
-    """Synthetic requests down every path (online with/without session, batch, cold start)
-    and every batch size up to the configured maximum, before reporting SERVING."""
-    from online.request import RecRequest
-
-    users = model.bundle.features.user_vocab.values[:4] or ["warmup-user"]
-    items = model.bundle.item_ids[:3]
-    cases = []
-    for u in users:
-        cases += [(u, (), "auto"), (u, tuple(items), "online"), (u, (), "batch")]
-    cases += [("__warmup_unknown__", tuple(items[:1]), "auto"), ("__warmup_unknown__", (), "auto")]
-    sent = 0
-    size = 1
-    while size <= service.cfg.batching.max_batch_size:
-        reqs = [RecRequest(user_id=u, k=10, recent=s, cart=(), exclude=(), mode=m, request_id="warmup",
-                           include_titles=False, deadline=time.monotonic() + 5.0)
-                for u, s, m in (cases * (size // len(cases) + 1))[:size]]
-        await asyncio.gather(*(service.recommend(r) for r in reqs))
-        sent += size
-        size *= 2
-    return sent
 
 
 async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, registry: Path | None = None,
@@ -146,27 +147,35 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     running = RunningServer(server, service, health_servicer, port)
-    if bundle_path is None and registry is not None:
-        bundle_path = registry_mod.current_path(registry)
-    if bundle_path is not None:
-        try:
+    try:
+        if registry is not None:
+            registry_mod.current_path(registry)  # a clear error if there is nothing to serve
+            running.watcher = RegistryWatcher(service, registry, poll_s=cfg.registry_poll_s)
+            if not await running.watcher.check(force=True):
+                raise TwoTowerError(f"cannot serve {registry}: {running.watcher.state.last_error}")
+            await running.set_serving()
+            running.watcher.start()
+            if cfg.admin_port >= 0:
+                running.admin = grpc.aio.server()
+                pb_grpc.add_AdminServicer_to_server(AdminServicer(running.watcher), running.admin)
+                running.admin_port = running.admin.add_insecure_port(f"{cfg.admin_host}:{cfg.admin_port}")
+                await running.admin.start()
+        elif bundle_path is not None:
             await load_and_serve(running, bundle_path)
-        except BaseException:
-            await running.stop(grace=0)
-            raise
+    except BaseException:
+        await running.stop(grace=0)
+        raise
     return running
 
 
 async def load_and_serve(running: RunningServer, bundle_path: Path) -> LoadedModel:
     loop = asyncio.get_running_loop()
     model = await loop.run_in_executor(None, LoadedModel.load, bundle_path)
-    if running.service.cfg.feature_store == "redis" and not await running.service.store.has_version(model.version):
-        raise FeatureStoreError(f"version {model.version} is not loaded in Redis (run publish --redis first)")
+    await running.service.prepare(model)
+    n = await running.service.warm(model) if running.service.cfg.warmup else 0
     running.service.install(model)
-    n = await warmup(running.service, model) if running.service.cfg.warmup else 0
     log.info("loaded %s from %s, warmed with %d requests", model.version, bundle_path, n)
-    for name in ("", SERVICE_NAME):
-        await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await running.set_serving()
     return model
 
 

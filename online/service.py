@@ -92,13 +92,43 @@ class RecommendService:
         return self.stats.total()
 
     # -- lifecycle ------------------------------------------------------------
-    def install(self, model: LoadedModel) -> None:
-        """Make ``model`` the one new batches use (batches in flight finish on theirs)."""
+    async def prepare(self, model: LoadedModel) -> None:
+        """Make the feature store ready for ``model`` (before it serves): the embedded
+        store takes the bundle's arrays; Redis must already hold the version's keys."""
         if isinstance(self.store, InMemoryFeatureStore):
             b = model.bundle
             self.store.add_version(model.version, user_ids=b.features.user_vocab.values, user_emb=b.user_emb,
                                    recs_items=b.recs_items, recs_scores=b.recs_scores)
+        elif not await self.store.has_version(model.version):
+            raise FeatureStoreError(f"version {model.version} is not loaded in the feature store "
+                                    "(publish it with --redis first)")
+
+    def install(self, model: LoadedModel) -> None:
+        """Make ``model`` the one new batches use; batches in flight finish on the
+        version they started with (each snapshots ``self.model`` once)."""
         self.model = model
+
+    async def warm(self, model: LoadedModel) -> int:
+        """Synthetic requests down every path (online with and without session, batch mode,
+        cold start) at every batch size up to the maximum, run directly against ``model``
+        (not yet installed, so live traffic is unaffected). Returns the number sent."""
+        users = model.bundle.features.user_vocab.values[:4] or ["__warmup_user__"]
+        items = tuple(model.bundle.item_ids[:3])
+        cases = [c for u in users for c in ((u, (), "auto"), (u, items, "online"), (u, (), "batch"))]
+        cases += [("__warmup_unknown__", items[:1], "auto"), ("__warmup_unknown__", (), "auto")]
+        sent, size = 0, 1
+        while True:
+            reqs = [RecRequest(user_id=u, k=10, recent=s, cart=(), exclude=(), mode=m, request_id="warmup",
+                               include_titles=False, deadline=time.monotonic() + 5.0)
+                    for u, s, m in (cases * (size // len(cases) + 1))[:size]]
+            results = await self._run(model, [_Work(r, 0.0) for r in reqs], [0.0] * size)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
+            sent += size
+            if size >= self.cfg.batching.max_batch_size:
+                return sent
+            size = min(size * 2, self.cfg.batching.max_batch_size)
 
     async def close(self) -> None:
         await self.batcher.stop()
@@ -120,7 +150,12 @@ class RecommendService:
     # -- the batch handler ----------------------------------------------------
     async def _handle(self, works: Sequence[_Work], queue_s: Sequence[float]) -> list[RecResult | BaseException]:
         model = self.model  # one version for the whole batch: no skew inside a batch
-        assert model is not None
+        if model is None:
+            return [NotReady("no model loaded yet")] * len(works)
+        return await self._run(model, works, queue_s)
+
+    async def _run(self, model: LoadedModel, works: Sequence[_Work],
+                   queue_s: Sequence[float]) -> list[RecResult | BaseException]:
         t0 = time.monotonic()
         for w, waited in zip(works, queue_s, strict=True):
             w.queue_s = waited

@@ -20,7 +20,7 @@ from online.proto import recommender_pb2 as pb
 from online.server import ServerThread
 from towers import bundle as bundle_mod
 from towers import registry as registry_mod
-from towers.errors import FeatureStoreError
+from towers.errors import TwoTowerError
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_publish_loads_version_scoped_keys(loaded) -> None:  # type: ignore[no-u
 
 
 def test_a_version_missing_from_redis_is_not_served(served_registry: Path, redis_proc) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(FeatureStoreError, match="not loaded in Redis"):
+    with pytest.raises(TwoTowerError, match="not loaded in the feature store"):
         ServerThread(_cfg(redis_proc.url), registry=served_registry)
 
 

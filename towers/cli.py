@@ -17,7 +17,7 @@ from towers.errors import TwoTowerError
 
 # Modules that contribute subcommands, imported by name so towers/ does not
 # depend on offline/ or online/ (DESIGN §1).
-COMMAND_MODULES = ("offline.cli", "online.cli", "online.bench")
+COMMAND_MODULES = ("offline.cli", "online.cli", "online.bench", "online.admin")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -143,3 +143,33 @@ class RecordEventsResponse(_message.Message):
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     def __init__(self, accepted: _Optional[int] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("version", "state", "last_error", "candidate", "registry", "swaps", "rejected", "requests_served", "pid")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_FIELD_NUMBER: _ClassVar[int]
+    SWAPS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    state: str
+    last_error: str
+    candidate: str
+    registry: str
+    swaps: int
+    rejected: int
+    requests_served: int
+    pid: int
+    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ..., candidate: _Optional[str] = ..., registry: _Optional[str] = ..., swaps: _Optional[int] = ..., rejected: _Optional[int] = ..., requests_served: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...

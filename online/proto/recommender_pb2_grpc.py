@@ -140,3 +140,123 @@ class Recommender:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Operator surface, served on a separate port bound to localhost by default.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Status = channel.unary_unary(
+                '/twotower.v1.Admin/Status',
+                request_serializer=twotower_dot_v1_dot_recommender__pb2.StatusRequest.SerializeToString,
+                response_deserializer=twotower_dot_v1_dot_recommender__pb2.StatusResponse.FromString,
+                _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/twotower.v1.Admin/Reload',
+                request_serializer=twotower_dot_v1_dot_recommender__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=twotower_dot_v1_dot_recommender__pb2.StatusResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Operator surface, served on a separate port bound to localhost by default.
+    """
+
+    def Status(self, request, context):
+        """The loaded version, the load state and the last error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reload(self, request, context):
+        """Re-read the registry's CURRENT now and load it if it changed (or was rejected before).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=twotower_dot_v1_dot_recommender__pb2.StatusRequest.FromString,
+                    response_serializer=twotower_dot_v1_dot_recommender__pb2.StatusResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=twotower_dot_v1_dot_recommender__pb2.ReloadRequest.FromString,
+                    response_serializer=twotower_dot_v1_dot_recommender__pb2.StatusResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'twotower.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('twotower.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Operator surface, served on a separate port bound to localhost by default.
+    """
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twotower.v1.Admin/Status',
+            twotower_dot_v1_dot_recommender__pb2.StatusRequest.SerializeToString,
+            twotower_dot_v1_dot_recommender__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twotower.v1.Admin/Reload',
+            twotower_dot_v1_dot_recommender__pb2.ReloadRequest.SerializeToString,
+            twotower_dot_v1_dot_recommender__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,123 @@
+"""Following the registry: zero-downtime hot swap with no version skew.
+
+When ``CURRENT`` names a new version, the watcher loads it in the background
+(verify checksums and shapes), checks the feature store holds that version's
+user embeddings, warms it with synthetic requests, and only then swaps the
+service's model reference. Batches in flight finish on the version they took;
+every response names the version it was computed with. A candidate that fails
+any step is rejected and logged, and the old version keeps serving. Polling
+(not inotify) keeps it portable and works on network filesystems.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from online.service import LoadedModel, RecommendService
+from towers import registry as registry_mod
+from towers.errors import TwoTowerError
+
+log = logging.getLogger("twotower.hotswap")
+
+
+@dataclass
+class SwapState:
+    version: str = ""
+    state: str = "empty"  # empty | loading | serving | failed
+    last_error: str = ""
+    candidate: str = ""
+    swaps: int = 0
+    rejected: int = 0
+    loaded_at: float = 0.0
+
+
+class RegistryWatcher:
+    def __init__(self, service: RecommendService, registry: Path, *, poll_s: float) -> None:
+        self.service = service
+        self.registry = registry
+        self.poll_s = poll_s
+        self.state = SwapState()
+        self._lock = asyncio.Lock()  # one load at a time
+        self._task: asyncio.Task[None] | None = None
+        self._rejected_version = ""
+
+    async def load(self, version: str) -> bool:
+        """Load, verify, check the feature store, warm, swap. False (and the old model
+        keeps serving) if any step fails."""
+        async with self._lock:
+            if version == self.state.version:
+                return True
+            self.state.candidate = version
+            prev = self.state.state
+            self.state.state = "loading"
+            t0 = time.perf_counter()
+            try:
+                path = self.registry / version
+                if not path.is_dir():
+                    raise TwoTowerError(f"{self.registry}: CURRENT names {version}, which is not in the registry")
+                loop = asyncio.get_running_loop()
+                model = await loop.run_in_executor(None, LoadedModel.load, path)
+                await self.service.prepare(model)
+                if self.service.cfg.warmup:
+                    await self.service.warm(model)
+                self.service.install(model)
+            except (TwoTowerError, OSError) as e:
+                self.state.state = prev if prev == "serving" else "failed"
+                self.state.last_error = f"{version}: {e}"
+                self.state.rejected += 1
+                self._rejected_version = version
+                log.error("rejected %s, still serving %s: %s", version, self.state.version or "nothing", e)
+                return False
+            old = self.state.version
+            self.state.version = version
+            self.state.state = "serving"
+            self.state.swaps += 1
+            self.state.loaded_at = time.time()
+            self._rejected_version = ""
+            log.info("swapped %s -> %s in %.2f s", old or "nothing", version, time.perf_counter() - t0)
+            return True
+
+    async def check(self, *, force: bool = False) -> bool:
+        """Load CURRENT if it differs from the serving version (and, unless ``force``,
+        from the last rejected one, so a corrupt bundle is not retried every poll)."""
+        try:
+            version = registry_mod.current_version(self.registry)
+        except TwoTowerError as e:
+            self.state.last_error = str(e)
+            return False
+        if version is None or version == self.state.version:
+            return False
+        if version == self._rejected_version and not force:
+            return False
+        return await self.load(version)
+
+    def start(self) -> None:
+        if self.poll_s > 0 and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._poll(), name="registry-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.check()
+            except Exception:  # the watcher must outlive any one bad candidate
+                log.exception("registry check failed")
+
+    def status(self) -> dict[str, object]:
+        s = self.state
+        return {"version": s.version, "state": s.state, "last_error": s.last_error, "candidate": s.candidate,
+                "registry": str(self.registry), "swaps": s.swaps, "rejected": s.rejected,
+                "requests_served": self.service.requests_served, "pid": os.getpid()}
