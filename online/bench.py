@@ -9,6 +9,8 @@ Scenarios (``--scenarios``, comma separated):
 - ``open``    open loop at half the measured peak (1M items, batching on)
 - ``faults``  Redis feature store: steady, slowed (DEBUG SLEEP), stopped (SIGSTOP), recovered
 - ``cold``    the first requests after a load, with and without warmup
+- ``hotswap``, ``corrupt``, ``recycle``, ``sigkill``, ``soak``: operations under
+              load (``online/bench_ops.py``)
 
 Servers and load generators run as separate processes; every number is written
 to ``--out/results.json`` and drawn in ``--out/bench.png``.
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 CONCURRENCY = (1, 8, 32, 64, 128)
-ALL_SCENARIOS = ("ceiling", "matrix", "open", "faults", "cold")
+ALL_SCENARIOS = ("ceiling", "matrix", "open", "faults", "cold", "hotswap", "corrupt", "recycle", "sigkill", "soak")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS))
     p.add_argument("--catalogs", default="ml-100k,synth-100k,synth-1m-flat,synth-1m-ivf,synth-1m-hnsw,synth-1m-sq8")
     p.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
-    p.add_argument("--duration", type=float, default=5.0, help="seconds measured per cell")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds measured per matrix cell")
+    p.add_argument("--ops-duration", type=float, default=30.0, help="seconds per operations scenario")
+    p.add_argument("--soak-duration", type=float, default=300.0, help="seconds of the soak")
+    p.add_argument("--ops-rate", type=float, default=400.0, help="open-loop rate of the operations scenarios")
     p.add_argument("--users-1m", type=int, default=1_000_000, help="users in the synthetic 1M-item catalogs")
     p.add_argument("--data-dir", type=Path, default=None)
     p.set_defaults(func=cmd_bench)
@@ -451,6 +456,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_faults(b, big)
     if "cold" in scenarios:
         run_cold(b, big)
+    from online import bench_ops
+
+    for name in ("hotswap", "corrupt", "recycle", "sigkill"):
+        if name in scenarios:
+            b.results.append(getattr(bench_ops, f"run_{name}")(args.workdir, args.ops_duration, args.ops_rate))
+            b.save()
+    if "soak" in scenarios:
+        b.results.append(bench_ops.run_soak(args.workdir, args.soak_duration, args.ops_rate, b.out))
+        b.save()
     plot(b)
     print(json.dumps(summarize(b.results), indent=1))
     print(f"wrote {b.out / 'results.json'} and {b.out / 'bench.png'}")

@@ -50,11 +50,20 @@ class LoadResult:
     rungs: dict[str, int] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
     samples_ms: list[float] = field(default_factory=list)  # a sorted subsample, for CDF plots
+    # Per request: send time (unix s, comparable across processes), latency (ms), and whether it
+    # failed, so a scenario can compare the window around an event with the time before it.
+    timeline: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("samples_ms")
+        d.pop("timeline")
         return d
+
+    def window(self, t0: float, t1: float) -> dict[str, Any]:
+        """Requests sent in [t0, t1): count, failures, latency percentiles."""
+        sel = self.timeline[(self.timeline[:, 0] >= t0) & (self.timeline[:, 0] < t1)]
+        return {"requests": len(sel), "failed": int(sel[:, 2].sum()), "latency_ms": percentiles(sel[:, 1])}
 
 
 def percentiles(lat_ms: np.ndarray) -> dict[str, float]:
@@ -68,11 +77,13 @@ def percentiles(lat_ms: np.ndarray) -> dict[str, float]:
 async def _client(spec: LoadSpec, share: float, seed: int) -> dict[str, Any]:
     import grpc
 
-    from online.client import request
+    from online.client import CHANNEL_OPTIONS, request
     from online.proto import recommender_pb2_grpc as pb_grpc
 
     rng = random.Random(seed)
     lat: list[float] = []
+    sent: list[float] = []
+    failed: list[bool] = []
     codes: Counter[str] = Counter()
     rungs: Counter[str] = Counter()
     versions: Counter[str] = Counter()
@@ -81,9 +92,12 @@ async def _client(spec: LoadSpec, share: float, seed: int) -> dict[str, Any]:
     for _ in range(512):
         sess = rng.sample(spec.items, min(spec.session_len, len(spec.items))) if spec.items else []
         msgs.append(request(rng.choice(spec.users), k=spec.k, recent=sess))
-    async with grpc.aio.insecure_channel(spec.target) as ch:
+    # The client's shipped service config: UNAVAILABLE (a worker draining, a refused
+    # connection during a recycle) is retried, as a real client would.
+    async with grpc.aio.insecure_channel(spec.target, options=CHANNEL_OPTIONS) as ch:
         stub = pb_grpc.RecommenderStub(ch)
         start = time.perf_counter()
+        wall = time.time() - start  # perf_counter → unix time, for event windows across processes
         record_from = start + spec.warmup_s
         end = record_from + spec.duration_s
 
@@ -95,6 +109,8 @@ async def _client(spec: LoadSpec, share: float, seed: int) -> dict[str, Any]:
                 resp, code = None, e.code().name
             if t_sched >= record_from:
                 lat.append((time.perf_counter() - t_sched) * 1000.0)
+                sent.append(t_sched + wall)
+                failed.append(code != "OK")
                 codes[code] += 1
                 if resp is not None:
                     rungs[RUNG_NAMES[resp.rung]] += 1
@@ -126,7 +142,8 @@ async def _client(spec: LoadSpec, share: float, seed: int) -> dict[str, Any]:
                 t_next += rng.expovariate(rate)  # Poisson arrivals
             if tasks:
                 await asyncio.wait(tasks, timeout=spec.timeout_s + 1)
-    return {"lat": lat, "codes": dict(codes), "rungs": dict(rungs), "versions": dict(versions)}
+    return {"lat": lat, "sent": sent, "failed": failed, "codes": dict(codes), "rungs": dict(rungs),
+            "versions": dict(versions)}
 
 
 def _proc_main(spec: LoadSpec, share: float, seed: int, conn: Any) -> None:
@@ -134,24 +151,40 @@ def _proc_main(spec: LoadSpec, share: float, seed: int, conn: Any) -> None:
     conn.close()
 
 
+class LoadRun:
+    """Load running in ``spec.processes`` spawned processes; ``result()`` waits and merges.
+    Scenarios inject their events (a publish, a SIGKILL) while it runs."""
+
+    def __init__(self, spec: LoadSpec) -> None:
+        self.spec = spec
+        ctx = mp.get_context("spawn")  # fresh interpreters: no gRPC state inherited from this one
+        self.procs, self.conns = [], []
+        for j in range(spec.processes):
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_proc_main, args=(spec, 1.0 / spec.processes, spec.seed * 1000 + j, child),
+                            daemon=True)
+            p.start()
+            self.procs.append(p)
+            self.conns.append(parent)
+
+    def result(self) -> LoadResult:
+        spec = self.spec
+        parts = []
+        for p, c in zip(self.procs, self.conns, strict=True):
+            if c.poll(spec.warmup_s + spec.duration_s + spec.timeout_s + 60):
+                parts.append(c.recv())
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        return merge(spec, parts)
+
+
 def run_load(spec: LoadSpec) -> LoadResult:
     """Run the load from ``spec.processes`` spawned processes and merge their results."""
-    ctx = mp.get_context("spawn")  # fresh interpreters: no gRPC state inherited from this one
-    procs, conns = [], []
-    for j in range(spec.processes):
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_proc_main, args=(spec, 1.0 / spec.processes, spec.seed * 1000 + j, child),
-                        daemon=True)
-        p.start()
-        procs.append(p)
-        conns.append(parent)
-    parts = []
-    for p, c in zip(procs, conns, strict=True):
-        if c.poll(spec.warmup_s + spec.duration_s + spec.timeout_s + 60):
-            parts.append(c.recv())
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
+    return LoadRun(spec).result()
+
+
+def merge(spec: LoadSpec, parts: list[dict[str, Any]]) -> LoadResult:
     lat = np.array([x for part in parts for x in part["lat"]], dtype=np.float64)
     res = LoadResult(requests=len(lat), qps=len(lat) / spec.duration_s, latency_ms=percentiles(lat))
     for part in parts:
@@ -160,6 +193,9 @@ def run_load(spec: LoadSpec) -> LoadResult:
                 if key == "codes" and name == "OK":
                     continue
                 target[name] = target.get(name, 0) + n
+    res.timeline = np.array([(t, x, f) for part in parts
+                             for t, x, f in zip(part["sent"], part["lat"], part["failed"], strict=True)],
+                            dtype=np.float64).reshape(-1, 3)
     if len(lat):
         s = np.sort(lat)
         res.samples_ms = s[np.linspace(0, len(s) - 1, min(len(s), 2000)).astype(int)].tolist()
