@@ -128,8 +128,13 @@ class RunningServer:
 
 
 async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, registry: Path | None = None,
-                       store: FeatureStore | None = None) -> RunningServer:
-    """Bind, report NOT_SERVING, load + verify + warm the bundle, then report SERVING."""
+                       store: FeatureStore | None = None, bind_early: bool = True) -> RunningServer:
+    """Bind, report NOT_SERVING, load + verify + warm the bundle, then report SERVING.
+
+    ``bind_early=False`` (workers sharing a port through SO_REUSEPORT) loads and warms
+    first and binds only then: the kernel spreads new connections over every listener,
+    so a listener that is not ready yet would draw traffic it can only refuse.
+    """
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -140,19 +145,26 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-    if port == 0:
-        raise TwoTowerError(f"cannot bind {cfg.host}:{cfg.port}")
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.start()
-    running = RunningServer(server, service, health_servicer, port)
+    running = RunningServer(server, service, health_servicer, -1)
+
+    async def bind() -> None:
+        running.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if running.port == 0:
+            raise TwoTowerError(f"cannot bind {cfg.host}:{cfg.port}")
+        await server.start()
+
+    if bind_early or registry is None:
+        await bind()
     try:
         if registry is not None:
             registry_mod.current_path(registry)  # a clear error if there is nothing to serve
             running.watcher = RegistryWatcher(service, registry, poll_s=cfg.registry_poll_s)
             if not await running.watcher.check(force=True):
                 raise TwoTowerError(f"cannot serve {registry}: {running.watcher.state.last_error}")
+            if running.port < 0:
+                await bind()
             await running.set_serving()
             running.watcher.start()
             if cfg.admin_port >= 0:
