@@ -18,6 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, default=None, help="JSON file of ServeConfig settings")
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--max-wait-ms", type=float, default=None)
+    p.add_argument("--workers", type=int, default=None, help="server processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--max-age-s", type=float, default=None, help="recycle a worker older than this (0: never)")
+    p.add_argument("--max-requests", type=int, default=None,
+                   help="recycle a worker after this many Recommend calls (0: never)")
+    p.add_argument("--max-rss-mb", type=float, default=None,
+                   help="recycle a worker whose resident memory exceeds this (0: never)")
+    p.add_argument("--drain-grace-s", type=float, default=None, help="time in-flight RPCs get on shutdown")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("recommend", help="ask a running server for recommendations")
@@ -40,11 +47,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config(args.config, host=args.host, port=args.port,
                       feature_store="redis" if args.redis_url else args.feature_store,
-                      batching__max_batch_size=args.max_batch_size, batching__max_wait_ms=args.max_wait_ms)
+                      batching__max_batch_size=args.max_batch_size, batching__max_wait_ms=args.max_wait_ms,
+                      workers__workers=args.workers, workers__max_age_s=args.max_age_s,
+                      workers__max_requests=args.max_requests, workers__max_rss_mb=args.max_rss_mb,
+                      workers__drain_grace_s=args.drain_grace_s)
     if args.redis_url:
         from dataclasses import replace
 
         cfg = replace(cfg, redis=replace(cfg.redis, url=args.redis_url))
+    w = cfg.workers
+    if w.workers > 1 or w.max_age_s or w.max_requests or w.max_rss_mb:
+        # Several processes, or recycling: a gRPC-free supervisor of spawned workers.
+        from online.supervisor import run_supervisor
+
+        return run_supervisor(cfg, args.registry)
 
     async def main() -> None:
         running = await start_server(cfg, registry=args.registry)
@@ -55,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        await running.stop(grace=5.0)
+        await running.stop(grace=cfg.workers.drain_grace_s)
 
     asyncio.run(main())
     return 0

@@ -13,6 +13,7 @@ before the old worker is asked to drain, so capacity never drops below N.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -51,8 +52,6 @@ def _worker_main(cfg: ServeConfig, registry: Path, ready: Connection, served: Sy
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     import asyncio
 
-    # Import the server stack before binding: start_server binds the shared port before it
-    # loads the bundle, so the bound-but-NOT_SERVING window is kept to load + warmup.
     from online.server import start_server
 
     async def serve() -> None:
@@ -60,7 +59,10 @@ def _worker_main(cfg: ServeConfig, registry: Path, ready: Connection, served: Sy
         loop = asyncio.get_running_loop()
         # Installed before start_server: a SIGTERM during load/warmup drains as soon as it is up.
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        running = await start_server(cfg, registry=registry)
+        # bind_early=False: bind the shared port only once loaded and warm. The kernel spreads
+        # new connections over every listener, and one that is still loading could only refuse
+        # them (a retry stays on the same connection, so it would fail again).
+        running = await start_server(cfg, registry=registry, bind_early=False)
         # Warmup requests went through the same counter; recycle on real traffic only.
         baseline = running.service.requests_served
         ready.send("serving")
@@ -71,10 +73,8 @@ def _worker_main(cfg: ServeConfig, registry: Path, ready: Connection, served: Sy
             if os.getppid() != parent_pid:  # orphaned (supervisor SIGKILLed): do not serve forever
                 log.warning("supervisor %d is gone; draining", parent_pid)
                 break
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), REPORT_INTERVAL_S)
-            except asyncio.TimeoutError:
-                pass
         grace = cfg.workers.drain_grace_s
         log.info("draining (grace %.1f s) after %d requests", grace, running.service.requests_served - baseline)
         # stop(): health NOT_SERVING, refuse new RPCs, let in-flight ones finish within grace.
@@ -107,7 +107,7 @@ class SupervisorStats:
     """Counters a test (or a log line) can read."""
 
     started: int = 0  # worker processes spawned
-    restarts: int = 0  # workers replaced after dying unexpectedly
+    restarts: int = 0  # unexpected worker deaths answered with a restart (at once or after a backoff)
     recycles: int = 0  # scheduled recycles completed (old worker drained and gone)
     recycle_reasons: dict[str, int] = field(default_factory=dict)  # age | requests | rss
     failed_starts: int = 0  # workers that exited before reporting SERVING
@@ -226,8 +226,8 @@ class Supervisor:
     # -- internals (called with self._lock held) ---------------------------------
     def _spawn(self, slot: int, replaces: Worker | None = None) -> Worker:
         ready_r, ready_w = self._ctx.Pipe(duplex=False)
-        served: Synchronized[int] = self._ctx.Value("q", 0)  # type: ignore[assignment]
-        proc = self._ctx.Process(target=_worker_main, name=f"twotower-worker-{slot}", daemon=False,
+        served: Synchronized[int] = self._ctx.Value("q", 0)
+        proc = self._ctx.Process(target=_worker_main, name=f"twotower-worker-{slot}", daemon=True,
                                  args=(self.cfg, self.registry, ready_w, served, os.getpid(), self._log_level))
         proc.start()
         ready_w.close()  # the child holds the only write end: its exit reads as EOF here
@@ -345,7 +345,7 @@ class Supervisor:
             reason = self._recycle_reason(w, now) if w.ready else None
             if reason is not None:
                 self.stats.recycle_reasons[reason] = self.stats.recycle_reasons.get(reason, 0) + 1
-                log.info("recycling worker %d (%s: age %.0f s, %d requests, rss %s MB)", w.pid, reason,
+                log.info("recycling worker %d on %s (age %.0f s, %d requests, rss %s MB)", w.pid, reason,
                          now - w.started, w.served.value, f"{rss_mb(w.pid) or 0:.0f}")
                 self._spawn(w.slot, replaces=w)
                 return
