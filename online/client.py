@@ -1,6 +1,6 @@
 """A Python client for the Recommender service, with a gRPC service config that
 retries UNAVAILABLE (a refused connection during a worker recycle, a server not
-ready yet) with exponential backoff."""
+ready yet) with exponential backoff, and CANCELLED for the read-only Recommend."""
 
 from __future__ import annotations
 
@@ -14,14 +14,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from online.proto import recommender_pb2 as pb
 from online.proto import recommender_pb2_grpc as pb_grpc
 
+_BACKOFF = {"maxAttempts": 5, "initialBackoff": "0.02s", "maxBackoff": "0.5s", "backoffMultiplier": 2}
 SERVICE_CONFIG = {
-    "methodConfig": [{
-        "name": [{"service": "twotower.v1.Recommender"}],
-        "retryPolicy": {
-            "maxAttempts": 5, "initialBackoff": "0.02s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+    "methodConfig": [
+        {
+            # Recommend is read-only, so it may also retry CANCELLED: a server shutting down
+            # (a worker draining during a recycle) fails calls that had arrived but not yet
+            # reached a handler with CANCELLED rather than UNAVAILABLE (grpc/grpc#41785).
+            "name": [{"service": "twotower.v1.Recommender", "method": "Recommend"}],
+            "retryPolicy": {**_BACKOFF, "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]},
         },
-    }],
+        {
+            # RecordEvents appends: retry only what certainly did not reach the store.
+            "name": [{"service": "twotower.v1.Recommender"}],
+            "retryPolicy": {**_BACKOFF, "retryableStatusCodes": ["UNAVAILABLE"]},
+        },
+    ],
 }
 CHANNEL_OPTIONS = [("grpc.service_config", json.dumps(SERVICE_CONFIG)), ("grpc.enable_retries", 1)]
 MODES = {"auto": pb.MODE_AUTO, "online": pb.MODE_ONLINE, "batch": pb.MODE_BATCH}

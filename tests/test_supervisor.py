@@ -21,21 +21,16 @@ from online.supervisor import Supervisor
 START_TIMEOUT = 60.0  # two workers importing + loading + warming on 2 busy cores
 
 # grpc core fails the calls that reach a server after its shutdown began (queued, not yet
-# handed to a handler) with CANCELLED rather than UNAVAILABLE (grpc/grpc#41785), so a
-# drain under load can fail about one RPC unless the client also retries CANCELLED.
+# handed to a handler) with CANCELLED rather than UNAVAILABLE (grpc/grpc#41785); the shipped
+# client config retries CANCELLED for Recommend, so a drain costs no failed RPC.
 # Measured: 5 CANCELLED in 23 recycles with UNAVAILABLE-only retries, 0 in 21 with both.
-CLIENT_RETRIES_CANCELLED = "CANCELLED" in SERVICE_CONFIG["methodConfig"][0]["retryPolicy"]["retryableStatusCodes"]
+assert "CANCELLED" in SERVICE_CONFIG["methodConfig"][0]["retryPolicy"]["retryableStatusCodes"]
 
 
 def assert_no_failed_rpcs(load: Load, drains: int) -> None:
-    """No failed RPC at all once the client retries CANCELLED; until then only that known
-    drain race, at most one per drained worker."""
-    failures = load.failures
-    if not CLIENT_RETRIES_CANCELLED:
-        cancelled = [f for f in failures if f.startswith("CANCELLED")]
-        assert len(cancelled) <= drains, cancelled
-        failures = [f for f in failures if not f.startswith("CANCELLED")]
-    assert failures == []
+    """Zero failed RPCs, whatever the number of workers drained."""
+    del drains
+    assert load.failures == []
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
