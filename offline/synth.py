@@ -36,7 +36,7 @@ def clustered(n: int, centres: np.ndarray, noise: float, rng: np.random.Generato
 def make_synthetic_bundle(
     out: Path, *, n_items: int, n_users: int, dim: int = 64, seed: int = 0, index_type: str = "auto",
     n_clusters: int | None = None, max_session: int = 10, recs_k: int = 100, progress: bool = True,
-    item_prefix: str = "i",
+    item_prefix: str = "i", recall_target: float = 0.95,
 ) -> dict[str, Any]:
     """Write a synthetic bundle; ``seed`` changes every array, hence the version id.
     ``item_prefix`` names the items (tests give each version its own, so a response
@@ -64,7 +64,7 @@ def make_synthetic_bundle(
         pos_bias=(-0.3 * np.arange(max_session)).astype(np.float32), w_g=np.zeros(2 * dim, np.float32),
         b_g=np.zeros(1, np.float32),
     )
-    index, spec, recall = faiss_index.build_with_recall(item_emb, index_type, seed=seed,
+    index, spec, recall = faiss_index.build_with_recall(item_emb, index_type, seed=seed, recall_target=recall_target,
                                                         progress=(lambda m: tqdm.write(m)) if progress else None)
     recs_index = index
     if n_items > faiss_index.FLAT_MAX_ITEMS:

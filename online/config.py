@@ -75,6 +75,10 @@ class ServeConfig:
     admin_host: str = "127.0.0.1"  # the admin surface stays on localhost unless told otherwise
     admin_port: int = -1  # -1: no admin service; 0: a free port
     search_threads: int = 2
+    # FAISS uses BLAS for exact search only from this many queries at once. The wheel's
+    # default (128000) means never; batches of >= 20 queries are much faster with BLAS,
+    # and single queries stay on the direct path (MACHINE-FACTS; bench/results).
+    search_blas_threshold: int = 20
 
     def validate(self) -> ServeConfig:
         checks = [

@@ -135,6 +135,10 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
     first and binds only then: the kernel spreads new connections over every listener,
     so a listener that is not ready yet would draw traffic it can only refuse.
     """
+    import faiss
+
+    # Process-wide FAISS setting, applied once at the serving edge.
+    faiss.cvar.distance_compute_blas_threshold = cfg.search_blas_threshold
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
