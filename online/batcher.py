@@ -154,4 +154,9 @@ class Batcher(Generic[T, R]):
                 else:
                     p.future.set_result(r)
         finally:
+            # Leave the in-flight set before freeing the slot, so the dispatcher never sees a
+            # finished batch as running (and lingers max_wait for batchmates when idle).
+            task = asyncio.current_task()
+            if task is not None:
+                self._running.discard(task)
             self._slots.release()

@@ -67,7 +67,7 @@ class RegistryWatcher:
                 if self.service.cfg.warmup:
                     await self.service.warm(model)
                 self.service.install(model)
-            except (TwoTowerError, OSError) as e:
+            except Exception as e:  # any failure rejects the candidate; the old version serves on
                 self.state.state = prev if prev == "serving" else "failed"
                 self.state.last_error = f"{version}: {e}"
                 self.state.rejected += 1
