@@ -111,3 +111,27 @@ def test_index_rebuild_records_recall(synth_bundle: Path, kind: str) -> None:
         assert entry["ann_recall@100"] >= 0.9  # nprobe was tuned to the target
     b = bundle_mod.load(synth_bundle)
     assert b.index.ntotal == 3000
+
+
+def test_ann_recall_is_tie_aware_and_matches_a_plain_count() -> None:
+    import faiss
+
+    from towers.index import ann_recall
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((300, 8)).astype(np.float32)
+    emb = np.concatenate([base, base])  # every item has an exact twin: ties everywhere
+    q = rng.standard_normal((20, 8)).astype(np.float32)
+    exact = faiss.IndexFlatIP(8)
+    exact.add(emb)
+    assert ann_recall(exact, emb, q, k=10) == 1.0  # any twin is as good as the other
+
+    # An "index" that only knows the first 40 rows: recall is the plain count of true top-10 it finds.
+    partial = faiss.IndexIDMap(faiss.IndexFlatIP(8))
+    partial.add_with_ids(emb[:40], np.arange(40, dtype=np.int64))
+    scores = q @ emb.T
+    kth = np.sort(scores, axis=1)[:, -10]
+    _, got = partial.search(q, 10)
+    plain = np.mean([np.sum(scores[i, got[i]] >= kth[i] - 1e-5) for i in range(len(q))]) / 10
+    assert ann_recall(partial, emb, q, k=10) == pytest.approx(plain)
+    assert ann_recall(partial, emb, q, k=10) < 0.5
