@@ -134,7 +134,7 @@ def cmd_batch_score(args: argparse.Namespace) -> int:
     synthetic = man["dataset"].startswith("synthetic-embeddings")
     seen = None if synthetic else seen_rows(args.bundle, cache_dir=args.data_dir)
     man = batch_score_bundle(args.bundle, k=args.k, seen=seen)
-    print(f"batch recs (k={man['batch']['k']}) stored in {args.bundle}")
+    print(f"batch recs (k={man['batch']['k']}) stored in {args.bundle}: now version {man['version']}")
     return 0
 
 

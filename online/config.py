@@ -79,6 +79,10 @@ class ServeConfig:
     # default (128000) means never; batches of >= 20 queries are much faster with BLAS,
     # and single queries stay on the direct path (MACHINE-FACTS; bench/results).
     search_blas_threshold: int = 20
+    # OpenMP threads per FAISS call. Parallelism comes from batches in flight over
+    # ``search_threads``; on 2 cores, OpenMP teams spin-wait between calls and stole the CPU
+    # the event loop needed: single-query p50 went from ~2 ms to ~13 ms at 2 threads (bench).
+    search_omp_threads: int = 1
 
     def validate(self) -> ServeConfig:
         checks = [
@@ -91,6 +95,8 @@ class ServeConfig:
             ("batching.max_inflight_batches", self.batching.max_inflight_batches >= 1, "must be >= 1"),
             ("budget.total_ms", self.budget.total_ms > 0, "must be > 0"),
             ("workers.workers", self.workers.workers >= 1, "must be >= 1"),
+            ("search_threads", self.search_threads >= 1, "must be >= 1"),
+            ("search_omp_threads", self.search_omp_threads >= 1, "must be >= 1"),
         ]
         for name, ok, msg in checks:
             if not ok:

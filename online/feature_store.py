@@ -5,17 +5,19 @@ Redis key layout — the one place it is defined (``RedisKeys``)::
     {p}:v:{version}:ue:{user_id}    user embedding, raw little-endian float32 (or float16) bytes
     {p}:v:{version}:recs:{user_id}  precomputed top-K: int32 item rows then float32 scores
     {p}:v:{version}:ready           set last by the loader: the version's keys are all there
-    {p}:sess:{user_id}              session events, newest first, "item\\ttype\\tts", capped + TTL
+    {p}:zsess:{user_id}             session events: a sorted set scored by timestamp, members
+                                    "item\\ttype\\tts", capped to the newest + TTL
 
 Embeddings and recs are version-scoped, so a worker serving version N can never
 read another version's vectors (no skew); sessions are facts about the user,
-shared by all versions, and hold raw item ids.
+shared by all versions, and hold raw item ids. An event is identified by (user,
+item, type, timestamp), so recording the same event twice (a client retry after a
+lost reply) stores it once: RecordEvents is idempotent.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -55,7 +57,7 @@ class RedisKeys:
         return f"{self.prefix}:v:{version}:ready"
 
     def session(self, user_id: str) -> str:
-        return f"{self.prefix}:sess:{user_id}"
+        return f"{self.prefix}:zsess:{user_id}"
 
 
 def encode_event(e: Event) -> bytes:
@@ -117,12 +119,20 @@ class InMemoryFeatureStore:
 
     def __init__(self, *, session_cap: int = 100) -> None:
         self._versions: dict[str, tuple[dict[str, int], np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
-        self._sessions: dict[str, deque[Event]] = {}
+        self._sessions: dict[str, list[Event]] = {}  # newest first, like the Redis sorted set
         self._cap = session_cap
 
     def add_version(self, version: str, *, user_ids: Sequence[str], user_emb: np.ndarray,
                     recs_items: np.ndarray | None = None, recs_scores: np.ndarray | None = None) -> None:
         self._versions[version] = ({u: i for i, u in enumerate(user_ids)}, user_emb, recs_items, recs_scores)
+
+    def drop_versions(self, *, keep: str) -> list[str]:
+        """Forget every version but ``keep`` (the old bundles' arrays can then be freed);
+        returns the dropped ones."""
+        dropped = [v for v in self._versions if v != keep]
+        for v in dropped:
+            del self._versions[v]
+        return dropped
 
     async def fetch(self, version: str, user_ids: Sequence[str], *, dim: int, n_recent: int,
                     timeout: float) -> list[UserFeatures]:
@@ -149,8 +159,14 @@ class InMemoryFeatureStore:
         return out
 
     async def record(self, events: Sequence[Event], *, timeout: float) -> int:
+        by_user: dict[str, set[Event]] = {}
         for e in events:
-            self._sessions.setdefault(e.user_id, deque(maxlen=self._cap)).appendleft(e)
+            by_user.setdefault(e.user_id, set()).add(e)
+        for user, new in by_user.items():
+            merged = new.union(self._sessions.get(user, ()))
+            # Same order as Redis's ZREVRANGE: timestamp, then the encoded member, descending.
+            self._sessions[user] = sorted(merged, key=lambda e: (e.timestamp, encode_event(e)), reverse=True)[
+                : self._cap]
         return len(events)
 
     async def has_version(self, version: str) -> bool:
@@ -191,7 +207,7 @@ class RedisFeatureStore:
             pipe = self._redis.pipeline(transaction=False)
             for u in user_ids:
                 pipe.get(self.keys.user_embedding(version, u))
-                pipe.lrange(self.keys.session(u), 0, max(n_recent - 1, 0))
+                pipe.zrevrange(self.keys.session(u), 0, max(n_recent - 1, 0))
             return list(await pipe.execute())
 
         res = await self._run("fetch", go, timeout)
@@ -214,8 +230,8 @@ class RedisFeatureStore:
             pipe = self._redis.pipeline(transaction=True)  # MULTI: a user's push/trim/expire land together
             for e in events:
                 key = self.keys.session(e.user_id)
-                pipe.lpush(key, encode_event(e))
-                pipe.ltrim(key, 0, self._cap - 1)
+                pipe.zadd(key, {encode_event(e): e.timestamp})  # idempotent: a retried event is stored once
+                pipe.zremrangebyrank(key, 0, -self._cap - 1)  # keep the newest session_cap
                 pipe.expire(key, self._ttl)
             return list(await pipe.execute())
 

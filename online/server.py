@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from online.proto import recommender_pb2_grpc as pb_grpc
 from online.request import RUNGS, RecResult, parse_events, parse_recommend
 from online.service import LoadedModel, RecommendService
 from towers import registry as registry_mod
-from towers.errors import FeatureStoreError, InvalidRequest, NotReady, TwoTowerError
+from towers.errors import FeatureStoreError, InvalidRequest, NotReady, TwoTowerError, Unsupported
 
 log = logging.getLogger("twotower.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
@@ -35,6 +36,7 @@ STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (FeatureStoreError, grpc.StatusCode.UNAVAILABLE),
+    (Unsupported, grpc.StatusCode.FAILED_PRECONDITION),
     (TwoTowerError, grpc.StatusCode.INTERNAL),
 ]
 
@@ -111,6 +113,7 @@ class RunningServer:
     watcher: RegistryWatcher | None = None
     admin: grpc.aio.Server | None = None
     admin_port: int = -1
+    restore: list[Callable[[], None]] = field(default_factory=list)  # process-wide settings to put back
 
     async def set_serving(self) -> None:
         for name in ("", SERVICE_NAME):
@@ -125,24 +128,41 @@ class RunningServer:
         if self.admin is not None:
             await self.admin.stop(0)
         await self.service.close()
+        while self.restore:
+            self.restore.pop()()
+
+
+def _add_port(server: grpc.aio.Server, address: str) -> int:
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc's "Failed to bind": most often the port is taken
+        raise TwoTowerError(f"cannot bind {address}: in use or not available") from e
+    if port == 0:
+        raise TwoTowerError(f"cannot bind {address}: in use or not available")
+    return int(port)
 
 
 async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, registry: Path | None = None,
-                       store: FeatureStore | None = None, bind_early: bool = True) -> RunningServer:
+                       store: FeatureStore | None = None, bind_early: bool = True,
+                       reuse_port: bool = False, admin_port: int | None = None) -> RunningServer:
     """Bind, report NOT_SERVING, load + verify + warm the bundle, then report SERVING.
 
-    ``bind_early=False`` (workers sharing a port through SO_REUSEPORT) loads and warms
-    first and binds only then: the kernel spreads new connections over every listener,
-    so a listener that is not ready yet would draw traffic it can only refuse.
+    ``reuse_port`` (workers sharing a port) sets SO_REUSEPORT; otherwise it is off, so a
+    port someone else holds is an error rather than a silent second listener.
+    ``bind_early=False`` (those workers) loads and warms first and binds only then: the
+    kernel spreads new connections over every listener, so a listener that is not ready
+    yet would draw traffic it can only refuse. ``admin_port`` overrides ``cfg.admin_port``.
     """
     import faiss
 
-    # Process-wide FAISS setting, applied once at the serving edge.
+    # A process-wide FAISS setting, applied at the serving edge and put back on stop
+    # (in-process servers in tests and the demo share the interpreter with other code).
+    old_blas = faiss.cvar.distance_compute_blas_threshold
     faiss.cvar.distance_compute_blas_threshold = cfg.search_blas_threshold
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
-        ("grpc.so_reuseport", 1),
+        ("grpc.so_reuseport", int(reuse_port)),
     ])
     service = RecommendService(cfg, store or make_store(cfg))
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(service), server)
@@ -152,11 +172,11 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     running = RunningServer(server, service, health_servicer, -1)
+    running.restore.append(lambda: setattr(faiss.cvar, "distance_compute_blas_threshold", old_blas))
+    admin_port = cfg.admin_port if admin_port is None else admin_port
 
     async def bind() -> None:
-        running.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        if running.port == 0:
-            raise TwoTowerError(f"cannot bind {cfg.host}:{cfg.port}")
+        running.port = _add_port(server, f"{cfg.host}:{cfg.port}")
         await server.start()
 
     if bind_early or registry is None:
@@ -171,10 +191,11 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
                 await bind()
             await running.set_serving()
             running.watcher.start()
-            if cfg.admin_port >= 0:
-                running.admin = grpc.aio.server()
+            if admin_port >= 0:
+                # Never shared: each process answers for its own loaded version.
+                running.admin = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
                 pb_grpc.add_AdminServicer_to_server(AdminServicer(running.watcher), running.admin)
-                running.admin_port = running.admin.add_insecure_port(f"{cfg.admin_host}:{cfg.admin_port}")
+                running.admin_port = _add_port(running.admin, f"{cfg.admin_host}:{admin_port}")
                 await running.admin.start()
         elif bundle_path is not None:
             await load_and_serve(running, bundle_path)

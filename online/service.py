@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from online.batcher import Batcher
@@ -26,7 +27,7 @@ from online.feature_store import Event, FeatureStore, InMemoryFeatureStore, User
 from online.request import RecRequest, RecResult
 from online.stats import ServingStats
 from towers import bundle as bundle_mod
-from towers.errors import FeatureStoreError, NotReady
+from towers.errors import FeatureStoreError, NotReady, Unsupported
 from towers.scoring import QueryInput, Ranked, Scorer
 
 log = logging.getLogger("twotower.serve")
@@ -79,7 +80,9 @@ class RecommendService:
         self.cfg = cfg
         self.store = store
         self.model: LoadedModel | None = None
-        self._pool = ThreadPoolExecutor(max_workers=cfg.search_threads, thread_name_prefix="search")
+        # OpenMP's thread count is per calling thread, so each search thread sets its own.
+        self._pool = ThreadPoolExecutor(max_workers=cfg.search_threads, thread_name_prefix="search",
+                                        initializer=faiss.omp_set_num_threads, initargs=(cfg.search_omp_threads,))
         b = cfg.batching
         self.batcher: Batcher[_Work, RecResult] = Batcher(self._handle, max_batch_size=b.max_batch_size,
                                                            max_wait_ms=b.max_wait_ms,
@@ -105,8 +108,17 @@ class RecommendService:
 
     def install(self, model: LoadedModel) -> None:
         """Make ``model`` the one new batches use; batches in flight finish on the
-        version they started with (each snapshots ``self.model`` once)."""
+        version they started with (each snapshots ``self.model`` once). The embedded
+        store then forgets other versions (a batch still on the old one finds no
+        embedding there and uses its own bundle's copy: same version, no skew)."""
         self.model = model
+        self.forget_unused()
+
+    def forget_unused(self) -> None:
+        """Drop embedded-store versions other than the installed one (after a swap, or
+        after a candidate was rejected), so old bundles do not pile up in memory."""
+        if isinstance(self.store, InMemoryFeatureStore) and self.model is not None:
+            self.store.drop_versions(keep=self.model.version)
 
     async def warm(self, model: LoadedModel) -> int:
         """Synthetic requests down every path (online with and without session, batch mode,
@@ -144,6 +156,11 @@ class RecommendService:
         return res
 
     async def record_events(self, events: Sequence[Event]) -> int:
+        if isinstance(self.store, InMemoryFeatureStore) and self.cfg.workers.workers > 1:
+            # Each worker process has its own memory store: an event recorded here would be
+            # invisible to the worker that serves the user's next request.
+            raise Unsupported("RecordEvents needs a shared feature store when serving with several workers "
+                              "(serve with --redis-url)")
         # Acknowledged means stored: a store failure here is an error to the caller, not a silent drop.
         return await self.store.record(events, timeout=self.cfg.redis.socket_timeout_ms / 1000.0 * 5)
 
@@ -167,8 +184,11 @@ class RecommendService:
         # fetch: one pipeline for the whole batch
         feats: list[UserFeatures] | None = None
         if online:
-            earliest = min(w.req.deadline for w in online)
-            left = earliest - time.monotonic() - (budget.inference_ms + budget.post_ms) / 1000.0
+            # The latest deadline sets the timeout: one caller with a tight deadline must not cost
+            # the whole batch its features. Callers whose time runs out meanwhile are caught by the
+            # "too little time left" check below and get the precomputed rung.
+            latest = max(w.req.deadline for w in online)
+            left = latest - time.monotonic() - (budget.inference_ms + budget.post_ms) / 1000.0
             timeout = min(budget.fetch_ms / 1000.0, max(left, 0.0))
             try:
                 feats = await self.store.fetch(model.version, [w.req.user_id for w in online], dim=model.bundle.dim,
@@ -258,7 +278,7 @@ class RecommendService:
             return
         users = [w.req.user_id for w in works]
         try:
-            left = min(w.req.deadline for w in works) - time.monotonic()
+            left = max(w.req.deadline for w in works) - time.monotonic()
             recs = await self.store.batch_recs(model.version, users, timeout=max(left, 0.0005))
         except FeatureStoreError as e:
             b = model.bundle

@@ -44,7 +44,7 @@ MAX_BACKOFF_S = 30.0  # ceiling of the delay before restarting a worker that kee
 # -- worker side ------------------------------------------------------------------
 
 def _worker_main(cfg: ServeConfig, registry: Path, ready: Connection, served: Synchronized[int],
-                 parent_pid: int, log_level: int) -> None:
+                 parent_pid: int, log_level: int, admin_port: int) -> None:
     """Entry point of a spawned worker process."""
     # Ctrl-C reaches the whole process group; only the supervisor acts on it (it then
     # SIGTERMs each worker), so a worker never dies mid-request from a terminal's SIGINT.
@@ -62,7 +62,8 @@ def _worker_main(cfg: ServeConfig, registry: Path, ready: Connection, served: Sy
         # bind_early=False: bind the shared port only once loaded and warm. The kernel spreads
         # new connections over every listener, and one that is still loading could only refuse
         # them (a retry stays on the same connection, so it would fail again).
-        running = await start_server(cfg, registry=registry, bind_early=False)
+        running = await start_server(cfg, registry=registry, bind_early=False, reuse_port=True,
+                                     admin_port=admin_port)
         # Warmup requests went through the same counter; recycle on real traffic only.
         baseline = running.service.requests_served
         ready.send("serving")
@@ -228,7 +229,8 @@ class Supervisor:
         ready_r, ready_w = self._ctx.Pipe(duplex=False)
         served: Synchronized[int] = self._ctx.Value("q", 0)
         proc = self._ctx.Process(target=_worker_main, name=f"twotower-worker-{slot}", daemon=True,
-                                 args=(self.cfg, self.registry, ready_w, served, os.getpid(), self._log_level))
+                                 args=(self.cfg, self.registry, ready_w, served, os.getpid(), self._log_level,
+                                       self._admin_port(slot, replaces)))
         proc.start()
         ready_w.close()  # the child holds the only write end: its exit reads as EOF here
         w = Worker(slot, proc, ready_r, served, time.monotonic(), replaces=replaces)
@@ -236,6 +238,15 @@ class Supervisor:
         self.stats.started += 1
         log.info("started worker %d (slot %d%s)", w.pid, slot, f", replacing {replaces.pid}" if replaces else "")
         return w
+
+    def _admin_port(self, slot: int, replaces: Worker | None) -> int:
+        """Each worker answers for its own version, so each has its own admin port:
+        ``admin_port + slot`` (a recycle's replacement, alive beside the worker it
+        replaces, takes a free port; so does every worker when ``admin_port`` is 0)."""
+        base = self.cfg.admin_port
+        if base <= 0 or replaces is not None:
+            return base if base < 0 else 0
+        return base + slot
 
     def _terminate(self, w: Worker, now: float) -> None:
         if w.proc.exitcode is None and not w.requested:
@@ -356,6 +367,9 @@ def run_supervisor(cfg: ServeConfig, registry: Path, *, startup_timeout_s: float
     from towers import registry as registry_mod
 
     registry_mod.current_path(registry)  # fail fast, in one line, if nothing is published
+    if cfg.feature_store == "memory":
+        log.warning("memory feature store with %d worker(s): sessions live per process and die with a "
+                    "recycle; RecordEvents is refused with several workers (use --redis-url)", cfg.workers.workers)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

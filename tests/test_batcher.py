@@ -44,11 +44,27 @@ def test_results_reach_their_own_callers_in_any_order() -> None:
 
 
 def test_idle_request_is_dispatched_alone_and_at_once() -> None:
+    async def ticks(n: int = 20) -> None:
+        for _ in range(n):  # a few event-loop turns, no timer: a lingering batcher would still be waiting
+            await asyncio.sleep(0)
+
     async def main() -> None:
         rec = Recorder()
-        b: Batcher[int, int] = Batcher(rec, max_batch_size=64, max_wait_ms=1000)  # a long wait that must not apply
-        assert await b.submit(7) == 70
-        assert rec.batches == [[7]]  # nothing in flight: no lingering for batchmates
+        b: Batcher[int, int] = Batcher(rec, max_batch_size=64, max_wait_ms=60_000)  # a wait that must not apply
+        rec.gate.clear()
+        first = asyncio.ensure_future(b.submit(7))
+        await ticks()
+        assert rec.entered.is_set() and rec.batches == [[7]]  # nothing in flight: no lingering for batchmates
+        rec.gate.set()
+        assert await first == 70
+        # Idle again once that batch is done (not merely finishing): the next one goes at once too.
+        rec.entered.clear()
+        rec.gate.clear()
+        second = asyncio.ensure_future(b.submit(8))
+        await ticks()
+        assert rec.entered.is_set() and rec.batches == [[7], [8]]
+        rec.gate.set()
+        assert await second == 80
         await b.stop()
 
     run(main())

@@ -50,6 +50,38 @@ def test_wrong_shape_is_refused_even_with_matching_checksum(synth_bundle: Path) 
         bundle_mod.verify(synth_bundle)
 
 
+def test_a_rebuilt_index_is_a_new_version_that_publishes_beside_the_old(synth_bundle: Path, tmp_path: Path) -> None:
+    reg = tmp_path / "reg"
+    old = registry_mod.publish(synth_bundle, reg)
+    rebuild_index(synth_bundle, kind="flat", log=lambda *_: None)
+    man = bundle_mod.verify(synth_bundle)
+    assert man["version"] != old and man["derived_from"] == old
+    assert registry_mod.publish(synth_bundle, reg) == man["version"]
+    assert registry_mod.current_version(reg) == man["version"] and registry_mod.versions(reg) == sorted(
+        [old, man["version"]])
+
+
+def test_an_installed_version_is_immutable(synth_bundle: Path, tmp_path: Path) -> None:
+    reg = tmp_path / "reg"
+    version = registry_mod.publish(synth_bundle, reg)
+    # Same id, different content (a hand-edited manifest keeping the old id): refused, old copy untouched.
+    bundle_mod.update_bundle(synth_bundle, {"extra.json": {"note": "changed"}}, {})
+    man = json.loads((synth_bundle / "manifest.json").read_text())
+    man["version"] = version
+    (synth_bundle / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(RegistryError, match="already installed with different content"):
+        registry_mod.publish(synth_bundle, reg)
+    assert "extra.json" not in bundle_mod.verify(reg / version)["files"]
+
+
+def test_a_manifest_naming_a_path_outside_the_bundle_is_refused(synth_bundle: Path) -> None:
+    man = json.loads((synth_bundle / "manifest.json").read_text())
+    man["files"]["../escape.npy"] = {"sha256": "0" * 64, "bytes": 1}
+    (synth_bundle / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BundleError, match="not a plain file name"):
+        bundle_mod.verify(synth_bundle)
+
+
 def test_publish_refuses_an_unverifiable_bundle(synth_bundle: Path, tmp_path: Path) -> None:
     (synth_bundle / "combiner.npz").write_bytes(b"garbage")
     with pytest.raises(BundleError, match="refusing to publish"):

@@ -200,3 +200,74 @@ def test_the_client_deadline_caps_the_budget(served_registry: Path) -> None:
             assert len(hurried.item_ids) == 10
     finally:
         srv.stop()
+
+
+def test_serving_settings_are_scoped_to_the_server(served_registry: Path) -> None:
+    import socket
+
+    import faiss
+
+    before = faiss.cvar.distance_compute_blas_threshold
+    srv = ServerThread(load_config(port=0, search_blas_threshold=33, search_omp_threads=1), registry=served_registry)
+    try:
+        assert faiss.cvar.distance_compute_blas_threshold == 33
+        # OpenMP thread counts are per thread: the search threads carry the setting themselves.
+        assert srv.running.service._pool.submit(faiss.omp_get_max_threads).result() == 1
+        # Without SO_REUSEPORT a second single-process server cannot share the port silently.
+        with pytest.raises(Exception, match="cannot bind"):
+            ServerThread(load_config(port=srv.running.port), registry=served_registry)
+    finally:
+        srv.stop()
+    assert faiss.cvar.distance_compute_blas_threshold == before
+    with socket.socket() as s:  # the port is free again
+        s.bind(("127.0.0.1", srv.running.port))
+
+
+def test_record_events_is_refused_where_workers_would_not_share_sessions(served_registry: Path) -> None:
+    srv = ServerThread(load_config(port=0, workers__workers=2), registry=served_registry)
+    try:
+        with RecommenderClient(srv.target, timeout=5.0) as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.record_events([("7", "184", "click", 1)])
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "--redis-url" in (e.value.details() or "")
+            assert len(c.recommend("7", k=5, recent=["184"]).item_ids) == 5  # recommending still works
+    finally:
+        srv.stop()
+
+
+def test_one_tight_deadline_does_not_cost_the_batch_its_features(synth_bundle: Path) -> None:
+    import asyncio
+    import time
+
+    from online.feature_store import InMemoryFeatureStore
+    from online.request import RecRequest
+    from online.service import LoadedModel, RecommendService, _Work
+
+    timeouts: list[float] = []
+
+    class RecordingStore(InMemoryFeatureStore):
+
+        async def fetch(self, version, user_ids, *, dim, n_recent, timeout):  # type: ignore[no-untyped-def]
+            timeouts.append(timeout)
+            return await super().fetch(version, user_ids, dim=dim, n_recent=n_recent, timeout=timeout)
+
+    async def main() -> None:
+        cfg = load_config(port=0)
+        svc = RecommendService(cfg, RecordingStore())
+        model = LoadedModel.load(synth_bundle)
+        await svc.prepare(model)
+        users = model.bundle.features.user_vocab.values
+        now = time.monotonic()
+
+        def req(user: str, deadline: float) -> _Work:
+            return _Work(RecRequest(user_id=user, k=5, recent=(), cart=(), exclude=(), mode="auto", request_id="",
+                                    include_titles=False, deadline=deadline), 0.0)
+
+        tight, relaxed = req(users[0], now + 0.0001), req(users[1], now + 5.0)
+        out = await svc._run(model, [tight, relaxed], [0.0, 0.0])
+        assert timeouts == [cfg.budget.fetch_ms / 1000.0]  # the relaxed caller's budget, not ~0
+        assert out[1].rung == "full" and out[1].source == "user_only"  # type: ignore[union-attr]
+        assert out[0].rung == "batch" and "too little time left" in " ".join(out[0].reasons)  # type: ignore[union-attr]
+        await svc.close()
+
+    asyncio.run(main())

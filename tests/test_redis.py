@@ -65,7 +65,9 @@ def test_events_are_in_redis_and_shape_the_next_answer(redis_server) -> None:  #
     with RecommenderClient(srv.target, timeout=5.0) as c:
         assert c.recommend("3").source == "user_only"
         assert c.record_events([("3", "50", "click", 10), ("3", "181", "cart", 11)]) == 2
-        stored = redis.Redis(port=proc.port).lrange(RedisKeys("tt-test").session("3"), 0, -1)
+        # A retried call (same events) stores nothing twice.
+        assert c.record_events([("3", "181", "cart", 11)]) == 1
+        stored = redis.Redis(port=proc.port).zrevrange(RedisKeys("tt-test").session("3"), 0, -1)
         assert [s.split(b"\t")[0] for s in stored] == [b"181", b"50"]
         r = c.recommend("3")
         assert r.source == "online" and r.rung == pb.RUNG_FULL and not {"50", "181"} & set(r.item_ids)

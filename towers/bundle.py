@@ -146,10 +146,14 @@ def write_bundle(out: Path, files: Mapping[str, Any], manifest: dict[str, Any]) 
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+        # Rename the old directory aside rather than deleting it first: a crash leaves
+        # either the old bundle or the new one complete (plus a dot-directory to clean).
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
-            shutil.rmtree(out)
+            os.replace(out, old)
         os.replace(tmp, out)
         fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -170,13 +174,25 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def update_bundle(path: Path, files: Mapping[str, Any], manifest_updates: Mapping[str, Any]) -> dict[str, Any]:
-    """Add or replace files of an existing bundle, then its manifest (both atomically)."""
+    """Add or replace files of an existing bundle, then its manifest (each atomically).
+
+    Changed content is a new version: the id is re-derived from every file's checksum
+    (``derived_from`` keeps the old one), so publishing an updated bundle never looks
+    like a no-op re-publish of the old id, and its Redis keys never collide with the
+    old version's. A crash between files leaves a manifest that ``verify`` rejects.
+    """
     man = read_manifest(path)
     for name, value in files.items():
         data = encode_file(name, value)
         atomic_write_bytes(path / name, data)
         man["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     man.update(manifest_updates)
+    content = hashlib.sha256(json.dumps({n: f["sha256"] for n, f in man["files"].items()}, sort_keys=True).encode())
+    now = _dt.datetime.now(_dt.timezone.utc)
+    version = f"v{now:%Y%m%dT%H%M%S}-{content.hexdigest()[:10]}"
+    if version != man["version"]:
+        man["derived_from"] = man["version"]
+        man.update(version=version, created=now.isoformat())
     atomic_write_bytes(path / MANIFEST, json.dumps(man, indent=2, sort_keys=True).encode())
     return man
 
@@ -203,7 +219,9 @@ def verify(path: Path, *, checksums: bool = True) -> dict[str, Any]:
             problems.append(f"manifest does not list required file {name}")
     for name, meta in files.items():
         p = path / name
-        if not p.is_file():
+        if Path(name).name != name or name.startswith("."):
+            problems.append(f"file name {name!r} is not a plain file name")
+        elif not p.is_file():
             problems.append(f"missing file {name}")
         elif p.stat().st_size != meta.get("bytes"):
             problems.append(f"{name}: size {p.stat().st_size} != manifest {meta.get('bytes')}")

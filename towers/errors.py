@@ -2,7 +2,7 @@
 
 Third-party errors (OSError, redis, faiss, grpc) are translated into these at
 the boundary with ``raise ... from``; the gRPC layer maps them to status codes
-in exactly one place (``online.errors_map``), the CLI maps them to exit code 2.
+in exactly one place (``online.server.STATUS_OF``), the CLI maps them to exit code 2.
 """
 
 from __future__ import annotations
@@ -46,3 +46,7 @@ class FeatureStoreError(TwoTowerError):
 
 class NotReady(TwoTowerError):
     """No bundle is loaded yet; maps to UNAVAILABLE."""
+
+
+class Unsupported(TwoTowerError):
+    """A valid request this deployment cannot honour; maps to FAILED_PRECONDITION."""

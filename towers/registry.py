@@ -77,7 +77,10 @@ def install(bundle_dir: Path, registry: Path, *, fault: FaultHook = _noop) -> st
         shutil.rmtree(stale, ignore_errors=True)
     dest = registry / version
     if dest.is_dir():
-        bundle_mod.verify(dest)  # already installed: make sure it is intact
+        installed = bundle_mod.verify(dest)  # already installed: make sure it is intact
+        if installed["files"] != man["files"]:
+            raise RegistryError(f"{registry}: version {version} is already installed with different content; "
+                                "refusing to replace an immutable version")
         return version
     tmp = Path(tempfile.mkdtemp(dir=registry, prefix=f".incoming-{version}-"))
     fault("before_copy")
