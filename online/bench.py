@@ -19,6 +19,7 @@ to ``--out/results.json`` and drawn in ``--out/bench.png``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -44,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS))
     p.add_argument("--catalogs", default="ml-100k,synth-100k,synth-1m-flat,synth-1m-ivf,synth-1m-hnsw,synth-1m-sq8")
     p.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    p.add_argument("--store", choices=["redis", "memory"], default="redis",
+                   help="feature store of the matrix (Redis: a throwaway redis-server per catalog)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per matrix cell")
     p.add_argument("--ops-duration", type=float, default=30.0, help="seconds per operations scenario")
     p.add_argument("--soak-duration", type=float, default=300.0, help="seconds of the soak")
@@ -302,16 +305,40 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def redis_loaded(registry: Path) -> Iterator[tuple[RedisProcess, int, float]]:
+    """A throwaway redis-server holding the registry's current version; yields
+    (the server, users loaded, seconds the load took)."""
+    from online.loader import load_bundle_into_redis
+    from towers import registry as registry_mod
+
+    tmp = Path(tempfile.mkdtemp())
+    redis_proc = RedisProcess(tmp)
+    try:
+        t0 = time.perf_counter()
+        n = load_bundle_into_redis(registry_mod.current_path(registry), redis_url=redis_proc.url)
+        load_s = time.perf_counter() - t0
+        print(f"loaded {n:,} users into Redis in {load_s:.1f} s", flush=True)
+        yield redis_proc, n, load_s
+    finally:
+        redis_proc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_matrix(b: Bench, catalogs: list[str], conc: list[int]) -> None:
+    """Closed loop, batching on and off, each catalog, against the feature store of ``--store``
+    (Redis by default: one pipeline per batch is part of what batching saves)."""
     for cat in catalogs:
         reg = prepare_catalog(cat, b.args.workdir, data_dir=b.args.data_dir, users_1m=b.args.users_1m)
         users, items = sample_ids(reg)
-        for batching in (True, False):
-            with server(reg, batch_size=64 if batching else 1) as (target, ready):
-                for c in conc:
-                    b.load(f"{cat} {'batched' if batching else 'unbatched'} c={c}", target, mode="closed",
-                           users=users, items=items, concurrency=c, catalog=cat, batching=batching,
-                           time_to_serving_s=round(ready, 2))
+        with contextlib.ExitStack() as stack:
+            url = stack.enter_context(redis_loaded(reg))[0].url if b.args.store == "redis" else None
+            for batching in (True, False):
+                with server(reg, batch_size=64 if batching else 1, redis_url=url) as (target, ready):
+                    for c in conc:
+                        b.load(f"{cat} {'batched' if batching else 'unbatched'} c={c}", target, mode="closed",
+                               users=users, items=items, concurrency=c, catalog=cat, batching=batching,
+                               store=b.args.store, time_to_serving_s=round(ready, 2))
 
 
 def run_open(b: Bench, catalog: str) -> None:
@@ -328,20 +355,12 @@ def run_open(b: Bench, catalog: str) -> None:
 
 def run_faults(b: Bench, catalog: str) -> None:
     """Redis as the feature store: steady, slowed, stopped, back. Each phase is its own load run."""
-    from online.loader import load_bundle_into_redis
-    from towers import registry as registry_mod
-
     reg = prepare_catalog(catalog, b.args.workdir, data_dir=b.args.data_dir, users_1m=b.args.users_1m)
     users, items = sample_ids(reg)
-    tmp = Path(tempfile.mkdtemp())
-    redis_proc = RedisProcess(tmp)
-    try:
-        t0 = time.perf_counter()
-        n = load_bundle_into_redis(registry_mod.current_path(reg), redis_url=redis_proc.url)
-        load_s = time.perf_counter() - t0
-        print(f"loaded {n:,} users into Redis in {load_s:.1f} s", flush=True)
+    with redis_loaded(reg) as (redis_proc, n, load_s):
+        url, port = redis_proc.url, redis_proc.port
         rate = 150.0  # well under the 1M-item peak: the faults, not saturation, should show
-        with server(reg, batch_size=64, redis_url=redis_proc.url) as (target, _):
+        with server(reg, batch_size=64, redis_url=url) as (target, _):
             common: dict[str, Any] = {"users": users, "items": items, "rate": rate, "mode": "open",
                                       "redis_users_loaded": n, "redis_load_s": round(load_s, 1)}
             b.load("redis steady", target, phase="steady", **common)
@@ -350,7 +369,7 @@ def run_faults(b: Bench, catalog: str) -> None:
             def slow() -> None:  # Redis answers, but every call waits behind a 50 ms sleep
                 import redis
 
-                r = redis.Redis(port=redis_proc.port, socket_timeout=5)
+                r = redis.Redis(port=port, socket_timeout=5)
                 while not stop.is_set():
                     r.execute_command("DEBUG", "SLEEP", "0.05")
 
@@ -367,9 +386,6 @@ def run_faults(b: Bench, catalog: str) -> None:
             finally:
                 redis_proc.proc.send_signal(signal.SIGCONT)
             b.load("redis back (no server restart)", target, phase="recovered", **common)
-    finally:
-        redis_proc.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_cold(b: Bench, catalog: str) -> None:

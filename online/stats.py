@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from online.request import RecResult
 
 log = logging.getLogger("twotower.serve")
 
 # Microsecond bucket upper bounds (roughly x2 apart), the last one catching everything.
-BUCKETS_US = np.array([50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 1 << 62],
-                      dtype=np.int64)
+# Plain lists and bisect: observe() runs once per response, and numpy's per-call overhead on
+# scalars (six searchsorted calls) cost more than the rest of the bookkeeping together.
+BUCKETS_US = [50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 1 << 62]
 STAGES = ("queue", "fetch", "combine", "search", "filter", "total")
 
 
@@ -26,16 +26,15 @@ STAGES = ("queue", "fetch", "combine", "search", "filter", "total")
 class ServingStats:
     responses: Counter[tuple[str, str]] = field(default_factory=Counter)  # (variant, rung) → count
     reasons: Counter[str] = field(default_factory=Counter)
-    histograms: dict[str, np.ndarray] = field(
-        default_factory=lambda: {s: np.zeros(len(BUCKETS_US), dtype=np.int64) for s in STAGES})
+    histograms: dict[str, list[int]] = field(default_factory=lambda: {s: [0] * len(BUCKETS_US) for s in STAGES})
     _last_log: dict[str, float] = field(default_factory=dict)
     _suppressed: Counter[str] = field(default_factory=Counter)
 
     def observe(self, r: RecResult) -> None:
         self.responses[(r.variant, r.rung)] += 1
+        timings = r.timings_us
         for stage in STAGES:
-            us = r.timings_us.get(stage, 0)
-            self.histograms[stage][int(np.searchsorted(BUCKETS_US, us))] += 1
+            self.histograms[stage][bisect_left(BUCKETS_US, timings.get(stage, 0))] += 1
         if r.rung == "full":
             return
         for reason in r.reasons:

@@ -93,7 +93,7 @@ def test_redis_hung_then_back_degrades_then_recovers(redis_server) -> None:  # t
         assert recovered[-1] == pb.RUNG_FULL  # no restart needed
     stats = srv.running.service.stats  # what a metrics exporter reads
     assert stats.rung_counts()["no_session"] >= 5 and stats.reasons["feature store"] >= 5
-    assert int(stats.histograms["total"].sum()) == stats.total()
+    assert sum(stats.histograms["total"]) == stats.total()
 
 
 def test_redis_killed_then_restarted_recovers(redis_server) -> None:  # type: ignore[no-untyped-def]
