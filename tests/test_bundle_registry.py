@@ -167,3 +167,40 @@ def test_ann_recall_is_tie_aware_and_matches_a_plain_count() -> None:
     plain = np.mean([np.sum(scores[i, got[i]] >= kth[i] - 1e-5) for i in range(len(q))]) / 10
     assert ann_recall(partial, emb, q, k=10) == pytest.approx(plain)
     assert ann_recall(partial, emb, q, k=10) < 0.5
+
+
+def test_concurrent_publishers_do_not_break_each_others_copies(synth_bundle_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    a, b = synth_bundle_factory(seed=11), synth_bundle_factory(seed=12)
+    reg = tmp_path / "reg"
+    a_copying, b_cleaned_up = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def hold_a(point: str) -> None:
+        if point == "before_rename":  # A's copy sits in .incoming-*: let B run its stale-copy cleanup now
+            a_copying.set()
+            b_cleaned_up.wait(timeout=2.0)  # with the lock B cannot get there: A goes on after the timeout
+
+    def mark_b(point: str) -> None:
+        if point == "before_copy":
+            b_cleaned_up.set()
+
+    def publish(bundle: Path, **kw: object) -> None:
+        try:
+            registry_mod.publish(bundle, reg, **kw)  # type: ignore[arg-type]
+        except BaseException as e:
+            errors.append(e)
+
+    ta = threading.Thread(target=publish, args=(a,), kwargs={"fault": hold_a})
+    ta.start()
+    a_copying.wait(timeout=30)
+    tb = threading.Thread(target=publish, args=(b,), kwargs={"fault": mark_b})
+    tb.start()
+    ta.join()
+    tb.join()
+    assert errors == []
+    want = sorted(bundle_mod.read_manifest(x)["version"] for x in (a, b))
+    assert registry_mod.versions(reg) == want
+    for v in want:
+        bundle_mod.verify(reg / v)

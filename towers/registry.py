@@ -5,6 +5,8 @@ pointer naming the live one.
       CURRENT              the live version id (one line)
       <version>/           a complete, verified bundle
       .incoming-*/         a copy in progress (ignored; removed by the next publish)
+      .lock                held (flock) by whoever installs or switches, so concurrent
+                           publishers never clean up each other's copies in progress
 
 Publishing copies the bundle in, verifies the copy, renames it into place and
 only then switches ``CURRENT`` (write tmp, fsync, ``os.replace``, fsync dir),
@@ -13,10 +15,12 @@ so a crash at any point leaves ``CURRENT`` on a complete bundle.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from towers import bundle as bundle_mod
@@ -28,6 +32,19 @@ FaultHook = Callable[[str], None]
 
 def _noop(_: str) -> None:
     return None
+
+
+@contextlib.contextmanager
+def locked(registry: Path) -> Iterator[None]:
+    """Exclusive use of the registry for one install-and-switch (blocks other publishers;
+    readers of CURRENT never need it: the pointer is replaced atomically)."""
+    registry.mkdir(parents=True, exist_ok=True)
+    with open(registry / ".lock", "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def current_version(registry: Path) -> str | None:
@@ -67,6 +84,11 @@ def set_current(registry: Path, version: str, *, fault: FaultHook = _noop) -> No
 
 def install(bundle_dir: Path, registry: Path, *, fault: FaultHook = _noop) -> str:
     """Copy a verified bundle into the registry (not yet live); returns its version."""
+    with locked(registry):
+        return _install(bundle_dir, registry, fault)
+
+
+def _install(bundle_dir: Path, registry: Path, fault: FaultHook) -> str:
     try:
         man = bundle_mod.verify(bundle_dir)
     except BundleError as e:
@@ -106,8 +128,9 @@ def publish(bundle_dir: Path, registry: Path, *, fault: FaultHook = _noop,
     pointer flips (the Redis load goes there, so a live version never reads
     keys that are not there yet). ``fault`` is a test hook called at named points.
     """
-    version = install(bundle_dir, registry, fault=fault)
-    if before_switch is not None:
-        before_switch(version)
-    set_current(registry, version, fault=fault)
+    with locked(registry):
+        version = _install(bundle_dir, registry, fault)
+        if before_switch is not None:
+            before_switch(version)
+        set_current(registry, version, fault=fault)
     return version
