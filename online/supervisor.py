@@ -160,6 +160,7 @@ class Supervisor:
         self._workers: list[Worker] = []
         self._pending: list[tuple[int, float]] = []  # (slot, not before): restarts waiting out a backoff
         self._fail_streak = 0  # consecutive workers that died before SERVING (drives the backoff)
+        self._recycle_not_before = 0.0  # after a failed replacement, the next recycle waits out a backoff
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = mp.Pipe(duplex=False)  # wakes the monitor out of wait() on stop
         self._thread: threading.Thread | None = None
@@ -318,16 +319,23 @@ class Supervisor:
                 successor.replaces = None  # its replacement is already on the way: that is the restart
                 self.stats.restarts += 1
             elif w.replaces is not None:
-                log.warning("replacement for worker %d failed; it keeps serving", w.replaces.pid)
+                # The old worker still crosses its threshold: without a pause the next tick would
+                # spawn another replacement at once, and a bad bundle would spin the CPU.
+                self._recycle_not_before = now + self._backoff()
+                log.warning("replacement for worker %d failed; it keeps serving; next recycle attempt in %.1f s",
+                            w.replaces.pid, self._recycle_not_before - now)
             else:
                 self.stats.restarts += 1
                 # Back off when workers keep dying before SERVING (a bad bundle must not spin the CPU).
-                delay = min(MAX_BACKOFF_S, 0.5 * 2 ** (self._fail_streak - 1)) if self._fail_streak else 0.0
+                delay = self._backoff()
                 if delay:
                     log.warning("restarting slot %d in %.1f s", w.slot, delay)
                     self._pending.append((w.slot, now + delay))
                 else:
                     self._spawn(w.slot)
+
+    def _backoff(self) -> float:
+        return min(MAX_BACKOFF_S, 0.5 * 2 ** (self._fail_streak - 1)) if self._fail_streak else 0.0
 
     def _recycle_step(self, now: float) -> None:
         """One recycle at a time: replacement SERVING first, then drain the old worker."""
@@ -350,8 +358,8 @@ class Supervisor:
                 log.warning("replacement %d not SERVING after %.0f s; giving up on it", new.pid, START_TIMEOUT_S)
                 self._terminate(new, now)
             return
-        if self._pending:
-            return  # restore capacity before recycling anything
+        if self._pending or now < self._recycle_not_before:
+            return  # restore capacity before recycling anything; after a failed replacement, wait
         for w in sorted(self._workers, key=lambda w: w.started):
             reason = self._recycle_reason(w, now) if w.ready else None
             if reason is not None:

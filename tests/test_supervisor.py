@@ -144,3 +144,25 @@ def test_recycles_after_max_requests(supervise: Callable[..., Supervisor]) -> No
     assert sup.stats.recycle_reasons.get("requests", 0) >= 1
     assert original - set(sup.pids()), "a recycled worker's pid is gone"
     assert sup.stats.restarts == 0
+
+
+def test_a_failing_replacement_backs_off_and_the_old_worker_serves_on(served_registry: Path, tmp_path: Path) -> None:
+    import shutil
+
+    reg = tmp_path / "registry"
+    shutil.copytree(served_registry, reg)
+    sup = Supervisor(load_config(port=0, workers__workers=1, workers__max_age_s=1.0, workers__check_interval_s=0.1,
+                                 workers__drain_grace_s=2.0), reg)
+    sup.start()
+    try:
+        assert sup.wait_until_serving(START_TIMEOUT), "worker did not report SERVING"
+        original = sup.pids()
+        (reg / "CURRENT").write_text("v-not-there\n")  # every new worker now fails to start
+        wait_for(lambda: sup.stats.failed_starts >= 1, START_TIMEOUT, "a failed replacement")
+        with sup._lock:  # the failure scheduled a pause before the next recycle attempt
+            assert sup._recycle_not_before > 0.0
+        assert sup.pids() == original
+        with RecommenderClient(sup.target, timeout=10.0) as c:
+            assert len(c.recommend("1", k=5).item_ids) == 5
+    finally:
+        sup.stop()
