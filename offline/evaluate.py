@@ -76,11 +76,12 @@ def pessimistic_rank(scorer: Scorer, q: np.ndarray, ranked: Ranked, inp: QueryIn
     ts = ranked.scores[hit[0]]
     r = int(np.sum(ranked.scores >= ts)) - 1
     if len(ranked.rows) and ranked.scores[-1] >= ts:
-        # Ties may continue past the list's end: count them over the whole catalog.
+        # Ties may continue past the list's end: count them over the whole catalog, with exact
+        # scores throughout (FAISS rounds differently, so its ts is not comparable to numpy's).
         s = scorer.item_emb @ q
         banned = np.fromiter(set(inp.exclude) | set(inp.session), dtype=np.int64)
         s[banned] = -np.inf
-        r = int(np.sum(s >= ts)) - 1
+        r = int(np.sum(s >= s[target])) - 1
     return r
 
 
@@ -109,12 +110,11 @@ def popularity_ranks(counts: np.ndarray, es: EvalSet) -> np.ndarray:
     """Popularity baseline: items by count (ties → higher row first is arbitrary, so pessimistic)."""
     ranks = np.empty(len(es.inputs), dtype=np.int64)
     for i, (inp, t) in enumerate(zip(es.inputs, es.targets.tolist(), strict=True)):
-        if t < 0:
+        if t < 0 or t in inp.exclude:  # an excluded target cannot be recommended, as for the model
             ranks[i] = MAX_K
             continue
         banned = np.zeros(len(counts), dtype=bool)
         banned[list(inp.exclude)] = True
-        banned[t] = False
         ranks[i] = int(np.sum((counts >= counts[t]) & ~banned)) - 1
     return ranks
 
