@@ -95,7 +95,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def format_response(r: Any) -> str:
     """A RecommendResponse as a few readable lines."""
-    lines = [f"version {r.model_version}  rung {RUNG_NAMES[r.rung]}  source {r.source}  "
+    from online.request import RUNGS
+
+    lines = [f"version {r.model_version}  rung {RUNGS[r.rung]}  source {r.source}  "
              f"total {r.timings.total_us / 1000:.2f} ms"]
     for reason in r.reasons:
         lines.append(f"  reason: {reason}")
@@ -104,5 +106,3 @@ def format_response(r: Any) -> str:
         lines.append(f"  {n:2d}. {i:>8s}  {s:7.4f}  {t}")
     return "\n".join(lines)
 
-
-RUNG_NAMES = ("unspecified", "full", "no_session", "batch", "popularity")

@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 
-RUNG_NAMES = ("unspecified", "full", "no_session", "batch", "popularity")
-
 
 @dataclass(frozen=True)
 class LoadSpec:
@@ -79,6 +77,7 @@ async def _client(spec: LoadSpec, share: float, seed: int) -> dict[str, Any]:
 
     from online.client import CHANNEL_OPTIONS, request
     from online.proto import recommender_pb2_grpc as pb_grpc
+    from online.request import RUNGS
 
     rng = random.Random(seed)
     lat: list[float] = []
@@ -113,7 +112,7 @@ async def _client(spec: LoadSpec, share: float, seed: int) -> dict[str, Any]:
                 failed.append(code != "OK")
                 codes[code] += 1
                 if resp is not None:
-                    rungs[RUNG_NAMES[resp.rung]] += 1
+                    rungs[RUNGS[resp.rung]] += 1
                     versions[resp.model_version] += 1
 
         if spec.mode == "closed":

@@ -24,7 +24,7 @@ import numpy as np
 from online.batcher import Batcher
 from online.config import ServeConfig
 from online.feature_store import Event, FeatureStore, InMemoryFeatureStore, UserFeatures
-from online.request import RecRequest, RecResult
+from online.request import RUNGS, RecRequest, RecResult
 from online.stats import ServingStats
 from towers import bundle as bundle_mod
 from towers.errors import FeatureStoreError, NotReady, Unsupported
@@ -69,8 +69,7 @@ class _Work:
 
     def degrade(self, rung: str, reason: str) -> None:
         """Move down the ladder (never up) and say why."""
-        order = ("full", "no_session", "batch", "popularity")
-        if order.index(rung) > order.index(self.rung):
+        if RUNGS.index(rung) > RUNGS.index(self.rung):
             self.rung = rung
         self.reasons.append(reason)
 
