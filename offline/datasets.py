@@ -295,9 +295,6 @@ def temporal_split(inter: Interactions) -> Split:
     order = np.lexsort((crc, inter.timestamp, inter.user))
     user = inter.user[order]
     n = len(order)
-    is_last = np.ones(n, dtype=bool)
-    is_last[:-1] = user[1:] != user[:-1]
-    pos_from_end = np.zeros(n, dtype=np.int64)
     # Walk back from each user's end: position 0 is the last interaction.
     starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
     lengths = np.diff(np.r_[starts, n])
