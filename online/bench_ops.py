@@ -175,37 +175,54 @@ def run_sigkill(workdir: Path, duration: float, rate: float) -> dict[str, Any]:
 
 
 def run_soak(workdir: Path, duration: float, rate: float, out: Path, rss_margin_mb: float = 10.0) -> dict[str, Any]:
-    """One worker under steady load; RSS every second; a max_rss_mb threshold a little above
-    the warmed-up RSS, so the recycle can be seen triggering (or not, if RSS stays flat)."""
+    """One worker under steady load; RSS every second. The max_rss_mb threshold starts a
+    little above the warmed-up RSS; if steady growth has not tripped it by 60% of the run,
+    the cap is lowered to just under the worker's RSS (an operator tightening it), so the
+    recycle (replacement first, then drain) shows in every run. Growth per 100k requests
+    is fitted on the first worker's samples before any change."""
     from online.supervisor import rss_mb
 
     sup, ready = _supervised(workdir, workers=1, drain_grace_s=3.0)
     samples: list[tuple[float, int, float]] = []
+    thresholds: list[tuple[float, float]] = []  # (t, max_rss_mb) steps, for the plot
+    lowered_at = None
     try:
         pid0 = sup.pids()[0]
         base = rss_mb(pid0) or 0.0
-        # The threshold sits a little above the warmed-up RSS (known only now), so that
-        # steady growth under load trips it within the run and the recycle shows in the plot.
         threshold = base + rss_margin_mb
         sup.wcfg = replace(sup.wcfg, max_rss_mb=threshold)
+        thresholds.append((0.0, threshold))
         run = LoadRun(_spec(sup.target, duration, rate))
         t0 = time.time()
-        while time.time() - t0 < duration + 1.5:
+        while (now := time.time() - t0) < duration + 1.5:
             for pid in sup.pids():
                 mb = rss_mb(pid)
                 if mb is not None:
-                    samples.append((time.time() - t0, pid, mb))
+                    samples.append((now, pid, mb))
+            if lowered_at is None and now > 0.6 * duration and not sup.stats.recycle_reasons:
+                current = rss_mb(sup.pids()[0]) or threshold
+                sup.wcfg = replace(sup.wcfg, max_rss_mb=current - 2.0)
+                lowered_at = now
+                thresholds.append((now, current - 2.0))
+            elif lowered_at is not None and sup.stats.recycle_reasons and thresholds[-1][1] != threshold:
+                # Triggered: back to the first cap, or the fresh worker (at its warmed-up RSS,
+                # maybe above the lowered cap) would be recycled again and again.
+                sup.wcfg = replace(sup.wcfg, max_rss_mb=threshold)
+                thresholds.append((now, threshold))
             time.sleep(1.0)
         res = run.result()
     finally:
         sup.stop()
-    arr = np.array([(t, mb) for t, pid, mb in samples if pid == pid0])
+    fit_until = lowered_at if lowered_at is not None else duration
+    arr = np.array([(t, mb) for t, pid, mb in samples if pid == pid0 and t <= fit_until])
     growth_per_100k = 0.0
     if len(arr) > 10 and res.requests:
         slope = np.polyfit(arr[:, 0], arr[:, 1], 1)[0]  # MB per second
         growth_per_100k = float(slope * duration / res.requests * 100_000)
-    _plot_rss(samples, out / "soak_rss.png", base, threshold)
+    _plot_rss(samples, out / "soak_rss.png", base, thresholds, duration)
     row = _report("soak", res, [], t0 + 1.0, rss_start_mb=round(base, 1), rss_threshold_mb=round(threshold, 1),
+                  rss_threshold_lowered_at_s=None if lowered_at is None else round(lowered_at, 1),
+                  rss_threshold_lowered_to_mb=None if lowered_at is None else round(thresholds[1][1], 1),
                   recycles=dict(sup.stats.recycle_reasons),
                   rss_end_mb=round(float(arr[-1, 1]), 1) if len(arr) else None,
                   rss_growth_mb_per_100k_requests=round(growth_per_100k, 3), time_to_serving_s=round(ready, 2))
@@ -213,7 +230,8 @@ def run_soak(workdir: Path, duration: float, rate: float, out: Path, rss_margin_
     return row
 
 
-def _plot_rss(samples: list[tuple[float, int, float]], path: Path, base: float, threshold: float) -> None:
+def _plot_rss(samples: list[tuple[float, int, float]], path: Path, base: float,
+              thresholds: list[tuple[float, float]], duration: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,7 +242,9 @@ def _plot_rss(samples: list[tuple[float, int, float]], path: Path, base: float, 
         pts = [(t, m) for t, p, m in samples if p == pid]
         ax.plot(*zip(*pts, strict=True), marker=".", color=f"C{j}", label=f"worker {pid}")
     ax.axhline(base, color="grey", ls=":", label="RSS after warmup")
-    ax.axhline(threshold, color="red", ls="--", label="recycle threshold (max_rss_mb)")
+    steps = [*thresholds, (duration, thresholds[-1][1])]
+    ax.step([t for t, _ in steps], [m for _, m in steps], where="post", color="red", ls="--",
+            label="recycle threshold (max_rss_mb)")
     ax.set(xlabel="seconds under load", ylabel="RSS (MB)", title="soak: worker RSS over time")
     ax.legend(fontsize=7)
     fig.tight_layout()
