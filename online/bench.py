@@ -275,9 +275,10 @@ class Bench:
     def save(self) -> None:
         data = {"machine": {"cpus": os.cpu_count()}, "duration_s": self.args.duration, "results": self.results,
                 "summary": summarize(self.results)}
-        tmp = self.out / "results.json.tmp"
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.out / "results.json")
+        for name, text in (("results.json", json.dumps(data, indent=1)), ("results.md", markdown(self.results))):
+            tmp = self.out / f"{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.out / name)
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -323,6 +324,47 @@ def redis_loaded(registry: Path) -> Iterator[tuple[RedisProcess, int, float]]:
     finally:
         redis_proc.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The run as Markdown tables (written beside results.json as results.md)."""
+    def lat(r: dict[str, Any], q: str) -> str:
+        return f"{r['latency_ms'].get(q, 0.0):.1f}"
+
+    def rungs(r: dict[str, Any]) -> str:
+        n = max(1, sum(r.get("rungs", {}).values()))
+        degraded = {k: v for k, v in r.get("rungs", {}).items() if k != "full"}
+        return ", ".join(f"{k} {100 * v / n:.0f}%" for k, v in sorted(degraded.items())) or "-"
+
+    out = ["| run | QPS | p50 ms | p99 ms | p99.9 ms | errors | degraded |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["mode"] in ("closed", "open"):
+            errors = ", ".join(f"{k} {v}" for k, v in r.get("errors", {}).items()) or "0"
+            out.append(f"| {r['label']} | {r['qps']:.0f} | {lat(r, 'p50')} | {lat(r, 'p99')} | {lat(r, 'p99.9')} | "
+                       f"{errors} | {rungs(r)} |")
+    cold = [r for r in rows if r["mode"] == "cold"]
+    if cold:
+        out += ["", "| cold start | to SERVING s | first request ms | first-100 p99 ms | steady p50 ms | ratio |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {r['label']} | {r['time_to_serving_s']} | {r['first_request_ms']:.1f} | "
+                f"{r['first100_ms']['p99']:.1f} | {r['steady_ms']['p50']:.1f} | "
+                f"{r['first100_p99_over_steady_p50']} |" for r in cold]
+    ops = [r for r in rows if r["mode"] == "ops"]
+    if ops:
+        out += ["", "| operations | requests | failed RPCs | p99 before ms | p99 in the 5 s after each event ms "
+                "| notes |", "|---|---|---|---|---|---|"]
+        for r in ops:
+            during = ", ".join(f"{e['during']['latency_ms'].get('p99', 0.0):.1f}" for e in r["events"]) or "-"
+            notes = {k: r[k] for k in ("recycles", "time_to_serving_s", "time_to_serving_after_kill_s",
+                                       "rss_start_mb", "rss_end_mb", "rss_growth_mb_per_100k_requests",
+                                       "rss_threshold_lowered_at_s") if r.get(k) is not None}
+            out.append(f"| {r['scenario']} | {r['requests']} | {r['failed_rpcs']} | "
+                       f"{r['before']['latency_ms'].get('p99', 0.0):.1f} | {during} | "
+                       f"{json.dumps(notes)[1:-1]} |")
+    summary = summarize(rows)
+    if summary:
+        out += ["", "| summary | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary.items()]
+    return "\n".join(out) + "\n"
 
 
 def run_matrix(b: Bench, catalogs: list[str], conc: list[int]) -> None:
