@@ -292,6 +292,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         off = find(catalog=cat, batching=False, concurrency=64)
         if on and off and off["qps"]:
             out[f"{cat}: batching speedup at c=64"] = round(on["qps"] / off["qps"], 2)
+            # Degraded answers are cheap (no search): count full-quality responses per second too.
+            good = [r["qps"] * r["rungs"].get("full", 0) / max(1, sum(r["rungs"].values())) for r in (on, off)]
+            if good[1]:
+                out[f"{cat}: full-quality QPS speedup at c=64"] = round(good[0] / good[1], 2)
             out[f"{cat}: p99 at c=64 batched / unbatched"] = round(
                 on["latency_ms"]["p99"] / off["latency_ms"]["p99"], 2)
         on1 = find(catalog=cat, batching=True, concurrency=1)

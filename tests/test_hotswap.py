@@ -43,6 +43,7 @@ class Load:
     def __init__(self, target: str, threads: int = 3) -> None:
         self.stop = threading.Event()
         self.responses: list[tuple[str, list[str]]] = []
+        self.users: list[str] = []  # the user of each response
         self.errors: list[str] = []
         self.threads = [threading.Thread(target=self._run, args=(target, j)) for j in range(threads)]
         for t in self.threads:
@@ -53,8 +54,10 @@ class Load:
             i = 0
             while not self.stop.is_set():
                 try:
-                    r = c.recommend(f"u{(i * 7 + j) % 200}", k=10)
+                    user = f"u{(i * 7 + j) % 200}"
+                    r = c.recommend(user, k=10)
                     self.responses.append((r.model_version, list(r.item_ids)))
+                    self.users.append(user)
                 except grpc.RpcError as e:
                     self.errors.append(e.code().name)
                 i += 1
@@ -116,8 +119,22 @@ def test_three_versions_published_under_load_and_a_corrupt_one_rejected(tmp_path
     assert load.errors == []
     seen = {v for v, _ in load.responses}
     assert seen <= set(prefix_of) and len(seen) == 4
-    for version, items in load.responses:  # no response mixes versions
+    for version, items in load.responses:  # no response mixes versions' items
         assert len(items) == 10 and all(i.startswith(prefix_of[version]) for i in items), version
+    # Nor one version's user embeddings with another's items: every list is exactly what its
+    # version's own bundle computes for that user.
+    from towers import bundle as bundle_mod
+    from towers.scoring import QueryInput, Scorer
+
+    bundles = {v: bundle_mod.load(reg / v) for v in seen}
+    scorers = {v: Scorer.from_bundle(b) for v, b in bundles.items()}
+    expected: dict[tuple[str, str], list[str]] = {}
+    for (version, items), user in zip(load.responses, load.users, strict=True):
+        if (version, user) not in expected:
+            b = bundles[version]
+            top = scorers[version].recommend([QueryInput(b.features.user_vocab.known(user), (), frozenset())], 10)[0]
+            expected[(version, user)] = [b.item_ids[r] for r in top.rows.tolist()]
+        assert items == expected[(version, user)], (version, user)
     assert load.responses[-1][0] == last_version
 
 
