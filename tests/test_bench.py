@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from online.bench import summarize
+from online.bench import markdown, summarize
 from online.config import load_config
 from online.loadgen import LoadSpec, run_load
 from online.server import ServerThread
@@ -43,15 +43,19 @@ def test_load_generator_reports_failures_by_status_code() -> None:
 
 
 def test_summary_ratios() -> None:
-    def row(cat: str, batching: bool, c: int, qps: float, p50: float, p99: float) -> dict[str, object]:
+    def row(cat: str, batching: bool, c: int, qps: float, p50: float, p99: float,
+            full: float = 1.0) -> dict[str, object]:
         return {"label": f"{cat} {batching} {c}", "mode": "closed", "catalog": cat, "batching": batching,
-                "concurrency": c, "qps": qps, "latency_ms": {"p50": p50, "p99": p99}}
+                "concurrency": c, "qps": qps, "latency_ms": {"p50": p50, "p99": p99},
+                "rungs": {"full": int(100 * full), "batch": int(100 * (1 - full))}}
 
-    rows = [row("x", True, 64, 3000, 10, 20), row("x", False, 64, 1000, 30, 40), row("x", True, 1, 900, 1.1, 2),
-            row("x", False, 1, 950, 1.0, 2),
+    rows = [row("x", True, 64, 3000, 10, 20), row("x", False, 64, 1000, 30, 40, full=0.25),
+            row("x", True, 1, 900, 1.1, 2), row("x", False, 1, 950, 1.0, 2),
             {"label": "ceiling c=64", "mode": "closed", "concurrency": 64, "qps": 4000.0, "latency_ms": {}}]
     s = summarize(rows)
+    assert "| x True 64 | 3000 | 10.0 | 20.0 |" in markdown(rows)
     assert s["x: batching speedup at c=64"] == 3.0
+    assert s["x: full-quality QPS speedup at c=64"] == 12.0  # a quarter of the unbatched answers were full
     assert s["x: p99 at c=64 batched / unbatched"] == 0.5
     assert s["x: p50 added by batching at c=1 (ms)"] == pytest.approx(0.1)
     assert s["best QPS / trivial-handler QPS"] == 0.75
