@@ -97,6 +97,7 @@ class Worker:
     requested: bool = False  # we asked it to exit: its exit is not a crash
     kill_at: float = 0.0  # SIGKILL after this if it is still draining
     replaces: Worker | None = None  # set on a recycle's replacement until the old one is told to go
+    admin_port: int = -1  # its own admin service (-1: none; 0: a free port)
 
     @property
     def pid(self) -> int:
@@ -229,12 +230,13 @@ class Supervisor:
     def _spawn(self, slot: int, replaces: Worker | None = None) -> Worker:
         ready_r, ready_w = self._ctx.Pipe(duplex=False)
         served: Synchronized[int] = self._ctx.Value("q", 0)
+        admin_port = self._admin_port(slot, replaces)
         proc = self._ctx.Process(target=_worker_main, name=f"twotower-worker-{slot}", daemon=True,
                                  args=(self.cfg, self.registry, ready_w, served, os.getpid(), self._log_level,
-                                       self._admin_port(slot, replaces)))
+                                       admin_port))
         proc.start()
         ready_w.close()  # the child holds the only write end: its exit reads as EOF here
-        w = Worker(slot, proc, ready_r, served, time.monotonic(), replaces=replaces)
+        w = Worker(slot, proc, ready_r, served, time.monotonic(), replaces=replaces, admin_port=admin_port)
         self._workers.append(w)
         self.stats.started += 1
         log.info("started worker %d (slot %d%s)", w.pid, slot, f", replacing {replaces.pid}" if replaces else "")
@@ -242,12 +244,14 @@ class Supervisor:
 
     def _admin_port(self, slot: int, replaces: Worker | None) -> int:
         """Each worker answers for its own version, so each has its own admin port:
-        ``admin_port + slot`` (a recycle's replacement, alive beside the worker it
-        replaces, takes a free port; so does every worker when ``admin_port`` is 0)."""
+        ``admin_port + slot``, or ``admin_port + N + slot`` for a recycle's replacement
+        when its predecessor (still running beside it) holds the first; the two alternate.
+        ``admin_port`` 0 gives every worker a free port, -1 none."""
         base = self.cfg.admin_port
-        if base <= 0 or replaces is not None:
-            return base if base < 0 else 0
-        return base + slot
+        if base <= 0:
+            return base
+        first, second = base + slot, base + self.wcfg.workers + slot
+        return second if replaces is not None and replaces.admin_port == first else first
 
     def _terminate(self, w: Worker, now: float) -> None:
         if w.proc.exitcode is None and not w.requested:

@@ -166,3 +166,15 @@ def test_a_failing_replacement_backs_off_and_the_old_worker_serves_on(served_reg
             assert len(c.recommend("1", k=5).item_ids) == 5
     finally:
         sup.stop()
+
+
+def test_admin_ports_per_slot_alternate_across_recycles(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    sup = Supervisor(load_config(port=0, admin_port=7000, workers__workers=2), tmp_path)
+    assert [sup._admin_port(slot, None) for slot in (0, 1)] == [7000, 7001]
+    first = SimpleNamespace(admin_port=7001)
+    replacement = sup._admin_port(1, first)  # type: ignore[arg-type]
+    assert replacement == 7003  # the predecessor still holds 7001 while its replacement warms up
+    assert sup._admin_port(1, SimpleNamespace(admin_port=replacement)) == 7001  # type: ignore[arg-type]
+    assert Supervisor(load_config(port=0, admin_port=-1), tmp_path)._admin_port(0, None) == -1
