@@ -11,6 +11,7 @@ This module holds no gRPC objects: ``online.server`` adapts it to the wire.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -112,6 +113,12 @@ class RecommendService:
         embedding there and uses its own bundle's copy: same version, no skew)."""
         self.model = model
         self.forget_unused()
+        # The bundle's objects live as long as the model: move them out of the cyclic GC's
+        # reach, so a full collection under load does not walk millions of vocabulary entries
+        # (collected first, so the old model's cycles are not frozen with them).
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
 
     def forget_unused(self) -> None:
         """Drop embedded-store versions other than the installed one (after a swap, or
