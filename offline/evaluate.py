@@ -66,8 +66,11 @@ def eval_set(split: Split, fp: FeaturePipeline, *, max_session: int, which: str 
     return EvalSet(target_part.user, inputs, np.array(targets, dtype=np.int64), np.array(later, dtype=bool))
 
 
-def pessimistic_rank(scorer: Scorer, q: np.ndarray, ranked: Ranked, inp: QueryInput, target: int) -> int:
-    """0-based rank of ``target`` among eligible items; ``MAX_K`` or more means not in the list."""
+def pessimistic_rank(scorer: Scorer, q: np.ndarray, ranked: Ranked, inp: QueryInput, target: int, *,
+                     by_score: bool = True) -> int:
+    """0-based rank of ``target`` among eligible items; ``MAX_K`` or more means not in the list.
+    ``by_score=False``: the list is not ranked by ``q`` (the popularity fallback), so ties
+    are counted within the list only."""
     if target < 0:
         return MAX_K
     hit = np.flatnonzero(ranked.rows == target)
@@ -75,7 +78,7 @@ def pessimistic_rank(scorer: Scorer, q: np.ndarray, ranked: Ranked, inp: QueryIn
         return MAX_K
     ts = ranked.scores[hit[0]]
     r = int(np.sum(ranked.scores >= ts)) - 1
-    if len(ranked.rows) and ranked.scores[-1] >= ts:
+    if by_score and len(ranked.rows) and ranked.scores[-1] >= ts:
         # Ties may continue past the list's end: count them over the whole catalog, with exact
         # scores throughout (FAISS rounds differently, so its ts is not comparable to numpy's).
         s = scorer.item_emb @ q
@@ -102,7 +105,8 @@ def model_ranks(scorer: Scorer, es: EvalSet, *, batch: int = 1024) -> np.ndarray
         scores, rows = scorer.search(q, scorer.search_k(chunk, MAX_K))
         for i, inp in enumerate(chunk):
             ranked = scorer.filter(q[i], scores[i], rows[i], inp, MAX_K) if valid[i] else scorer.popular(inp, MAX_K)
-            ranks[lo + i] = pessimistic_rank(scorer, q[i], ranked, inp, int(es.targets[lo + i]))
+            ranks[lo + i] = pessimistic_rank(scorer, q[i], ranked, inp, int(es.targets[lo + i]),
+                                             by_score=bool(valid[i]))
     return ranks
 
 

@@ -67,7 +67,8 @@ class ServeConfig:
     max_session_items: int = 1000  # request-supplied recent + cart items
     max_exclude_items: int = 10_000
     max_id_length: int = 256
-    max_events_per_call: int = 10_000
+    max_events_per_call: int = 10_000  # at most 16384: the session order's tie-break has 14 bits
+    max_event_skew_s: int = 3600  # event timestamps may run this far ahead of the server's clock
     max_message_bytes: int = 8 * 1024 * 1024  # larger messages are refused by gRPC itself
     variant: str = "control"
     warmup: bool = True  # send synthetic requests down every path before reporting SERVING
@@ -96,6 +97,8 @@ class ServeConfig:
             ("budget.total_ms", self.budget.total_ms > 0, "must be > 0"),
             ("workers.workers", self.workers.workers >= 1, "must be >= 1"),
             ("search_threads", self.search_threads >= 1, "must be >= 1"),
+            ("max_events_per_call", 1 <= self.max_events_per_call <= 16384, "must be in 1..16384"),
+            ("max_event_skew_s", self.max_event_skew_s >= 0, "must be >= 0"),
             ("search_omp_threads", self.search_omp_threads >= 1, "must be >= 1"),
         ]
         for name, ok, msg in checks:

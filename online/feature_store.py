@@ -60,6 +60,16 @@ class RedisKeys:
         return f"{self.prefix}:zsess:{user_id}"
 
 
+# Events in one call that share a timestamp keep their order in the call: the score is
+# timestamp + position * 2**-14 (exact in a double for any unix-seconds timestamp). A retried
+# call gives every event the same score again, so recording stays idempotent.
+TIE_STEP = 2.0 ** -14
+
+
+def event_scores(events: Sequence[Event]) -> list[float]:
+    return [e.timestamp + j * TIE_STEP for j, e in enumerate(events)]
+
+
 def encode_event(e: Event) -> bytes:
     return f"{e.item_id}\t{e.type}\t{e.timestamp}".encode()
 
@@ -119,17 +129,18 @@ class InMemoryFeatureStore:
 
     def __init__(self, *, session_cap: int = 100) -> None:
         self._versions: dict[str, tuple[dict[str, int], np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
-        self._sessions: dict[str, list[Event]] = {}  # newest first, like the Redis sorted set
+        # Per user: encoded event -> (score, event), like the Redis sorted set's members.
+        self._sessions: dict[str, dict[bytes, tuple[float, Event]]] = {}
         self._cap = session_cap
 
     def add_version(self, version: str, *, user_ids: Sequence[str], user_emb: np.ndarray,
                     recs_items: np.ndarray | None = None, recs_scores: np.ndarray | None = None) -> None:
         self._versions[version] = ({u: i for i, u in enumerate(user_ids)}, user_emb, recs_items, recs_scores)
 
-    def drop_versions(self, *, keep: str) -> list[str]:
-        """Forget every version but ``keep`` (the old bundles' arrays can then be freed);
-        returns the dropped ones."""
-        dropped = [v for v in self._versions if v != keep]
+    def drop_versions(self, *, keep: set[str]) -> list[str]:
+        """Forget every version not in ``keep`` (the old bundles' arrays can then be
+        freed); returns the dropped ones."""
+        dropped = [v for v in self._versions if v not in keep]
         for v in dropped:
             del self._versions[v]
         return dropped
@@ -140,9 +151,11 @@ class InMemoryFeatureStore:
         out = []
         for u in user_ids:
             row = index.get(u)
-            sess = self._sessions.get(u)
+            sess = self._sessions.get(u, {})
+            # Newest first, ties by member descending: the order of Redis's ZREVRANGE.
+            newest = sorted(sess.items(), key=lambda kv: (kv[1][0], kv[0]), reverse=True)[:n_recent]
             out.append(UserFeatures(None if row is None else np.asarray(emb[row], dtype=np.float32),
-                                    list(sess)[:n_recent] if sess else []))
+                                    [ev for _, (_, ev) in newest]))
         return out
 
     async def batch_recs(self, version: str, user_ids: Sequence[str], *,
@@ -159,14 +172,12 @@ class InMemoryFeatureStore:
         return out
 
     async def record(self, events: Sequence[Event], *, timeout: float) -> int:
-        by_user: dict[str, set[Event]] = {}
-        for e in events:
-            by_user.setdefault(e.user_id, set()).add(e)
-        for user, new in by_user.items():
-            merged = new.union(self._sessions.get(user, ()))
-            # Same order as Redis's ZREVRANGE: timestamp, then the encoded member, descending.
-            self._sessions[user] = sorted(merged, key=lambda e: (e.timestamp, encode_event(e)), reverse=True)[
-                : self._cap]
+        for e, score in zip(events, event_scores(events), strict=True):
+            sess = self._sessions.setdefault(e.user_id, {})
+            sess[encode_event(e)] = (score, e)
+            if len(sess) > self._cap:  # keep the newest session_cap, as ZREMRANGEBYRANK does
+                oldest = min(sess.items(), key=lambda kv: (kv[1][0], kv[0]))[0]
+                del sess[oldest]
         return len(events)
 
     async def has_version(self, version: str) -> bool:
@@ -228,9 +239,9 @@ class RedisFeatureStore:
     async def record(self, events: Sequence[Event], *, timeout: float) -> int:
         async def go() -> list[object]:
             pipe = self._redis.pipeline(transaction=True)  # MULTI: a user's push/trim/expire land together
-            for e in events:
+            for e, score in zip(events, event_scores(events), strict=True):
                 key = self.keys.session(e.user_id)
-                pipe.zadd(key, {encode_event(e): e.timestamp})  # idempotent: a retried event is stored once
+                pipe.zadd(key, {encode_event(e): score})  # idempotent: a retried event is stored once
                 pipe.zremrangebyrank(key, 0, -self._cap - 1)  # keep the newest session_cap
                 pipe.expire(key, self._ttl)
             return list(await pipe.execute())

@@ -72,7 +72,7 @@ class RegistryWatcher:
                 self.state.last_error = f"{version}: {e}"
                 self.state.rejected += 1
                 self._rejected_version = version
-                self.service.forget_unused()
+                self.service.reject(version)
                 log.error("rejected %s, still serving %s: %s", version, self.state.version or "nothing", e)
                 return False
             old = self.state.version

@@ -109,5 +109,9 @@ def parse_events(msg: Any, cfg: ServeConfig) -> list[Event]:
             raise InvalidRequest(f"events[{j}].type", "must be VIEW, CLICK, CART or PURCHASE")
         if "\t" in e.item_id:
             raise InvalidRequest(f"events[{j}].item_id", "must not contain a tab")
+        if e.timestamp < 0 or e.timestamp > now + cfg.max_event_skew_s:
+            # A millisecond or future timestamp would pin its item at the head of the session.
+            raise InvalidRequest(f"events[{j}].timestamp", f"{e.timestamp} is not unix seconds up to now "
+                                 f"(+{cfg.max_event_skew_s} s of clock skew); 0 means now")
         out.append(Event(e.user_id, e.item_id, EVENT_TYPES[e.type - 1], int(e.timestamp or now)))
     return out

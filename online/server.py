@@ -6,6 +6,7 @@ in one place."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,31 +173,33 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     running = RunningServer(server, service, health_servicer, -1)
-    running.restore.append(lambda: setattr(faiss.cvar, "distance_compute_blas_threshold", old_blas))
+    # gc.unfreeze: the service freezes its model's objects on install (see RecommendService.install).
+    running.restore += [lambda: setattr(faiss.cvar, "distance_compute_blas_threshold", old_blas), gc.unfreeze]
     admin_port = cfg.admin_port if admin_port is None else admin_port
 
     async def bind() -> None:
         running.port = _add_port(server, f"{cfg.host}:{cfg.port}")
         await server.start()
 
-    if bind_early or registry is None:
-        await bind()
     try:
+        if bind_early or registry is None:
+            await bind()
         if registry is not None:
             registry_mod.current_path(registry)  # a clear error if there is nothing to serve
             running.watcher = RegistryWatcher(service, registry, poll_s=cfg.registry_poll_s)
             if not await running.watcher.check(force=True):
                 raise TwoTowerError(f"cannot serve {registry}: {running.watcher.state.last_error}")
-            if running.port < 0:
-                await bind()
-            await running.set_serving()
-            running.watcher.start()
             if admin_port >= 0:
-                # Never shared: each process answers for its own loaded version.
+                # Never shared: each process answers for its own loaded version. Bound before the
+                # serving port, so a taken admin port fails the start before any traffic arrives.
                 running.admin = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
                 pb_grpc.add_AdminServicer_to_server(AdminServicer(running.watcher), running.admin)
                 running.admin_port = _add_port(running.admin, f"{cfg.admin_host}:{admin_port}")
                 await running.admin.start()
+            if running.port < 0:
+                await bind()
+            await running.set_serving()
+            running.watcher.start()
         elif bundle_path is not None:
             await load_and_serve(running, bundle_path)
     except BaseException:

@@ -14,6 +14,7 @@ import asyncio
 import gc
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -88,6 +89,9 @@ class RecommendService:
                                                            max_wait_ms=b.max_wait_ms,
                                                            max_inflight=b.max_inflight_batches)
         self.stats = ServingStats()
+        self._active: Counter[str] = Counter()  # batches running per model version
+        self._retired: set[str] = set()  # versions replaced by install(), kept while batches use them
+        self._candidates: set[str] = set()  # prepared, not yet installed or rejected: never dropped
 
     @property
     def requests_served(self) -> int:
@@ -98,6 +102,7 @@ class RecommendService:
     async def prepare(self, model: LoadedModel) -> None:
         """Make the feature store ready for ``model`` (before it serves): the embedded
         store takes the bundle's arrays; Redis must already hold the version's keys."""
+        self._candidates.add(model.version)
         if isinstance(self.store, InMemoryFeatureStore):
             b = model.bundle
             self.store.add_version(model.version, user_ids=b.features.user_vocab.values, user_emb=b.user_emb,
@@ -109,9 +114,11 @@ class RecommendService:
     def install(self, model: LoadedModel) -> None:
         """Make ``model`` the one new batches use; batches in flight finish on the
         version they started with (each snapshots ``self.model`` once). The embedded
-        store then forgets other versions (a batch still on the old one finds no
-        embedding there and uses its own bundle's copy: same version, no skew)."""
+        store forgets the old version once its last batch is done."""
+        if self.model is not None and self.model.version != model.version:
+            self._retired.add(self.model.version)
         self.model = model
+        self._candidates.discard(model.version)
         self.forget_unused()
         # The bundle's objects live as long as the model: move them out of the cyclic GC's
         # reach, so a full collection under load does not walk millions of vocabulary entries
@@ -120,11 +127,18 @@ class RecommendService:
         gc.collect()
         gc.freeze()
 
+    def reject(self, version: str) -> None:
+        """A prepared candidate will not be installed: let the embedded store drop it."""
+        self._candidates.discard(version)
+        self.forget_unused()
+
     def forget_unused(self) -> None:
-        """Drop embedded-store versions other than the installed one (after a swap, or
-        after a candidate was rejected), so old bundles do not pile up in memory."""
+        """Drop embedded-store versions that neither the installed model nor a running
+        batch uses (after a swap, a rejected candidate, or an old version's last batch),
+        so old bundles do not pile up in memory."""
         if isinstance(self.store, InMemoryFeatureStore) and self.model is not None:
-            self.store.drop_versions(keep=self.model.version)
+            dropped = self.store.drop_versions(keep={self.model.version, *self._active, *self._candidates})
+            self._retired.difference_update(dropped)
 
     async def warm(self, model: LoadedModel) -> int:
         """Synthetic requests down every path (online with and without session, batch mode,
@@ -179,6 +193,18 @@ class RecommendService:
 
     async def _run(self, model: LoadedModel, works: Sequence[_Work],
                    queue_s: Sequence[float]) -> list[RecResult | BaseException]:
+        self._active[model.version] += 1
+        try:
+            return await self._run_stages(model, works, queue_s)
+        finally:
+            self._active[model.version] -= 1
+            if not self._active[model.version]:
+                del self._active[model.version]
+                if model.version in self._retired:
+                    self.forget_unused()
+
+    async def _run_stages(self, model: LoadedModel, works: Sequence[_Work],
+                          queue_s: Sequence[float]) -> list[RecResult | BaseException]:
         t0 = time.monotonic()
         for w, waited in zip(works, queue_s, strict=True):
             w.queue_s = waited
@@ -284,7 +310,7 @@ class RecommendService:
             return
         users = [w.req.user_id for w in works]
         try:
-            left = max(w.req.deadline for w in works) - time.monotonic()
+            left = min(self.cfg.budget.fetch_ms / 1000.0, max(w.req.deadline for w in works) - time.monotonic())
             recs = await self.store.batch_recs(model.version, users, timeout=max(left, 0.0005))
         except FeatureStoreError as e:
             b = model.bundle

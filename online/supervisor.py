@@ -114,6 +114,18 @@ class SupervisorStats:
     recycle_reasons: dict[str, int] = field(default_factory=dict)  # age | requests | rss
     failed_starts: int = 0  # workers that exited before reporting SERVING
     kills: int = 0  # workers SIGKILLed for not finishing their drain in time
+    recycle_backoff_s: float = 0.0  # the last pause scheduled after a failed recycle replacement
+
+
+def check_admin_ports(cfg: ServeConfig) -> None:
+    """Workers use admin_port .. admin_port + 2N - 1: inside the port range, clear of the serving port."""
+    if cfg.admin_port > 0:
+        last = cfg.admin_port + 2 * cfg.workers.workers - 1
+        if last > 65535:
+            raise ConfigError("admin_port", f"{cfg.workers.workers} workers need ports up to {last} (> 65535)")
+        if cfg.port and cfg.admin_port <= cfg.port <= last:
+            raise ConfigError("admin_port", f"the workers' admin ports {cfg.admin_port}..{last} include port "
+                              f"{cfg.port}")
 
 
 def check_workers_config(w: WorkersConfig) -> None:
@@ -152,6 +164,7 @@ class Supervisor:
     def __init__(self, cfg: ServeConfig, registry: Path, *, log_level: int | None = None) -> None:
         check_workers_config(cfg.workers)
         self.cfg = replace(cfg, port=cfg.port or pick_port(cfg.host))
+        check_admin_ports(self.cfg)
         self.wcfg = cfg.workers
         self.registry = registry
         self.stats = SupervisorStats()
@@ -230,7 +243,7 @@ class Supervisor:
     def _spawn(self, slot: int, replaces: Worker | None = None) -> Worker:
         ready_r, ready_w = self._ctx.Pipe(duplex=False)
         served: Synchronized[int] = self._ctx.Value("q", 0)
-        admin_port = self._admin_port(slot, replaces)
+        admin_port = self._admin_port(slot)
         proc = self._ctx.Process(target=_worker_main, name=f"twotower-worker-{slot}", daemon=True,
                                  args=(self.cfg, self.registry, ready_w, served, os.getpid(), self._log_level,
                                        admin_port))
@@ -242,16 +255,17 @@ class Supervisor:
         log.info("started worker %d (slot %d%s)", w.pid, slot, f", replacing {replaces.pid}" if replaces else "")
         return w
 
-    def _admin_port(self, slot: int, replaces: Worker | None) -> int:
+    def _admin_port(self, slot: int) -> int:
         """Each worker answers for its own version, so each has its own admin port:
-        ``admin_port + slot``, or ``admin_port + N + slot`` for a recycle's replacement
-        when its predecessor (still running beside it) holds the first; the two alternate.
+        ``admin_port + slot``, or ``admin_port + N + slot`` while another worker of the
+        slot (a recycle's predecessor still draining, or its replacement) holds the first.
         ``admin_port`` 0 gives every worker a free port, -1 none."""
         base = self.cfg.admin_port
         if base <= 0:
             return base
+        held = {w.admin_port for w in self._workers if w.slot == slot and w.proc.exitcode is None}
         first, second = base + slot, base + self.wcfg.workers + slot
-        return second if replaces is not None and replaces.admin_port == first else first
+        return first if first not in held else second
 
     def _terminate(self, w: Worker, now: float) -> None:
         if w.proc.exitcode is None and not w.requested:
@@ -325,7 +339,8 @@ class Supervisor:
             elif w.replaces is not None:
                 # The old worker still crosses its threshold: without a pause the next tick would
                 # spawn another replacement at once, and a bad bundle would spin the CPU.
-                self._recycle_not_before = now + self._backoff()
+                self.stats.recycle_backoff_s = max(self._backoff(), 0.5)
+                self._recycle_not_before = now + self.stats.recycle_backoff_s
                 log.warning("replacement for worker %d failed; it keeps serving; next recycle attempt in %.1f s",
                             w.replaces.pid, self._recycle_not_before - now)
             else:

@@ -53,7 +53,8 @@ def test_wrong_shape_is_refused_even_with_matching_checksum(synth_bundle: Path) 
 def test_a_rebuilt_index_is_a_new_version_that_publishes_beside_the_old(synth_bundle: Path, tmp_path: Path) -> None:
     reg = tmp_path / "reg"
     old = registry_mod.publish(synth_bundle, reg)
-    rebuild_index(synth_bundle, kind="flat", log=lambda *_: None)
+    assert bundle_mod.update_bundle(synth_bundle, {}, {})["version"] == old  # nothing changed: same id
+    rebuild_index(synth_bundle, kind="ivf", recall_target=0.9, log=lambda *_: None)
     man = bundle_mod.verify(synth_bundle)
     assert man["version"] != old and man["derived_from"] == old
     assert registry_mod.publish(synth_bundle, reg) == man["version"]
@@ -154,9 +155,16 @@ def test_ann_recall_is_tie_aware_and_matches_a_plain_count() -> None:
     base = rng.standard_normal((300, 8)).astype(np.float32)
     emb = np.concatenate([base, base])  # every item has an exact twin: ties everywhere
     q = rng.standard_normal((20, 8)).astype(np.float32)
-    exact = faiss.IndexFlatIP(8)
-    exact.add(emb)
-    assert ann_recall(exact, emb, q, k=10) == 1.0  # any twin is as good as the other
+    # An exact index that breaks ties the other way (twins stored in reverse order). k=11 splits
+    # a tied pair at the boundary, so a plain id-set comparison would score it below 1.0.
+    rev = faiss.IndexIDMap(faiss.IndexFlatIP(8))
+    rev.add_with_ids(emb[::-1].copy(), np.arange(len(emb) - 1, -1, -1, dtype=np.int64))
+    ref = faiss.IndexFlatIP(8)
+    ref.add(emb)
+    _, truth = ref.search(q, 11)
+    _, got = rev.search(q, 11)
+    assert np.mean([len(set(t) & set(g)) for t, g in zip(truth.tolist(), got.tolist(), strict=True)]) < 11
+    assert ann_recall(rev, emb, q, k=11) == 1.0  # any twin is as good as the other
 
     # An "index" that only knows the first 40 rows: recall is the plain count of true top-10 it finds.
     partial = faiss.IndexIDMap(faiss.IndexFlatIP(8))

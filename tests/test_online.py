@@ -125,6 +125,10 @@ def test_bad_events_and_oversized_messages(client: RecommenderClient) -> None:
     with pytest.raises(grpc.RpcError) as e:
         client.stub.RecordEvents(pb.RecordEventsRequest(events=[pb.Event(user_id="1", item_id="5")]))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "events[0].type" in e.value.details()
+    millis = 1_700_000_000_000  # milliseconds, not seconds: would pin the item at the session's head
+    with pytest.raises(grpc.RpcError) as e:
+        client.record_events([("1", "50", "click", 5), ("1", "181", "click", millis)])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "events[1].timestamp" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
         client.stub.Recommend(pb.RecommendRequest(user_id="1", exclude_item_ids=["x" * 200] * 50_000))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # above the 8 MiB message cap: gRPC refuses
@@ -268,6 +272,73 @@ def test_one_tight_deadline_does_not_cost_the_batch_its_features(synth_bundle: P
         assert timeouts == [cfg.budget.fetch_ms / 1000.0]  # the relaxed caller's budget, not ~0
         assert out[1].rung == "full" and out[1].source == "user_only"  # type: ignore[union-attr]
         assert out[0].rung == "batch" and "too little time left" in " ".join(out[0].reasons)  # type: ignore[union-attr]
+        await svc.close()
+
+    asyncio.run(main())
+
+
+def test_sessions_are_newest_first_and_idempotent_in_the_memory_store() -> None:
+    import asyncio
+
+    from online.feature_store import Event, InMemoryFeatureStore
+
+    async def main() -> None:
+        store = InMemoryFeatureStore(session_cap=3)
+        same_second = [Event("u", "50", "click", 100), Event("u", "181", "cart", 100)]  # 181 came later
+        await store.record(same_second, timeout=1.0)
+        await store.record(same_second, timeout=1.0)  # a retried call
+        await store.record([Event("u", "7", "view", 99)], timeout=1.0)
+        (f,) = await store.fetch("none", ["u"], dim=4, n_recent=10, timeout=1.0)
+        assert [e.item_id for e in f.session] == ["181", "50", "7"]
+        await store.record([Event("u", "9", "view", 101)], timeout=1.0)  # over the cap: the oldest goes
+        (f,) = await store.fetch("none", ["u"], dim=4, n_recent=10, timeout=1.0)
+        assert [e.item_id for e in f.session] == ["9", "181", "50"]
+
+    asyncio.run(main())
+
+
+def test_an_old_version_stays_in_the_embedded_store_until_its_last_batch_is_done(synth_bundle_factory) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import time
+
+    from online.feature_store import InMemoryFeatureStore
+    from online.request import RecRequest
+    from online.service import LoadedModel, RecommendService, _Work
+
+    class HeldStore(InMemoryFeatureStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+            self.entered = asyncio.Event()
+            self.hold: str | None = None
+
+        async def fetch(self, version, user_ids, *, dim, n_recent, timeout):  # type: ignore[no-untyped-def]
+            if version == self.hold:
+                self.entered.set()
+                await self.gate.wait()
+            return await super().fetch(version, user_ids, dim=dim, n_recent=n_recent, timeout=timeout)
+
+    async def main() -> None:
+        store = HeldStore()
+        svc = RecommendService(load_config(port=0, warmup=False), store)
+        old, new = (LoadedModel.load(synth_bundle_factory(seed=s)) for s in (21, 22))
+        await svc.prepare(old)
+        svc.install(old)
+        user = old.bundle.features.user_vocab.values[0]
+        req = RecRequest(user_id=user, k=5, recent=(), cart=(), exclude=(), mode="batch", request_id="",
+                         include_titles=False, deadline=time.monotonic() + 30)
+        store.hold = old.version
+        # an online request holds the batch at its fetch; the batch-mode one then needs old's recs
+        online = _Work(RecRequest(**{**req.__dict__, "mode": "online"}), 0.0)
+        running = asyncio.ensure_future(svc._run(old, [online, _Work(req, 0.0)], [0.0, 0.0]))
+        await store.entered.wait()
+        await svc.prepare(new)
+        svc.install(new)
+        assert set(store._versions) == {old.version, new.version}  # old still has a batch running
+        store.gate.set()
+        res = await running
+        assert [r.rung for r in res] == ["full", "batch"] and res[1].source == "batch"  # type: ignore[union-attr]
+        assert set(store._versions) == {new.version}  # its last batch done: the old version is dropped
         await svc.close()
 
     asyncio.run(main())

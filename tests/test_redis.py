@@ -67,6 +67,10 @@ def test_events_are_in_redis_and_shape_the_next_answer(redis_server) -> None:  #
         assert c.record_events([("3", "50", "click", 10), ("3", "181", "cart", 11)]) == 2
         # A retried call (same events) stores nothing twice.
         assert c.record_events([("3", "181", "cart", 11)]) == 1
+        # Events sharing a timestamp keep their order within the call (the later one is newer).
+        assert c.record_events([("4", "50", "click", 20), ("4", "181", "click", 20)]) == 2
+        stored4 = redis.Redis(port=proc.port).zrevrange(RedisKeys("tt-test").session("4"), 0, -1)
+        assert [s.split(b"\t")[0] for s in stored4] == [b"181", b"50"]
         stored = redis.Redis(port=proc.port).zrevrange(RedisKeys("tt-test").session("3"), 0, -1)
         assert [s.split(b"\t")[0] for s in stored] == [b"181", b"50"]
         r = c.recommend("3")

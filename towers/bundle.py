@@ -142,16 +142,23 @@ def write_bundle(out: Path, files: Mapping[str, Any], manifest: dict[str, Any]) 
         man = dict(manifest)
         man.update(format=FORMAT, version=version, created=now.isoformat(), git_sha=git_sha(),
                    files={n: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)} for n, d in blobs.items()})
+        man["content_id"] = content_id(man)
         (tmp / MANIFEST).write_text(json.dumps(man, indent=2, sort_keys=True))
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        # Rename the old directory aside rather than deleting it first: a crash leaves
-        # either the old bundle or the new one complete (plus a dot-directory to clean).
+        # Rename the old directory aside rather than deleting it first: the old bundle is never
+        # destroyed before the new one is in place. A crash between the two renames leaves no
+        # bundle at ``out`` but the old one complete in the dot-directory.
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old.exists() and not out.exists():
+                os.replace(old, out)  # put the old bundle back
+            raise
         fsync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -173,13 +180,21 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return man
 
 
+def content_id(man: Mapping[str, Any]) -> str:
+    """What serving depends on: every file's checksum and the index's search settings
+    (nprobe, efSearch live in the manifest, not in index.faiss)."""
+    what = {"files": {n: f["sha256"] for n, f in man["files"].items()}, "index": man.get("index", {}).get("spec")}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
 def update_bundle(path: Path, files: Mapping[str, Any], manifest_updates: Mapping[str, Any]) -> dict[str, Any]:
     """Add or replace files of an existing bundle, then its manifest (each atomically).
 
-    Changed content is a new version: the id is re-derived from every file's checksum
-    (``derived_from`` keeps the old one), so publishing an updated bundle never looks
-    like a no-op re-publish of the old id, and its Redis keys never collide with the
-    old version's. A crash between files leaves a manifest that ``verify`` rejects.
+    Changed content (``content_id``) is a new version (``derived_from`` keeps the old
+    id), so publishing an updated bundle never looks like a no-op re-publish of the
+    old id, and its Redis keys never collide with the old version's; an update that
+    changes nothing keeps the id. A crash between files leaves a manifest that
+    ``verify`` rejects.
     """
     man = read_manifest(path)
     for name, value in files.items():
@@ -187,12 +202,11 @@ def update_bundle(path: Path, files: Mapping[str, Any], manifest_updates: Mappin
         atomic_write_bytes(path / name, data)
         man["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     man.update(manifest_updates)
-    content = hashlib.sha256(json.dumps({n: f["sha256"] for n, f in man["files"].items()}, sort_keys=True).encode())
-    now = _dt.datetime.now(_dt.timezone.utc)
-    version = f"v{now:%Y%m%dT%H%M%S}-{content.hexdigest()[:10]}"
-    if version != man["version"]:
+    content = content_id(man)
+    if content != man.get("content_id"):
+        now = _dt.datetime.now(_dt.timezone.utc)
         man["derived_from"] = man["version"]
-        man.update(version=version, created=now.isoformat())
+        man.update(version=f"v{now:%Y%m%dT%H%M%S}-{content[:10]}", created=now.isoformat(), content_id=content)
     atomic_write_bytes(path / MANIFEST, json.dumps(man, indent=2, sort_keys=True).encode())
     return man
 

@@ -100,7 +100,7 @@ def _install(bundle_dir: Path, registry: Path, fault: FaultHook) -> str:
     dest = registry / version
     if dest.is_dir():
         installed = bundle_mod.verify(dest)  # already installed: make sure it is intact
-        if installed["files"] != man["files"]:
+        if bundle_mod.content_id(installed) != bundle_mod.content_id(man):
             raise RegistryError(f"{registry}: version {version} is already installed with different content; "
                                 "refusing to replace an immutable version")
         return version
