@@ -121,10 +121,9 @@ class RecommendService:
         self._candidates.discard(model.version)
         self.forget_unused()
         # The bundle's objects live as long as the model: move them out of the cyclic GC's
-        # reach, so a full collection under load does not walk millions of vocabulary entries
-        # (collected first, so the old model's cycles are not frozen with them).
-        gc.unfreeze()
-        gc.collect()
+        # reach, so a full collection under load does not walk millions of vocabulary entries.
+        # freeze() is O(1) (no collection on the event loop during a swap); frozen objects are
+        # still freed by reference counting when the old model goes (it holds no cycles).
         gc.freeze()
 
     def reject(self, version: str) -> None:
