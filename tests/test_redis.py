@@ -112,3 +112,36 @@ def test_redis_killed_then_restarted_recovers(redis_server) -> None:  # type: ig
         rungs = [c.recommend("11").rung for _ in range(20)]
         assert rungs[-1] == pb.RUNG_FULL
         assert c.recommend("11").source == "online"  # the session came back with Redis
+
+
+def test_a_timed_out_call_does_not_wait_for_the_client_library_to_clean_up() -> None:
+    """redis-py may take up to its socket timeout to wind down a cancelled call on a stalled
+    server; the store must answer at its own deadline, not after that cleanup."""
+    import asyncio
+
+    from online.feature_store import RedisFeatureStore
+    from towers.errors import FeatureStoreError
+
+    async def main() -> None:
+        store = RedisFeatureStore(url="redis://127.0.0.1:1/0")  # never connected: the call is a stand-in
+        cleanup = asyncio.Event()  # never set while the store is expected to have answered
+        cancelled = asyncio.Event()
+
+        async def stubborn() -> list[object]:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.set()
+                await cleanup.wait()  # a slow cleanup that swallows the deadline
+                raise
+            return []
+
+        with pytest.raises(FeatureStoreError, match="timed out"):
+            # wait_for here is only a fail-safe: without the fix this would hang until cleanup.set().
+            await asyncio.wait_for(store._run("fetch", stubborn, 0.01), timeout=30)
+        await asyncio.wait_for(cancelled.wait(), timeout=30)
+        assert not cleanup.is_set()  # the store answered while the cancelled call was still winding down
+        cleanup.set()
+        await store.close()
+
+    asyncio.run(main())
