@@ -90,7 +90,6 @@ class RecommendService:
                                                            max_inflight=b.max_inflight_batches)
         self.stats = ServingStats()
         self._active: Counter[str] = Counter()  # batches running per model version
-        self._retired: set[str] = set()  # versions replaced by install(), kept while batches use them
         self._candidates: set[str] = set()  # prepared, not yet installed or rejected: never dropped
 
     @property
@@ -115,8 +114,6 @@ class RecommendService:
         """Make ``model`` the one new batches use; batches in flight finish on the
         version they started with (each snapshots ``self.model`` once). The embedded
         store forgets the old version once its last batch is done."""
-        if self.model is not None and self.model.version != model.version:
-            self._retired.add(self.model.version)
         self.model = model
         self._candidates.discard(model.version)
         self.forget_unused()
@@ -136,8 +133,7 @@ class RecommendService:
         batch uses (after a swap, a rejected candidate, or an old version's last batch),
         so old bundles do not pile up in memory."""
         if isinstance(self.store, InMemoryFeatureStore) and self.model is not None:
-            dropped = self.store.drop_versions(keep={self.model.version, *self._active, *self._candidates})
-            self._retired.difference_update(dropped)
+            self.store.drop_versions(keep={self.model.version, *self._active, *self._candidates})
 
     async def warm(self, model: LoadedModel) -> int:
         """Synthetic requests down every path (online with and without session, batch mode,
@@ -199,7 +195,7 @@ class RecommendService:
             self._active[model.version] -= 1
             if not self._active[model.version]:
                 del self._active[model.version]
-                if model.version in self._retired:
+                if model is not self.model:  # an old version's last batch (candidates are kept)
                     self.forget_unused()
 
     async def _run_stages(self, model: LoadedModel, works: Sequence[_Work],
