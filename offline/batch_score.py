@@ -2,8 +2,9 @@
 one lookup, and the degradation ladder falls back to.
 
 The query is the user embedding alone (no session: that is the real-time part),
-items the user already interacted with are excluded, and the search runs in
-chunks of users with FAISS' BLAS path on (offline only).
+ranked by ``towers.ranking.rank`` like the server's user-only requests; items the
+user already interacted with are excluded, and the search runs in chunks of users
+with FAISS' BLAS path on (offline only).
 """
 
 from __future__ import annotations
@@ -17,35 +18,26 @@ from tqdm import tqdm
 
 from towers import bundle as bundle_mod
 from towers import index as faiss_index
+from towers.ranking import QueryBatch, RankModel, rank
 
 
-def batch_topk(
-    user_emb: np.ndarray, index: Any, *, k: int, seen: Sequence[Sequence[int]] | None = None,
-    chunk: int = 4096, progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(n_users, k) int32 item rows (-1 padded) and float32 scores, excluding ``seen[u]``."""
-    n = len(user_emb)
+def batch_topk(model: RankModel, *, k: int, seen: Sequence[Sequence[int]] | None = None, chunk: int = 4096,
+               progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(n_users, k) int32 item rows (-1 padded) and float32 scores of every user's
+    ``towers.ranking.rank`` with no session, excluding ``seen[u]``: exactly what the
+    server's user-only path would rank."""
+    n = len(model.user_emb)
     rows_out = np.full((n, k), -1, dtype=np.int32)
     scores_out = np.zeros((n, k), dtype=np.float32)
     with faiss_index.offline_blas():
         for lo in tqdm(range(0, n, chunk), desc="batch-score", unit="chunk", disable=not progress):
             hi = min(n, lo + chunk)
-            extra = max((len(seen[u]) for u in range(lo, hi)), default=0) if seen is not None else 0
-            kk = min(int(index.ntotal), k + extra)
-            q = np.ascontiguousarray(user_emb[lo:hi], dtype=np.float32)
-            d, r = index.search(q, kk)
-            if seen is None:  # nothing to filter: -1 padding from the index stays as it is
-                rows_out[lo:hi, :kk] = r[:, :k]
-                scores_out[lo:hi, :kk] = np.where(r[:, :k] >= 0, d[:, :k], 0.0)
-                continue
-            for i in range(hi - lo):
-                row, sc = r[i], d[i]
-                keep = row >= 0
-                if seen is not None and len(seen[lo + i]):
-                    keep &= ~np.isin(row, np.asarray(seen[lo + i]))
-                row, sc = row[keep][:k], sc[keep][:k]
-                rows_out[lo + i, : len(row)] = row
-                scores_out[lo + i, : len(sc)] = sc
+            excludes: Sequence[Sequence[int]] = seen[lo:hi] if seen is not None else [()] * (hi - lo)
+            qb = QueryBatch.from_lists(model, user_rows=np.arange(lo, hi), sessions=[()] * (hi - lo),
+                                       excludes=excludes, k=k)
+            ranked = rank(model, qb)
+            rows_out[lo:hi] = ranked.rows
+            scores_out[lo:hi] = ranked.scores
     return rows_out, scores_out
 
 
@@ -53,7 +45,7 @@ def batch_score_bundle(bundle_dir: Path, *, k: int = 100, seen: Sequence[Sequenc
                        progress: bool = True) -> dict[str, Any]:
     """Compute and store ``recs_items.npy``/``recs_scores.npy`` in the bundle."""
     b = bundle_mod.load(bundle_dir)
-    rows, scores = batch_topk(b.user_emb, b.index, k=min(k, len(b.item_ids)), seen=seen, progress=progress)
+    rows, scores = batch_topk(RankModel.from_bundle(b), k=min(k, len(b.item_ids)), seen=seen, progress=progress)
     return bundle_mod.update_bundle(bundle_dir, {"recs_items.npy": rows, "recs_scores.npy": scores},
                                     {"batch": {"k": int(rows.shape[1])}})
 

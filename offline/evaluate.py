@@ -1,5 +1,6 @@
 """Evaluation (DESIGN §6) through the serving path: precomputed embeddings →
-combiner → FAISS search → filter, i.e. ``towers.scoring.Scorer``.
+combiner → FAISS search → filter, i.e. ``towers.ranking.rank``, the function whose
+stages the server runs.
 
 Metrics per target rank r (0-based, pessimistic: a target tied in score with
 other items ranks after all of them): Recall@K = HR@K = [r < K] (one target per
@@ -17,7 +18,7 @@ import numpy as np
 from offline.datasets import Dataset, Split, load_dataset, temporal_split
 from towers import bundle as bundle_mod
 from towers.features import FeaturePipeline
-from towers.scoring import QueryInput, Ranked, Scorer
+from towers.ranking import POPULARITY, QueryBatch, Ranked, RankModel, rank
 
 METRIC_KS = {"recall@10": 10, "recall@20": 20, "hr@50": 50}
 MAX_K = 50
@@ -25,12 +26,22 @@ MAX_K = 50
 
 @dataclass(frozen=True)
 class EvalSet:
-    """One target per user, with the serving-time inputs for it."""
+    """One target per user, with the serving-time inputs for it (item rows)."""
 
     users: np.ndarray  # raw user ids
-    inputs: list[QueryInput]
+    user_rows: np.ndarray  # (U,) int64 user rows (-1: unknown)
+    sessions: list[list[int]]  # most recent first, cut to the combiner's max_session
+    excludes: list[list[int]]  # every item the user interacted with before the target
     targets: np.ndarray  # item rows (-1: target unknown to the catalog)
     later: np.ndarray  # bool: target timestamp strictly after the previous target's
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def batch(self, model: RankModel, lo: int, hi: int, *, k: int = MAX_K) -> QueryBatch:
+        """Users ``lo:hi`` as the server would see them: user embedding + session + exclusions."""
+        return QueryBatch.from_lists(model, user_rows=self.user_rows[lo:hi], sessions=self.sessions[lo:hi],
+                                     excludes=self.excludes[lo:hi], k=k)
 
 
 def _by_user(split_part: Any, fp: FeaturePipeline) -> dict[str, list[int]]:
@@ -51,41 +62,47 @@ def eval_set(split: Split, fp: FeaturePipeline, *, max_session: int, which: str 
     train_last_ts: dict[str, int] = {}
     for u, t in zip(split.train.user.tolist(), split.train.timestamp.tolist(), strict=True):
         train_last_ts[u] = t  # train is sorted by user then time: the last write wins
-    inputs, targets, later = [], [], []
-    user_rows = fp.user_vocab.positions(target_part.user)
-    for u, urow, target, ts in zip(target_part.user.tolist(), user_rows.tolist(),
-                                   fp.item_vocab.positions(target_part.item).tolist(),
-                                   target_part.timestamp.tolist(), strict=True):
+    sessions, excludes, targets, later = [], [], [], []
+    for u, target, ts in zip(target_part.user.tolist(), fp.item_vocab.positions(target_part.item).tolist(),
+                             target_part.timestamp.tolist(), strict=True):
         seq = [r for r in history.get(u, []) if r >= 0]
         if which == "test" and valid_rows.get(u, -1) >= 0:
             seq = [*seq, valid_rows[u]]
         prev_ts = valid_ts.get(u) if which == "test" else train_last_ts.get(u)
-        inputs.append(QueryInput(user_row=int(urow), session=seq[::-1][:max_session], exclude=frozenset(seq)))
+        sessions.append(list(dict.fromkeys(seq[::-1]))[:max_session])
+        excludes.append(seq)
         targets.append(target)
         later.append(prev_ts is not None and ts > prev_ts)
-    return EvalSet(target_part.user, inputs, np.array(targets, dtype=np.int64), np.array(later, dtype=bool))
+    return EvalSet(target_part.user, fp.user_vocab.positions(target_part.user), sessions, excludes,
+                   np.array(targets, dtype=np.int64), np.array(later, dtype=bool))
 
 
-def pessimistic_rank(scorer: Scorer, q: np.ndarray, ranked: Ranked, inp: QueryInput, target: int, *,
-                     by_score: bool = True) -> int:
-    """0-based rank of ``target`` among eligible items; ``MAX_K`` or more means not in the list.
-    ``by_score=False``: the list is not ranked by ``q`` (the popularity fallback), so ties
-    are counted within the list only."""
-    if target < 0:
-        return MAX_K
-    hit = np.flatnonzero(ranked.rows == target)
-    if len(hit) == 0:
-        return MAX_K
-    ts = ranked.scores[hit[0]]
-    r = int(np.sum(ranked.scores >= ts)) - 1
-    if by_score and len(ranked.rows) and ranked.scores[-1] >= ts:
-        # Ties may continue past the list's end: count them over the whole catalog, with exact
-        # scores throughout (FAISS rounds differently, so its ts is not comparable to numpy's).
-        s = scorer.item_emb @ q
-        banned = np.fromiter(set(inp.exclude) | set(inp.session), dtype=np.int64)
-        s[banned] = -np.inf
-        r = int(np.sum(s >= s[target])) - 1
-    return r
+def pessimistic_ranks(model: RankModel, batch: QueryBatch, ranked: Ranked, targets: np.ndarray) -> np.ndarray:
+    """0-based rank of each target among eligible items; ``MAX_K`` or more means not in the list.
+
+    A target tied in score with other items ranks after all of them. Where the list's last
+    score still ties the target, the ties may continue past the list's end: they are counted
+    over the whole catalog with exact scores on both sides (FAISS rounds differently from
+    numpy). The popularity fallback is not ranked by a query, so its ties count within the list.
+    """
+    b, width = ranked.rows.shape
+    ranks = np.full(b, MAX_K, dtype=np.int64)
+    if width == 0:
+        return ranks
+    hit = (ranked.rows == targets[:, None]) & (targets[:, None] >= 0)
+    found = np.flatnonzero(hit.any(axis=1))
+    if len(found) == 0:
+        return ranks
+    in_list = np.arange(width)[None, :] < ranked.counts[found, None]
+    ts = ranked.scores[found, hit[found].argmax(axis=1)]
+    ranks[found] = ((ranked.scores[found] >= ts[:, None]) & in_list).sum(axis=1) - 1
+    last = ranked.scores[found, np.maximum(ranked.counts[found] - 1, 0)]
+    by_score = ranked.source[found] != POPULARITY
+    for i in found[by_score & (last >= ts)].tolist():
+        s = model.item_emb @ ranked.queries[i]
+        s[batch.banned_rows(i)] = -np.inf
+        ranks[i] = int(np.sum(s >= s[targets[i]])) - 1
+    return ranks
 
 
 def metrics_from_ranks(ranks: np.ndarray) -> dict[str, Any]:
@@ -97,28 +114,25 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def model_ranks(scorer: Scorer, es: EvalSet, *, batch: int = 1024) -> np.ndarray:
-    ranks = np.empty(len(es.inputs), dtype=np.int64)
-    for lo in range(0, len(es.inputs), batch):
-        chunk = es.inputs[lo:lo + batch]
-        q, valid = scorer.queries(chunk)
-        scores, rows = scorer.search(q, scorer.search_k(chunk, MAX_K))
-        for i, inp in enumerate(chunk):
-            ranked = scorer.filter(q[i], scores[i], rows[i], inp, MAX_K) if valid[i] else scorer.popular(inp, MAX_K)
-            ranks[lo + i] = pessimistic_rank(scorer, q[i], ranked, inp, int(es.targets[lo + i]),
-                                             by_score=bool(valid[i]))
+def model_ranks(model: RankModel, es: EvalSet, *, batch: int = 1024) -> np.ndarray:
+    """Each user's target rank through ``towers.ranking.rank``: the server's ranking path."""
+    ranks = np.empty(len(es), dtype=np.int64)
+    for lo in range(0, len(es), batch):
+        hi = min(len(es), lo + batch)
+        qb = es.batch(model, lo, hi)
+        ranks[lo:hi] = pessimistic_ranks(model, qb, rank(model, qb), es.targets[lo:hi])
     return ranks
 
 
 def popularity_ranks(counts: np.ndarray, es: EvalSet) -> np.ndarray:
     """Popularity baseline: items by count (ties → higher row first is arbitrary, so pessimistic)."""
-    ranks = np.empty(len(es.inputs), dtype=np.int64)
-    for i, (inp, t) in enumerate(zip(es.inputs, es.targets.tolist(), strict=True)):
-        if t < 0 or t in inp.exclude:  # an excluded target cannot be recommended, as for the model
+    ranks = np.empty(len(es), dtype=np.int64)
+    for i, (excl, t) in enumerate(zip(es.excludes, es.targets.tolist(), strict=True)):
+        if t < 0 or t in excl:  # an excluded target cannot be recommended, as for the model
             ranks[i] = MAX_K
             continue
         banned = np.zeros(len(counts), dtype=bool)
-        banned[list(inp.exclude)] = True
+        banned[excl] = True
         ranks[i] = int(np.sum((counts >= counts[t]) & ~banned)) - 1
     return ranks
 
@@ -131,13 +145,13 @@ def item_counts(parts: list[Any], fp: FeaturePipeline) -> np.ndarray:
     return counts
 
 
-def evaluate_scorer(scorer: Scorer, fp: FeaturePipeline, split: Split, *, max_session: int) -> dict[str, Any]:
+def evaluate_model(model: RankModel, fp: FeaturePipeline, split: Split, *, max_session: int) -> dict[str, Any]:
     """Test and validation metrics, the popularity baseline beside each, and the
     'later' subset (users whose test timestamp is after their validation one)."""
     result: dict[str, Any] = {"split": "test"}
     for which in ("test", "valid"):
         es = eval_set(split, fp, max_session=max_session, which=which)
-        ranks = model_ranks(scorer, es)
+        ranks = model_ranks(model, es)
         counts = item_counts([split.train, split.valid] if which == "test" else [split.train], fp)
         pop = popularity_ranks(counts, es)
         m: dict[str, Any] = metrics_from_ranks(ranks)
@@ -156,7 +170,7 @@ def evaluate_bundle(bundle_dir: Path, *, cache_dir: Path, dataset: Dataset | Non
     b = bundle_mod.load(bundle_dir)
     ds = dataset or load_dataset(b.manifest["dataset"], cache_dir=cache_dir)
     split = temporal_split(ds.interactions)
-    return evaluate_scorer(Scorer.from_bundle(b), b.features, split, max_session=b.combiner.max_session)
+    return evaluate_model(RankModel.from_bundle(b), b.features, split, max_session=b.combiner.max_session)
 
 
 def format_table(m: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ def publish(bundle_dir: Path, *, registry: Path, redis_url: str | None = None,
     embeddings and precomputed recs into Redis before the pointer flips."""
     before = None
     if redis_url is not None:
-        from online.loader import load_bundle_into_redis
+        from towers.redis_load import load_bundle_into_redis
 
         def before(version: str) -> None:
             load_bundle_into_redis(registry / version, redis_url=redis_url)

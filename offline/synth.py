@@ -21,6 +21,7 @@ from towers import bundle as bundle_mod
 from towers import index as faiss_index
 from towers.combiner import CombinerParams
 from towers.features import FeaturePipeline, Vocabulary
+from towers.ranking import RankModel
 
 
 def clustered(n: int, centres: np.ndarray, noise: float, rng: np.random.Generator, chunk: int = 200_000) -> np.ndarray:
@@ -74,7 +75,8 @@ def make_synthetic_bundle(
         recs_spec = faiss_index.default_spec("ivf", n_items)
         recs_spec.nprobe = 16
         recs_index = faiss_index.build(item_emb, recs_spec, seed=seed)
-    recs_items, recs_scores = batch_topk(user_emb, recs_index, k=min(recs_k, n_items), progress=progress)
+    recs_model = RankModel(combiner=comb, item_emb=item_emb, user_emb=user_emb, index=recs_index, popularity=popularity)
+    recs_items, recs_scores = batch_topk(recs_model, k=min(recs_k, n_items), progress=progress)
     files: dict[str, Any] = {
         "features.json": fp.dumps(), "combiner.npz": comb.arrays(), "item_embeddings.npy": item_emb,
         "user_embeddings.npy": user_emb, "popularity.npy": popularity, "index.faiss": faiss_index.to_bytes(index),

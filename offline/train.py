@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from offline.datasets import Dataset, Split, temporal_split
-from offline.evaluate import eval_set, evaluate_scorer, item_counts, metrics_from_ranks
+from offline.evaluate import eval_set, evaluate_model, item_counts, metrics_from_ranks
 from towers import bundle as bundle_mod
 from towers import index as faiss_index
 from towers.features import FeaturePipeline
 from towers.model import ModelConfig, TwoTower, embed_items, embed_users, to_tensors
-from towers.scoring import Scorer
+from towers.ranking import RankModel
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,10 @@ def _validate(model: TwoTower, fp: FeaturePipeline, split: Split, cfg: ModelConf
     from offline.evaluate import model_ranks
 
     item_emb, user_emb = embed_items(model, fp), embed_users(model, fp)
-    scorer = Scorer(combiner=model.combiner.export(), item_emb=item_emb, user_emb=user_emb,
-                    index=faiss_index.build(item_emb, faiss_index.IndexSpec("flat")), popularity=np.zeros(0, np.int64))
+    rm = RankModel(combiner=model.combiner.export(), item_emb=item_emb, user_emb=user_emb,
+                   index=faiss_index.build(item_emb, faiss_index.IndexSpec("flat")), popularity=np.zeros(0, np.int64))
     es = eval_set(split, fp, max_session=cfg.max_session, which="valid")
-    return metrics_from_ranks(model_ranks(scorer, es))["recall@20"]
+    return metrics_from_ranks(model_ranks(rm, es))["recall@20"]
 
 
 def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True,
@@ -174,8 +174,8 @@ def train(
     index, spec, recall = faiss_index.build_with_recall(item_emb, index_type, seed=train_cfg.seed)
     popularity = np.argsort(-item_counts([split.train], fp), kind="stable").astype(np.int64)
     combiner = model.combiner.export()
-    scorer = Scorer(combiner=combiner, item_emb=item_emb, user_emb=user_emb, index=index, popularity=popularity)
-    metrics = evaluate_scorer(scorer, fp, split, max_session=model_cfg.max_session)
+    rm = RankModel(combiner=combiner, item_emb=item_emb, user_emb=user_emb, index=index, popularity=popularity)
+    metrics = evaluate_model(rm, fp, split, max_session=model_cfg.max_session)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     curve = out.parent / f".{out.name}.curve.png"

@@ -314,8 +314,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def redis_loaded(registry: Path) -> Iterator[tuple[RedisProcess, int, float]]:
     """A throwaway redis-server holding the registry's current version; yields
     (the server, users loaded, seconds the load took)."""
-    from online.loader import load_bundle_into_redis
     from towers import registry as registry_mod
+    from towers.redis_load import load_bundle_into_redis
 
     tmp = Path(tempfile.mkdtemp())
     redis_proc = RedisProcess(tmp)

@@ -95,7 +95,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def format_response(r: Any) -> str:
     """A RecommendResponse as a few readable lines."""
-    from online.request import RUNGS
+    from online.degradation import RUNGS
 
     lines = [f"version {r.model_version}  rung {RUNGS[r.rung]}  source {r.source}  "
              f"total {r.timings.total_us / 1000:.2f} ms"]

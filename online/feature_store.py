@@ -1,18 +1,8 @@
 """Online feature stores: Redis (production) and in-memory (the embedded default).
 
-Redis key layout — the one place it is defined (``RedisKeys``)::
-
-    {p}:v:{version}:ue:{user_id}    user embedding, raw little-endian float32 (or float16) bytes
-    {p}:v:{version}:recs:{user_id}  precomputed top-K: int32 item rows then float32 scores
-    {p}:v:{version}:ready           set last by the loader: the version's keys are all there
-    {p}:zsess:{user_id}             session events: a sorted set scored by timestamp, members
-                                    "item\\ttype\\tts", capped to the newest + TTL
-
-Embeddings and recs are version-scoped, so a worker serving version N can never
-read another version's vectors (no skew); sessions are facts about the user,
-shared by all versions, and hold raw item ids. An event is identified by (user,
-item, type, timestamp), so recording the same event twice (a client retry after a
-lost reply) stores it once: RecordEvents is idempotent.
+The key layout and value encodings are ``towers.store_format`` (publish writes what
+the server reads). Each store says what it can do (``StoreCapabilities``), so the
+service never asks which class it holds.
 """
 
 from __future__ import annotations
@@ -24,17 +14,26 @@ from typing import Protocol
 
 import numpy as np
 
-from towers.errors import FeatureStoreError
+from towers.errors import FeatureStoreError, Unsupported
+from towers.store_format import (
+    EVENT_TYPES,
+    Event,
+    RedisKeys,
+    decode_embedding,
+    decode_event,
+    decode_recs,
+    encode_event,
+    event_scores,
+)
 
-EVENT_TYPES = ("view", "click", "cart", "purchase")
+__all__ = ["EVENT_TYPES", "Event", "FeatureStore", "InMemoryFeatureStore", "RedisFeatureStore", "StoreCapabilities",
+           "UserFeatures"]
 
 
 @dataclass(frozen=True)
-class Event:
-    user_id: str
-    item_id: str
-    type: str  # one of EVENT_TYPES
-    timestamp: int
+class StoreCapabilities:
+    shared: bool  # one store for every worker process: a session recorded by one is read by all
+    holds_versions: bool  # takes a version's arrays from its bundle at load (else publish loads them)
 
 
 @dataclass(frozen=True)
@@ -43,66 +42,20 @@ class UserFeatures:
     session: list[Event]  # newest first
 
 
-@dataclass(frozen=True)
-class RedisKeys:
-    prefix: str = "tt"
-
-    def user_embedding(self, version: str, user_id: str) -> str:
-        return f"{self.prefix}:v:{version}:ue:{user_id}"
-
-    def recs(self, version: str, user_id: str) -> str:
-        return f"{self.prefix}:v:{version}:recs:{user_id}"
-
-    def ready(self, version: str) -> str:
-        return f"{self.prefix}:v:{version}:ready"
-
-    def session(self, user_id: str) -> str:
-        return f"{self.prefix}:zsess:{user_id}"
-
-
-# Events in one call that share a timestamp keep their order in the call: the score is
-# timestamp + position * 2**-14 (exact in a double for any unix-seconds timestamp). A retried
-# call gives every event the same score again, so recording stays idempotent.
-TIE_STEP = 2.0 ** -14
-
-
-def event_scores(events: Sequence[Event]) -> list[float]:
-    return [e.timestamp + j * TIE_STEP for j, e in enumerate(events)]
-
-
-def encode_event(e: Event) -> bytes:
-    return f"{e.item_id}\t{e.type}\t{e.timestamp}".encode()
-
-
-def decode_event(user_id: str, raw: bytes) -> Event:
-    item, typ, ts = raw.decode().split("\t")
-    return Event(user_id, item, typ, int(ts))
-
-
-def decode_embedding(raw: bytes | None, dim: int) -> np.ndarray | None:
-    if raw is None:
-        return None
-    if len(raw) == 4 * dim:
-        return np.frombuffer(raw, dtype="<f4")
-    if len(raw) == 2 * dim:
-        return np.frombuffer(raw, dtype="<f2").astype(np.float32)
-    raise FeatureStoreError(f"user embedding of {len(raw)} bytes does not match dim {dim}")
-
-
-def encode_recs(rows: np.ndarray, scores: np.ndarray) -> bytes:
-    keep = rows >= 0
-    return rows[keep].astype("<i4").tobytes() + scores[keep].astype("<f4").tobytes()
-
-
-def decode_recs(raw: bytes | None) -> tuple[np.ndarray, np.ndarray] | None:
-    if raw is None:
-        return None
-    n = len(raw) // 8
-    return (np.frombuffer(raw[: 4 * n], dtype="<i4").astype(np.int64),
-            np.frombuffer(raw[4 * n:], dtype="<f4").astype(np.float32))
-
-
 class FeatureStore(Protocol):
+    @property
+    def capabilities(self) -> StoreCapabilities:
+        ...
+
+    def add_version(self, version: str, *, user_ids: Sequence[str], user_emb: np.ndarray,
+                    recs_items: np.ndarray | None = None, recs_scores: np.ndarray | None = None) -> None:
+        """Take a version's arrays from its bundle (only where ``capabilities.holds_versions``)."""
+        ...
+
+    def drop_versions(self, *, keep: set[str]) -> list[str]:
+        """Forget versions not in ``keep`` that this process loaded; returns them."""
+        ...
+
     async def fetch(self, version: str, user_ids: Sequence[str], *, dim: int, n_recent: int,
                     timeout: float) -> list[UserFeatures]:
         """User embeddings (of ``version``) and recent session events, for a batch, in one round trip."""
@@ -126,6 +79,8 @@ class FeatureStore(Protocol):
 
 class InMemoryFeatureStore:
     """The embedded default: embeddings and recs from loaded bundles, sessions in process memory."""
+
+    capabilities = StoreCapabilities(shared=False, holds_versions=True)
 
     def __init__(self, *, session_cap: int = 100) -> None:
         self._versions: dict[str, tuple[dict[str, int], np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
@@ -195,6 +150,8 @@ def _consume(task: asyncio.Future[object]) -> None:
 
 class RedisFeatureStore:
     """``redis.asyncio`` with a connection pool; every batch is one pipeline (one round trip)."""
+
+    capabilities = StoreCapabilities(shared=True, holds_versions=False)
 
     def __init__(self, *, url: str, prefix: str = "tt", max_connections: int = 32, socket_timeout_s: float = 0.2,
                  session_ttl_s: int = 7 * 24 * 3600, session_cap: int = 100) -> None:
@@ -272,6 +229,13 @@ class RedisFeatureStore:
             return [await self._redis.exists(self.keys.ready(version))]
 
         return bool((await self._run("has_version", go, 1.0))[0])
+
+    def add_version(self, version: str, *, user_ids: Sequence[str], user_emb: np.ndarray,
+                    recs_items: np.ndarray | None = None, recs_scores: np.ndarray | None = None) -> None:
+        raise Unsupported("a Redis feature store gets its versions from publish --redis, not from the server")
+
+    def drop_versions(self, *, keep: set[str]) -> list[str]:
+        return []  # a version's keys outlive this process; old ones are removed offline
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -76,8 +76,8 @@ async def _client(spec: LoadSpec, share: float, seed: int) -> dict[str, Any]:
     import grpc
 
     from online.client import CHANNEL_OPTIONS, request
+    from online.degradation import RUNGS
     from online.proto import recommender_pb2_grpc as pb_grpc
-    from online.request import RUNGS
 
     rng = random.Random(seed)
     lat: list[float] = []

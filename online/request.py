@@ -12,7 +12,6 @@ from online.feature_store import EVENT_TYPES, Event
 from towers.errors import InvalidRequest
 
 MODES = {0: "auto", 1: "online", 2: "batch"}
-RUNGS = ("unspecified", "full", "no_session", "batch", "popularity")  # index == proto Rung value
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class RecResult:
     scores: list[float]
     version: str
     variant: str
-    rung: str  # one of RUNGS[1:]
+    rung: str  # one of online.degradation.RUNGS[1:]
     reasons: list[str]
     source: str  # online | session_only | user_only | batch | popularity
     timings_us: dict[str, int]
@@ -47,19 +46,19 @@ class RecResult:
     request_id: str = ""
 
 
-def _ids(values: Any, name: str, cfg: ServeConfig, limit: int, *, unique: bool) -> tuple[str, ...]:
+def _ids(values: Any, name: str, cfg: ServeConfig, limit: int, *, dedupe: bool) -> tuple[str, ...]:
+    """Validated ids. ``dedupe``: a session that repeats an item (viewed twice) is normal;
+    keep its first position, which is the most recent (sessions are most recent first)."""
     vals = tuple(values)
     if len(vals) > limit:
         raise InvalidRequest(name, f"{len(vals)} ids exceed the limit of {limit}")
-    seen: set[str] = set()
     for v in vals:
         if not v:
             raise InvalidRequest(name, "empty item id")
         if len(v) > cfg.max_id_length:
             raise InvalidRequest(name, f"item id longer than {cfg.max_id_length} characters")
-        if unique and v in seen:
-            raise InvalidRequest(name, f"duplicate item id {v!r}")
-        seen.add(v)
+    if dedupe and len(set(vals)) != len(vals):
+        vals = tuple(dict.fromkeys(vals))
     return vals
 
 
@@ -80,9 +79,9 @@ def parse_recommend(msg: Any, cfg: ServeConfig, *, time_remaining: float | None)
     n_session = len(msg.session.recent_item_ids) + len(msg.session.cart_item_ids)
     if n_session > cfg.max_session_items:
         raise InvalidRequest("session", f"{n_session} items exceed the limit of {cfg.max_session_items}")
-    recent = _ids(msg.session.recent_item_ids, "session.recent_item_ids", cfg, cfg.max_session_items, unique=True)
-    cart = _ids(msg.session.cart_item_ids, "session.cart_item_ids", cfg, cfg.max_session_items, unique=True)
-    exclude = _ids(msg.exclude_item_ids, "exclude_item_ids", cfg, cfg.max_exclude_items, unique=False)
+    recent = _ids(msg.session.recent_item_ids, "session.recent_item_ids", cfg, cfg.max_session_items, dedupe=True)
+    cart = _ids(msg.session.cart_item_ids, "session.cart_item_ids", cfg, cfg.max_session_items, dedupe=True)
+    exclude = _ids(msg.exclude_item_ids, "exclude_item_ids", cfg, cfg.max_exclude_items, dedupe=False)
     budget = cfg.budget.total_ms / 1000.0
     if time_remaining is not None:
         budget = min(budget, time_remaining)

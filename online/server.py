@@ -19,11 +19,12 @@ from grpc_reflection.v1alpha import reflection
 
 from online.batcher import DeadlineExceeded
 from online.config import ServeConfig
+from online.degradation import RUNGS
 from online.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore
 from online.hotswap import RegistryWatcher
 from online.proto import recommender_pb2 as pb
 from online.proto import recommender_pb2_grpc as pb_grpc
-from online.request import RUNGS, RecResult, parse_events, parse_recommend
+from online.request import RecResult, parse_events, parse_recommend
 from online.service import LoadedModel, RecommendService
 from towers import registry as registry_mod
 from towers.errors import FeatureStoreError, InvalidRequest, NotReady, TwoTowerError, Unsupported

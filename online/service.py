@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -25,12 +25,23 @@ import numpy as np
 
 from online.batcher import Batcher
 from online.config import ServeConfig
-from online.feature_store import Event, FeatureStore, InMemoryFeatureStore, UserFeatures
-from online.request import RUNGS, RecRequest, RecResult
+from online.degradation import BATCH, EMBEDDING_FROM_BUNDLE, RUNGS, Ladder
+from online.feature_store import Event, FeatureStore, UserFeatures
+from online.request import RecRequest, RecResult
 from online.stats import ServingStats
 from towers import bundle as bundle_mod
 from towers.errors import FeatureStoreError, NotReady, Unsupported
-from towers.scoring import QueryInput, Ranked, Scorer
+from towers.ranking import (
+    SOURCES,
+    QueryBatch,
+    RankModel,
+    combine_queries,
+    popular,
+    search,
+    search_width,
+    select,
+    take_eligible,
+)
 
 log = logging.getLogger("twotower.serve")
 
@@ -41,39 +52,13 @@ class LoadedModel:
 
     version: str
     bundle: bundle_mod.Bundle
-    scorer: Scorer
+    ranker: RankModel
+    item_ids: np.ndarray  # object array of item ids by row: one fancy-index per response
 
     @classmethod
     def load(cls, path: Path) -> LoadedModel:
         b = bundle_mod.load(path)
-        return cls(b.version, b, Scorer.from_bundle(b))
-
-    def rows(self, item_ids: Sequence[str]) -> list[int]:
-        """Catalog rows of known ids, in order, unknown ids dropped."""
-        return [r for r in self.bundle.features.item_vocab.positions(list(item_ids)).tolist() if r >= 0]
-
-    def ids(self, rows: np.ndarray) -> list[str]:
-        vals = self.bundle.item_ids
-        return [vals[r] for r in rows.tolist()]
-
-
-@dataclass
-class _Work:
-    """Per-request state while its batch moves through the stages."""
-
-    req: RecRequest
-    queue_s: float
-    source: str = "online"
-    rung: str = "full"
-    reasons: list[str] = field(default_factory=list)
-    inp: QueryInput | None = None
-    ranked: Ranked | None = None
-
-    def degrade(self, rung: str, reason: str) -> None:
-        """Move down the ladder (never up) and say why."""
-        if RUNGS.index(rung) > RUNGS.index(self.rung):
-            self.rung = rung
-        self.reasons.append(reason)
+        return cls(b.version, b, RankModel.from_bundle(b), np.array(b.item_ids, dtype=object))
 
 
 class RecommendService:
@@ -85,7 +70,7 @@ class RecommendService:
         self._pool = ThreadPoolExecutor(max_workers=cfg.search_threads, thread_name_prefix="search",
                                         initializer=faiss.omp_set_num_threads, initargs=(cfg.search_omp_threads,))
         b = cfg.batching
-        self.batcher: Batcher[_Work, RecResult] = Batcher(self._handle, max_batch_size=b.max_batch_size,
+        self.batcher: Batcher[RecRequest, RecResult] = Batcher(self._handle, max_batch_size=b.max_batch_size,
                                                            max_wait_ms=b.max_wait_ms,
                                                            max_inflight=b.max_inflight_batches)
         self.stats = ServingStats()
@@ -102,7 +87,7 @@ class RecommendService:
         """Make the feature store ready for ``model`` (before it serves): the embedded
         store takes the bundle's arrays; Redis must already hold the version's keys."""
         self._candidates.add(model.version)
-        if isinstance(self.store, InMemoryFeatureStore):
+        if self.store.capabilities.holds_versions:
             b = model.bundle
             self.store.add_version(model.version, user_ids=b.features.user_vocab.values, user_emb=b.user_emb,
                                    recs_items=b.recs_items, recs_scores=b.recs_scores)
@@ -132,7 +117,7 @@ class RecommendService:
         """Drop embedded-store versions that neither the installed model nor a running
         batch uses (after a swap, a rejected candidate, or an old version's last batch),
         so old bundles do not pile up in memory."""
-        if isinstance(self.store, InMemoryFeatureStore) and self.model is not None:
+        if self.store.capabilities.holds_versions and self.model is not None:
             self.store.drop_versions(keep={self.model.version, *self._active, *self._candidates})
 
     async def warm(self, model: LoadedModel) -> int:
@@ -148,7 +133,7 @@ class RecommendService:
             reqs = [RecRequest(user_id=u, k=10, recent=s, cart=(), exclude=(), mode=m, request_id="warmup",
                                include_titles=False, deadline=time.monotonic() + 5.0)
                     for u, s, m in (cases * (size // len(cases) + 1))[:size]]
-            results = await self._run(model, [_Work(r, 0.0) for r in reqs], [0.0] * size)
+            results = await self.run_batch(model, reqs, [0.0] * size)
             errors = [r for r in results if isinstance(r, BaseException)]
             if errors:
                 raise errors[0]
@@ -166,12 +151,12 @@ class RecommendService:
     async def recommend(self, req: RecRequest) -> RecResult:
         if self.model is None:
             raise NotReady("no model loaded yet")
-        res = await self.batcher.submit(_Work(req, 0.0), deadline=req.client_deadline)
+        res = await self.batcher.submit(req, deadline=req.client_deadline)
         self.stats.observe(res)
         return res
 
     async def record_events(self, events: Sequence[Event]) -> int:
-        if isinstance(self.store, InMemoryFeatureStore) and self.cfg.workers.workers > 1:
+        if not self.store.capabilities.shared and self.cfg.workers.workers > 1:
             # Each worker process has its own memory store: an event recorded here would be
             # invisible to the worker that serves the user's next request.
             raise Unsupported("RecordEvents needs a shared feature store when serving with several workers "
@@ -180,17 +165,18 @@ class RecommendService:
         return await self.store.record(events, timeout=self.cfg.redis.socket_timeout_ms / 1000.0 * 5)
 
     # -- the batch handler ----------------------------------------------------
-    async def _handle(self, works: Sequence[_Work], queue_s: Sequence[float]) -> list[RecResult | BaseException]:
+    async def _handle(self, reqs: Sequence[RecRequest], queue_s: Sequence[float]) -> list[RecResult | BaseException]:
         model = self.model  # one version for the whole batch: no skew inside a batch
         if model is None:
-            return [NotReady("no model loaded yet")] * len(works)
-        return await self._run(model, works, queue_s)
+            return [NotReady("no model loaded yet")] * len(reqs)
+        return await self.run_batch(model, reqs, queue_s)
 
-    async def _run(self, model: LoadedModel, works: Sequence[_Work],
-                   queue_s: Sequence[float]) -> list[RecResult | BaseException]:
+    async def run_batch(self, model: LoadedModel, reqs: Sequence[RecRequest],
+                        queue_s: Sequence[float]) -> list[RecResult | BaseException]:
+        """Answer a batch with ``model`` (installed or not: warmup runs candidates through here)."""
         self._active[model.version] += 1
         try:
-            return await self._run_stages(model, works, queue_s)
+            return await self._stages(model, reqs, queue_s)
         finally:
             self._active[model.version] -= 1
             if not self._active[model.version]:
@@ -198,145 +184,169 @@ class RecommendService:
                 if model is not self.model:  # an old version's last batch (candidates are kept)
                     self.forget_unused()
 
-    async def _run_stages(self, model: LoadedModel, works: Sequence[_Work],
-                          queue_s: Sequence[float]) -> list[RecResult | BaseException]:
+    async def _stages(self, model: LoadedModel, reqs: Sequence[RecRequest],
+                      queue_s: Sequence[float]) -> list[RecResult | BaseException]:
         t0 = time.monotonic()
-        for w, waited in zip(works, queue_s, strict=True):
-            w.queue_s = waited
         budget = self.cfg.budget
-        timings = {"fetch": 0.0, "combine": 0.0, "search": 0.0, "filter": 0.0}
-        online = [w for w in works if w.req.mode != "batch"]
-        batch_mode = [w for w in works if w.req.mode == "batch"]
+        n = len(reqs)
+        ladder = Ladder(n)
+        batch_mode = np.fromiter((r.mode == "batch" for r in reqs), dtype=bool, count=n)
+        online = np.flatnonzero(~batch_mode)
 
         # fetch: one pipeline for the whole batch
         feats: list[UserFeatures] | None = None
-        if online:
+        if len(online):
             # The latest deadline sets the timeout: one caller with a tight deadline must not cost
             # the whole batch its features. Callers whose time runs out meanwhile are caught by the
             # "too little time left" check below and get the precomputed rung.
-            latest = max(w.req.deadline for w in online)
+            latest = max(reqs[i].deadline for i in online.tolist())
             left = latest - time.monotonic() - (budget.inference_ms + budget.post_ms) / 1000.0
             timeout = min(budget.fetch_ms / 1000.0, max(left, 0.0))
             try:
-                feats = await self.store.fetch(model.version, [w.req.user_id for w in online], dim=model.bundle.dim,
-                                               n_recent=model.bundle.combiner.max_session, timeout=timeout)
+                feats = await self.store.fetch(model.version, [reqs[i].user_id for i in online.tolist()],
+                                               dim=model.bundle.dim, n_recent=model.bundle.combiner.max_session,
+                                               timeout=timeout)
             except FeatureStoreError as e:
-                for w in online:
-                    w.degrade("no_session", f"feature store: {e}")
+                ladder.feature_store_failed(online, str(e))
         t1 = time.monotonic()
-        timings["fetch"] = t1 - t0
 
-        # combine
-        user_vectors = np.zeros((len(online), model.bundle.dim), dtype=np.float32)
-        for j, w in enumerate(online):
-            w.inp, vec = self._inputs(model, w, feats[j] if feats is not None else None)
-            if vec is not None:
-                user_vectors[j] = vec
-        to_search = [j for j, w in enumerate(online) if w.inp is not None and (w.inp.user_row >= 0 or w.inp.session)]
-        for j, w in enumerate(online):
-            if j not in set(to_search):
-                w.source = "popularity"
-                w.degrade("popularity", "cold start: unknown user and no session")
-        late = [j for j in to_search if online[j].req.deadline - time.monotonic() < budget.min_search_ms / 1000.0]
-        for j in late:
-            online[j].degrade("batch", "too little time left for the search")
-        to_search = [j for j in to_search if j not in set(late)]
-        inputs = [online[j].inp for j in to_search]
-        q, _ = model.scorer.queries(inputs, user_vectors[to_search])  # type: ignore[arg-type]
-        scores: np.ndarray = np.zeros((0, 0), np.float32)
-        rows: np.ndarray = np.zeros((0, 0), np.int64)
+        # combine: one QueryBatch (one vocabulary pass, one exclusion array), one combiner call
+        batch = self._query_batch(model, reqs, online, feats, ladder)
+        has_query = batch.has_user | batch.has_session
+        time_left = np.fromiter((r.deadline for r in reqs), dtype=np.float64, count=n) - time.monotonic()
+        to_search = ladder.plan_search(online, has_query, time_left, budget.min_search_ms / 1000.0)
+        sub = batch.subset(to_search)
+        queries = combine_queries(model.ranker, sub)
         t2 = time.monotonic()
-        timings["combine"] = t2 - t1
 
         # search: one FAISS call, off the event loop (FAISS releases the GIL)
-        k_max = max((online[j].req.k for j in to_search), default=0)
-        if to_search:
-            k_search = model.scorer.search_k(inputs, k_max)  # type: ignore[arg-type]
-            scores, rows = await asyncio.get_running_loop().run_in_executor(
-                self._pool, model.scorer.search, q, k_search)
+        width = search_width(model.ranker, sub)
+        cand_scores, cand_rows = await asyncio.get_running_loop().run_in_executor(
+            self._pool, search, model.ranker, queries, width) if len(sub) else search(model.ranker, queries, 0)
         t3 = time.monotonic()
-        timings["search"] = t3 - t2
 
-        # filter
-        for pos, j in enumerate(to_search):
-            w = online[j]
-            w.ranked = model.scorer.filter(q[pos], scores[pos], rows[pos], w.inp, w.req.k)  # type: ignore[arg-type]
-        needs_batch = batch_mode + [w for w in online if w.ranked is None and w.rung == "batch"]
-        await self._batch_recs(model, needs_batch)
-        for w in works:
-            if w.ranked is None:
-                if w.inp is None:
-                    w.inp = QueryInput(-1, (), frozenset(model.rows([*w.req.exclude, *w.req.cart])))
-                if w.rung != "popularity":
-                    w.degrade("popularity", "nothing precomputed for this user")
-                w.source = "popularity"
-                w.ranked = model.scorer.popular(w.inp, w.req.k)
+        # select: filter to k (refill short lists), then the lower rungs for the rest
+        k_max = int(batch.k.max(initial=0))
+        rows = np.full((n, k_max), -1, dtype=np.int64)
+        scores = np.zeros((n, k_max), dtype=np.float32)
+        counts = np.zeros(n, dtype=np.int64)
+        if len(sub):
+            ranked = select(model.ranker, sub, queries, cand_scores, cand_rows)
+            rows[to_search, : ranked.rows.shape[1]] = ranked.rows
+            scores[to_search, : ranked.scores.shape[1]] = ranked.scores
+            counts[to_search] = ranked.counts
+            ladder.searched(to_search, ranked.source)
+        answered = np.zeros(n, dtype=bool)
+        answered[to_search] = True
+        precomputed = np.flatnonzero(batch_mode | (ladder.rung == BATCH))
+        if len(precomputed):
+            answered[await self._batch_recs(model, reqs, batch, precomputed, batch_mode, ladder, rows, scores,
+                                            counts)] = True
+        rest = np.flatnonzero(~answered)
+        if len(rest):
+            ladder.popularity(rest)
+            r, s, c = popular(model.ranker, batch, rest)
+            rows[rest, : r.shape[1]], scores[rest, : s.shape[1]], counts[rest] = r, s, c
         t4 = time.monotonic()
-        timings["filter"] = t4 - t3
-        return [self._result(model, w, timings, len(works)) for w in works]
+        stage_us = {"fetch": int((t1 - t0) * 1e6), "combine": int((t2 - t1) * 1e6), "search": int((t3 - t2) * 1e6),
+                    "filter": int((t4 - t3) * 1e6)}
+        return self._results(model, reqs, queue_s, ladder, rows, scores, counts, stage_us)
 
-    def _inputs(self, model: LoadedModel, w: _Work, f: UserFeatures | None) -> tuple[QueryInput, np.ndarray | None]:
-        """Known rows of the session (request first, then the store's), cart and exclusions."""
-        req = w.req
-        user_row = model.bundle.features.user_vocab.known(req.user_id)
-        vec: np.ndarray | None = None
-        store_recent: list[str] = []
-        store_cart: list[str] = []
-        if f is not None:
-            vec = f.embedding
-            store_recent = [e.item_id for e in f.session]
-            store_cart = [e.item_id for e in f.session if e.type == "cart"]
-            if vec is None and user_row >= 0:
-                w.reasons.append("user embedding missing from the feature store; used the bundle's copy")
-        if vec is None and user_row >= 0:
+    def _query_batch(self, model: LoadedModel, reqs: Sequence[RecRequest], online: np.ndarray,
+                     feats: list[UserFeatures] | None, ladder: Ladder) -> QueryBatch:
+        """Every request's user vector, session (request first, then the store's; deduplicated,
+        most recent first) and exclusions (session, cart, exclude), as one QueryBatch with one
+        vocabulary pass over the batch's item ids. Batch-mode requests get no query, only
+        exclusions; when the fetch failed, the session feeds no query (the no_session rung)."""
+        n, bundle = len(reqs), model.bundle
+        user_rows = bundle.features.user_vocab.positions([r.user_id for r in reqs])
+        user = np.zeros((n, bundle.dim), dtype=np.float32)
+        has_user = np.zeros(n, dtype=bool)
+        from_bundle = np.zeros(n, dtype=bool)
+        s_ids: list[str] = []
+        s_owner: list[int] = []
+        x_ids: list[str] = []
+        x_owner: list[int] = []
+        if feats is None:  # batch mode, or the fetch failed: no session in any query
+            from_bundle[online] = user_rows[online] >= 0
+        for j, i in enumerate(online.tolist() if feats is not None else ()):
+            r, f = reqs[i], feats[j]  # type: ignore[index]
+            if f.embedding is not None:
+                user[i], has_user[i] = f.embedding, True
+            elif user_rows[i] >= 0:
+                from_bundle[i] = True
+            recent: Sequence[str] = r.recent
+            if f.session:
+                recent = list(dict.fromkeys([*r.recent, *(e.item_id for e in f.session)]))
+                cart = [e.item_id for e in f.session if e.type == "cart"]
+                x_ids.extend(cart)
+                x_owner.extend([i] * len(cart))
+            s_ids.extend(recent)
+            s_owner.extend([i] * len(recent))
+        in_query = set(online.tolist()) if feats is not None else set()
+        for i, r in enumerate(reqs):
+            if i not in in_query:  # listed items are still excluded, but feed no query
+                x_ids.extend(r.recent)
+                x_owner.extend([i] * len(r.recent))
+            x_ids.extend(r.cart)
+            x_ids.extend(r.exclude)
+            x_owner.extend([i] * (len(r.cart) + len(r.exclude)))
+        if feats is not None:
             # Same version's embedding from the bundle itself: no skew, just not refreshed online.
-            vec = np.asarray(model.bundle.user_emb[user_row], dtype=np.float32)
-        recent = list(dict.fromkeys([*req.recent, *store_recent]))
-        session = model.rows(recent)[: model.bundle.combiner.max_session]
-        exclude = frozenset(model.rows([*recent, *req.cart, *store_cart, *req.exclude]))
-        if user_row < 0:
-            w.source = "session_only" if session else "popularity"
-        elif not session:
-            w.source = "user_only"
-        return QueryInput(user_row=user_row if vec is not None else -1, session=tuple(session), exclude=exclude), vec
+            ladder.note(np.flatnonzero(from_bundle), EMBEDDING_FROM_BUNDLE)
+        idx = np.flatnonzero(from_bundle)
+        if len(idx):
+            user[idx] = bundle.user_emb[user_rows[idx]]
+            has_user[idx] = True
+        item_rows = bundle.features.item_vocab.positions([*s_ids, *x_ids])
+        return QueryBatch.build(model.ranker, user=user, has_user=has_user,
+                                session_owner=np.asarray(s_owner, dtype=np.int64), session_rows=item_rows[: len(s_ids)],
+                                exclude_owner=np.asarray(x_owner, dtype=np.int64), exclude_rows=item_rows[len(s_ids):],
+                                k=np.fromiter((r.k for r in reqs), dtype=np.int64, count=n))
 
-    async def _batch_recs(self, model: LoadedModel, works: list[_Work]) -> None:
-        if not works:
-            return
-        users = [w.req.user_id for w in works]
+    async def _batch_recs(self, model: LoadedModel, reqs: Sequence[RecRequest], batch: QueryBatch, idx: np.ndarray,
+                          batch_mode: np.ndarray, ladder: Ladder, rows: np.ndarray, scores: np.ndarray,
+                          counts: np.ndarray) -> np.ndarray:
+        """The precomputed rung for requests ``idx``: one lookup, filtered like any other list.
+        Returns the requests it answered."""
+        users = [reqs[i].user_id for i in idx.tolist()]
+        error: str | None = None
         try:
-            left = min(self.cfg.budget.fetch_ms / 1000.0, max(w.req.deadline for w in works) - time.monotonic())
+            left = min(self.cfg.budget.fetch_ms / 1000.0,
+                       max(reqs[i].deadline for i in idx.tolist()) - time.monotonic())
             recs = await self.store.batch_recs(model.version, users, timeout=max(left, 0.0005))
         except FeatureStoreError as e:
+            error = str(e)
             b = model.bundle
-            rows = b.features.user_vocab.positions(users).tolist()
             recs = [None if r < 0 or b.recs_items is None or b.recs_scores is None
                     else (np.asarray(b.recs_items[r], np.int64), np.asarray(b.recs_scores[r], np.float32))
-                    for r in rows]
-            for w in works:
-                w.degrade("batch", f"batch recs from the bundle: feature store: {e}")
-        for w, rec in zip(works, recs, strict=True):
-            if w.inp is None:
-                w.inp = QueryInput(-1, tuple(model.rows(w.req.recent)),
-                                   frozenset(model.rows([*w.req.recent, *w.req.cart, *w.req.exclude])))
-            if rec is None:
-                continue
-            items, scores = rec
-            banned = set(w.inp.exclude) | set(w.inp.session)
-            keep = [j for j, r in enumerate(items.tolist()) if r >= 0 and r not in banned][: w.req.k]
-            if len(keep) < w.req.k and w.req.mode != "batch":
-                continue  # too short after filtering: the next rung serves k items
-            w.ranked = Ranked(items[keep], scores[keep])
-            w.source = "batch"
-            w.rung = "batch"
+                    for r in b.features.user_vocab.positions(users).tolist()]
+        found = np.fromiter((rec is not None for rec in recs), dtype=bool, count=len(recs))
+        width = max((len(rec[0]) for rec in recs if rec is not None), default=0)
+        cand_rows = np.full((len(idx), width), -1, dtype=np.int64)
+        cand_scores = np.zeros((len(idx), width), dtype=np.float32)
+        for j, rec in enumerate(recs):
+            if rec is not None:
+                cand_rows[j, : len(rec[0])], cand_scores[j, : len(rec[1])] = rec
+        r, s, c = take_eligible(batch, idx, cand_rows, cand_scores)
+        served = ladder.batch_recs(idx, found, c >= batch.k[idx], batch_mode[idx], error)
+        answered = idx[served]
+        rows[answered, : r.shape[1]], scores[answered, : s.shape[1]] = r[served], s[served]
+        counts[answered] = c[served]
+        return answered
 
-    def _result(self, model: LoadedModel, w: _Work, timings: dict[str, float], batch_size: int) -> RecResult:
-        assert w.ranked is not None
-        ids = model.ids(w.ranked.rows)
-        titles = [model.bundle.titles.get(i, "") for i in ids] if w.req.include_titles else []
-        us = {k: int(v * 1e6) for k, v in timings.items()}
-        us["queue"] = int(w.queue_s * 1e6)
-        us["total"] = int((time.monotonic() - w.req.received) * 1e6)
-        return RecResult(item_ids=ids, scores=w.ranked.scores.astype(float).tolist(), version=model.version,
-                         variant=self.cfg.variant, rung=w.rung, reasons=w.reasons, source=w.source,
-                         timings_us=us, batch_size=batch_size, titles=titles, request_id=w.req.request_id)
+    def _results(self, model: LoadedModel, reqs: Sequence[RecRequest], queue_s: Sequence[float], ladder: Ladder,
+                 rows: np.ndarray, scores: np.ndarray, counts: np.ndarray,
+                 stage_us: dict[str, int]) -> list[RecResult | BaseException]:
+        item_ids, titles, n = model.item_ids, model.bundle.titles, len(reqs)
+        rungs, sources, now = ladder.rung.tolist(), ladder.source.tolist(), time.monotonic()
+        out: list[RecResult | BaseException] = []
+        for i, (r, c) in enumerate(zip(reqs, counts.tolist(), strict=True)):
+            ids = item_ids[rows[i, :c]].tolist()
+            us = {**stage_us, "queue": int(queue_s[i] * 1e6), "total": int((now - r.received) * 1e6)}
+            out.append(RecResult(item_ids=ids, scores=scores[i, :c].tolist(), version=model.version,
+                                 variant=self.cfg.variant, rung=RUNGS[rungs[i]], reasons=ladder.reasons_of(i),
+                                 source=SOURCES[sources[i]], timings_us=us, batch_size=n,
+                                 titles=[titles.get(x, "") for x in ids] if r.include_titles else [],
+                                 request_id=r.request_id))
+        return out

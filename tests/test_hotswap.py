@@ -124,18 +124,20 @@ def test_three_versions_published_under_load_and_a_corrupt_one_rejected(tmp_path
     # Nor one version's user embeddings with another's items: every list is exactly what its
     # version's own bundle computes for that user.
     from towers import bundle as bundle_mod
-    from towers.scoring import QueryInput, Scorer
+    from towers.ranking import QueryBatch, RankModel, rank
 
     bundles = {v: bundle_mod.load(reg / v) for v in seen}
-    scorers = {v: Scorer.from_bundle(b) for v, b in bundles.items()}
+    models = {v: RankModel.from_bundle(b) for v, b in bundles.items()}
     expected: dict[tuple[str, str], list[str]] = {}
     full = [(v, u, items) for v, u, rung, items in load.answers if rung == pb.RUNG_FULL]
     assert len(full) > 0.9 * len(load.answers)  # degraded answers differ by design; there should be few
     for version, user, items in full:
         if (version, user) not in expected:
             b = bundles[version]
-            top = scorers[version].recommend([QueryInput(b.features.user_vocab.known(user), (), frozenset())], 10)[0]
-            expected[(version, user)] = [b.item_ids[r] for r in top.rows.tolist()]
+            qb = QueryBatch.from_lists(models[version], user_rows=[b.features.user_vocab.known(user)], sessions=[[]],
+                                       excludes=[[]], k=10)
+            top, _ = rank(models[version], qb).items(0)
+            expected[(version, user)] = [b.item_ids[r] for r in top.tolist()]
         assert items == expected[(version, user)], (version, user)
     assert load.responses[-1][0] == last_version
 

@@ -9,13 +9,15 @@ import grpc
 import numpy as np
 import pytest
 
+from offline.datasets import Dataset, temporal_split
+from offline.evaluate import MAX_K, eval_set
 from online.client import RecommenderClient
 from online.config import load_config
 from online.proto import recommender_pb2 as pb
 from online.server import ServerThread, load_and_serve
 from towers import bundle as bundle_mod
 from towers import registry as registry_mod
-from towers.scoring import QueryInput, Scorer
+from towers.ranking import RankModel, rank
 
 
 @pytest.fixture
@@ -47,17 +49,23 @@ def test_health_goes_from_not_serving_to_serving(served_registry: Path) -> None:
         srv.stop()
 
 
-def test_online_offline_parity(client: RecommenderClient, served_registry: Path) -> None:
+def test_the_server_ranks_exactly_like_twotower_evaluate(client: RecommenderClient, served_registry: Path,
+                                                         ml100k: Dataset) -> None:
+    """Offline/online parity: the test-split inputs that ``twotower evaluate`` ranks, sent to the
+    gRPC server as requests (session = the user's recent items, exclusions = their history),
+    come back as the same item lists with the same scores."""
     b = bundle_mod.load(registry_mod.current_path(served_registry))
-    scorer = Scorer.from_bundle(b)
-    vocab = b.features.item_vocab
-    for user, session in [("1", ["50", "1"]), ("300", ["181", "172", "174"]), ("943", [])]:
-        resp = client.recommend(user, k=20, recent=session)
-        rows = [vocab.known(i) for i in session]
-        want = scorer.recommend([QueryInput(b.features.user_vocab.known(user), rows, frozenset(rows))], 20)[0]
-        assert list(resp.item_ids) == [b.item_ids[r] for r in want.rows.tolist()]
-        np.testing.assert_allclose(resp.scores, want.scores, rtol=1e-5)
-        assert resp.model_version == b.version and resp.rung == pb.RUNG_FULL
+    es = eval_set(temporal_split(ml100k.interactions), b.features, max_session=b.combiner.max_session)
+    users = list(range(0, len(es), 47))  # 21 users across the split
+    model = RankModel.from_bundle(b)
+    for i in users:
+        want = rank(model, es.batch(model, i, i + 1))
+        rows, scores = want.items(0)
+        resp = client.recommend(str(es.users[i]), k=MAX_K, recent=[b.item_ids[r] for r in es.sessions[i]],
+                                exclude=[b.item_ids[r] for r in es.excludes[i]])
+        assert resp.rung == pb.RUNG_FULL and resp.model_version == b.version
+        assert list(resp.item_ids) == [b.item_ids[r] for r in rows.tolist()], es.users[i]
+        np.testing.assert_allclose(resp.scores, scores, rtol=1e-5, atol=1e-6)
 
 
 def test_recorded_events_change_the_next_recommendation_and_are_excluded(client: RecommenderClient) -> None:
@@ -107,7 +115,8 @@ def test_exclusions_and_k(client: RecommenderClient) -> None:
         ({"k": 0}, "k"),
         ({"k": 101}, "k"),
         ({"recent": [str(i) for i in range(100_000)]}, "session"),
-        ({"recent": ["50", "50"]}, "session.recent_item_ids"),
+        ({"recent": ["50", ""]}, "session.recent_item_ids"),
+        ({"cart": ["x" * 300]}, "session.cart_item_ids"),
         ({"exclude": [""]}, "exclude_item_ids"),
     ],
 )
@@ -119,6 +128,18 @@ def test_bad_input_is_invalid_argument_naming_the_field(client: RecommenderClien
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith(field + ":")
     assert client.health() == "SERVING" and len(client.recommend("1").item_ids) == 10
+
+
+def test_a_session_that_repeats_an_item_is_deduplicated_keeping_the_most_recent_position(
+        client: RecommenderClient) -> None:
+    # most recent first: 50 was viewed last and also earlier; 181 in between
+    repeated = client.recommend("1", k=10, recent=["50", "181", "50", "181", "1"])
+    deduped = client.recommend("1", k=10, recent=["50", "181", "1"])
+    other_order = client.recommend("1", k=10, recent=["181", "50", "1"])
+    assert repeated.rung == pb.RUNG_FULL and list(repeated.item_ids) == list(deduped.item_ids)
+    assert list(repeated.scores) == list(deduped.scores)
+    assert list(other_order.scores) != list(deduped.scores)  # position matters, so keeping the first one does
+    assert not {"50", "181", "1"} & set(repeated.item_ids)
 
 
 def test_bad_events_and_oversized_messages(client: RecommenderClient) -> None:
@@ -245,7 +266,7 @@ def test_one_tight_deadline_does_not_cost_the_batch_its_features(synth_bundle: P
 
     from online.feature_store import InMemoryFeatureStore
     from online.request import RecRequest
-    from online.service import LoadedModel, RecommendService, _Work
+    from online.service import LoadedModel, RecommendService
 
     timeouts: list[float] = []
 
@@ -263,12 +284,12 @@ def test_one_tight_deadline_does_not_cost_the_batch_its_features(synth_bundle: P
         users = model.bundle.features.user_vocab.values
         now = time.monotonic()
 
-        def req(user: str, deadline: float) -> _Work:
-            return _Work(RecRequest(user_id=user, k=5, recent=(), cart=(), exclude=(), mode="auto", request_id="",
-                                    include_titles=False, deadline=deadline), 0.0)
+        def req(user: str, deadline: float) -> RecRequest:
+            return RecRequest(user_id=user, k=5, recent=(), cart=(), exclude=(), mode="auto", request_id="",
+                              include_titles=False, deadline=deadline)
 
         tight, relaxed = req(users[0], now + 0.0001), req(users[1], now + 5.0)
-        out = await svc._run(model, [tight, relaxed], [0.0, 0.0])
+        out = await svc.run_batch(model, [tight, relaxed], [0.0, 0.0])
         assert timeouts == [cfg.budget.fetch_ms / 1000.0]  # the relaxed caller's budget, not ~0
         assert out[1].rung == "full" and out[1].source == "user_only"  # type: ignore[union-attr]
         assert out[0].rung == "batch" and "too little time left" in " ".join(out[0].reasons)  # type: ignore[union-attr]
@@ -303,7 +324,7 @@ def test_an_old_version_stays_in_the_embedded_store_until_its_last_batch_is_done
 
     from online.feature_store import InMemoryFeatureStore
     from online.request import RecRequest
-    from online.service import LoadedModel, RecommendService, _Work
+    from online.service import LoadedModel, RecommendService
 
     class HeldStore(InMemoryFeatureStore):
         def __init__(self) -> None:
@@ -329,8 +350,8 @@ def test_an_old_version_stays_in_the_embedded_store_until_its_last_batch_is_done
                          include_titles=False, deadline=time.monotonic() + 30)
         store.hold = old.version
         # an online request holds the batch at its fetch; the batch-mode one then needs old's recs
-        online = _Work(RecRequest(**{**req.__dict__, "mode": "online"}), 0.0)
-        running = asyncio.ensure_future(svc._run(old, [online, _Work(req, 0.0)], [0.0, 0.0]))
+        online = RecRequest(**{**req.__dict__, "mode": "online"})
+        running = asyncio.ensure_future(svc.run_batch(old, [online, req], [0.0, 0.0]))
         await store.entered.wait()
         await svc.prepare(new)
         svc.install(new)

@@ -15,12 +15,12 @@ import redis
 from online.client import RecommenderClient
 from online.config import RedisConfig, load_config
 from online.feature_store import RedisKeys
-from online.loader import load_bundle_into_redis
 from online.proto import recommender_pb2 as pb
 from online.server import ServerThread
 from towers import bundle as bundle_mod
 from towers import registry as registry_mod
 from towers.errors import TwoTowerError
+from towers.redis_load import load_bundle_into_redis
 
 
 @pytest.fixture
@@ -77,6 +77,17 @@ def test_events_are_in_redis_and_shape_the_next_answer(redis_server) -> None:  #
         assert r.source == "online" and r.rung == pb.RUNG_FULL and not {"50", "181"} & set(r.item_ids)
 
 
+def _user_only(srv: ServerThread, user: str, *, exclude: list[str]) -> list[str]:
+    from towers.ranking import QueryBatch, rank
+
+    model = srv.running.service.model
+    assert model is not None
+    b = model.bundle
+    qb = QueryBatch.from_lists(model.ranker, user_rows=[b.features.user_vocab.known(user)], sessions=[[]],
+                               excludes=[[b.features.item_vocab.known(i) for i in exclude]], k=10)
+    return [b.item_ids[r] for r in rank(model.ranker, qb).items(0)[0].tolist()]
+
+
 def test_redis_hung_then_back_degrades_then_recovers(redis_server) -> None:  # type: ignore[no-untyped-def]
     srv, proc = redis_server
     with RecommenderClient(srv.target, timeout=5.0) as c:
@@ -89,6 +100,11 @@ def test_redis_hung_then_back_degrades_then_recovers(redis_server) -> None:  # t
                 assert r.rung == pb.RUNG_NO_SESSION and len(r.item_ids) == 10
                 assert any("feature store" in x and "timed out" in x for x in r.reasons)
                 assert r.model_version == srv.running.service.model.version
+            # The label says what was used: the user embedding alone. The request's session
+            # fed no query (it is only excluded), so the list is the user-only ranking.
+            assert r.source == "user_only" and list(r.item_ids) == _user_only(srv, "9", exclude=["172"])
+            cold = c.recommend("visitor-without-embedding", recent=["172"])
+            assert cold.rung == pb.RUNG_POPULARITY and cold.source == "popularity" and "172" not in cold.item_ids
             b = c.recommend("9", mode="batch")
             assert b.rung == pb.RUNG_BATCH and len(b.item_ids) == 10  # from the bundle's copy of the recs
         finally:

@@ -32,15 +32,16 @@ def _exact_ranks(b: bundle_mod.Bundle, ml100k: Dataset) -> np.ndarray:
     es = eval_set(split, b.features, max_session=b.combiner.max_session, which="test")
     n = b.combiner.max_session
     ranks = []
-    for inp, t in zip(es.inputs, es.targets.tolist(), strict=True):
+    for user_row, session, exclude, t in zip(es.user_rows.tolist(), es.sessions, es.excludes, es.targets.tolist(),
+                                             strict=True):
         sess = np.zeros((1, n, b.dim), np.float32)
         mask = np.zeros((1, n), bool)
-        sess[0, : len(inp.session)] = b.item_emb[list(inp.session)]
-        mask[0, : len(inp.session)] = True
-        q = combine(b.combiner, np.asarray(b.user_emb[[inp.user_row]]), np.array([True]), sess, mask)[0]
+        sess[0, : len(session)] = b.item_emb[list(session)]
+        mask[0, : len(session)] = True
+        q = combine(b.combiner, np.asarray(b.user_emb[[user_row]]), np.array([True]), sess, mask)[0]
         s = b.item_emb @ q
         eligible = np.ones(len(s), bool)
-        eligible[list(inp.exclude)] = False
+        eligible[list(exclude)] = False
         ranks.append(int(np.sum(s[eligible] >= s[t])) - 1)
     return np.minimum(np.array(ranks), MAX_K)
 
@@ -65,20 +66,28 @@ def test_evaluate_cli_json(trained_bundle: Path, data_dir: Path) -> None:
 
 
 def test_rank_edge_cases_against_hand_counts() -> None:
-    from offline.evaluate import EvalSet, pessimistic_rank, popularity_ranks
-    from towers.scoring import QueryInput, Ranked
+    from offline.evaluate import EvalSet, pessimistic_ranks, popularity_ranks
+    from towers.ranking import ONLINE, POPULARITY, QueryBatch, Ranked, RankModel
 
     counts = np.array([5, 9, 5, 5, 1])
-    inputs = [QueryInput(-1, (), frozenset({1})), QueryInput(-1, (), frozenset({2}))]
-    es = EvalSet(np.array(["a", "b"]), inputs, np.array([2, 2]), np.array([True, True]))
+    es = EvalSet(np.array(["a", "b"]), np.array([-1, -1]), [[], []], [[1], [2]], np.array([2, 2]),
+                 np.array([True, True]))
     # a: item 1 is excluded, items 0, 2, 3 tie at 5 → pessimistic rank 2; b: the target itself is excluded.
     assert popularity_ranks(counts, es).tolist() == [2, MAX_K]
 
-    class Exact:  # a scorer over 4 items where items 1, 2, 3 tie with the target past the list's end
-        item_emb = np.array([[1.0], [0.5], [0.5], [0.5]], np.float32)
+    # 4 items where items 1, 2, 3 tie with the target past the list's end (cut after 2 items)
+    item_emb = np.array([[1.0], [0.5], [0.5], [0.5]], np.float32)
+    model = RankModel(combiner=None, item_emb=item_emb, user_emb=item_emb, index=None,  # type: ignore[arg-type]
+                      popularity=np.arange(4))
+    q = np.array([[1.0], [1.0], [1.0]], np.float32)
 
-    q = np.array([1.0], np.float32)
-    ranked = Ranked(np.array([0, 1]), np.array([1.0, 0.5], np.float32))  # list cut after 2 items
-    assert pessimistic_rank(Exact(), q, ranked, QueryInput(-1, (), frozenset()), 1) == 3  # type: ignore[arg-type]
-    assert pessimistic_rank(Exact(), q, ranked, QueryInput(-1, (), frozenset({3})), 1) == 2  # type: ignore[arg-type]
-    assert pessimistic_rank(Exact(), q, ranked, QueryInput(-1, (), frozenset()), 3) == MAX_K  # type: ignore[arg-type]
+    def ranked(source: int) -> Ranked:
+        return Ranked(rows=np.array([[0, 1]] * 3), scores=np.array([[1.0, 0.5]] * 3, np.float32),
+                      counts=np.array([2, 2, 2]), source=np.full(3, source, np.int8), queries=q)
+
+    qb = QueryBatch(user=q, has_user=np.ones(3, bool), session=np.zeros((3, 0), np.int64),
+                    banned=np.array([1 * 4 + 3]), n_banned=np.array([0, 1, 0]), k=np.array([2, 2, 2]), n_items=4)
+    targets = np.array([1, 1, 3])
+    assert pessimistic_ranks(model, qb, ranked(ONLINE), targets).tolist() == [3, 2, MAX_K]
+    # the popularity list is not ranked by the query: ties count within the list only
+    assert pessimistic_ranks(model, qb, ranked(POPULARITY), targets).tolist() == [1, 1, MAX_K]

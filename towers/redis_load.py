@@ -8,11 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from online.feature_store import RedisKeys, encode_recs
 from towers import bundle as bundle_mod
 from towers.errors import FeatureStoreError
+from towers.store_format import RedisKeys, encode_recs
 
 
 def load_bundle_into_redis(bundle_dir: Path, *, redis_url: str, prefix: str = "tt", batch: int = 5000,
@@ -20,6 +19,7 @@ def load_bundle_into_redis(bundle_dir: Path, *, redis_url: str, prefix: str = "t
     """Returns the number of users loaded. Embeddings are stored little-endian
     float32 (or float16 with ``float16``: half the memory, ~1e-3 relative error)."""
     import redis
+    from tqdm import tqdm  # a job's progress bar: not needed by serving, which never imports this module
 
     b = bundle_mod.load(bundle_dir)
     keys = RedisKeys(prefix)
