@@ -41,7 +41,7 @@ check-protos: $(STAMP)
 	$(BIN)/python -m online.protogen --check
 
 lint: $(STAMP)
-	$(BIN)/ruff check towers offline online tests
+	$(BIN)/ruff check towers offline online bench twotower tests
 	$(BIN)/mypy
 
 demo: setup

@@ -1,4 +1,4 @@
-"""Offline subcommands: train, evaluate, verify, index build, publish, batch-score, demo."""
+"""Offline subcommands: train, evaluate, verify, index build, publish, batch-score, synth-bundle."""
 
 from __future__ import annotations
 
@@ -6,33 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
+from towers.cliargs import default_data_dir, existing_dir, positive_int
 from towers.errors import ConfigError
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from e
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
-
-
-def _existing_dir(value: str) -> Path:
-    p = Path(value)
-    if not p.is_dir():
-        raise argparse.ArgumentTypeError(f"directory not found: {value}")
-    return p
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    from towers.cli import default_data_dir
-
     p = sub.add_parser("train", help="train the towers and write a verified bundle")
     p.add_argument("--dataset", default="ml-100k", help="ml-100k | a GroupLens directory | synthetic:UxI[:SEED]")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
-    p.add_argument("--epochs", type=_positive_int, default=40)
+    p.add_argument("--epochs", type=positive_int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq", "sq8"])
     p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
@@ -40,46 +22,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a bundle on its dataset's test split (serving path)")
-    p.add_argument("--bundle", required=True, type=_existing_dir)
+    p.add_argument("--bundle", required=True, type=existing_dir)
     p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("verify", help="check a bundle's checksums and shapes")
-    p.add_argument("bundle", type=_existing_dir)
+    p.add_argument("bundle", type=existing_dir)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("index", help="index operations")
     isub = p.add_subparsers(dest="index_command", required=True, parser_class=type(p))
     b = isub.add_parser("build", help="rebuild a bundle's FAISS index and measure its recall@100")
-    b.add_argument("--bundle", required=True, type=_existing_dir)
+    b.add_argument("--bundle", required=True, type=existing_dir)
     b.add_argument("--type", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq", "sq8"])
     b.add_argument("--recall-target", type=float, default=0.95)
     b.set_defaults(func=cmd_index_build)
 
     p = sub.add_parser("publish", help="install a verified bundle into a registry and flip CURRENT")
-    p.add_argument("bundle", type=_existing_dir)
+    p.add_argument("bundle", type=existing_dir)
     p.add_argument("--registry", required=True, type=Path)
     p.add_argument("--redis", dest="redis_url", default=None,
                    help="load user embeddings and precomputed recs into this Redis before the flip")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("batch-score", help="precompute top-K per user into the bundle (the batch path)")
-    p.add_argument("--bundle", required=True, type=_existing_dir)
-    p.add_argument("--k", type=_positive_int, default=100)
+    p.add_argument("--bundle", required=True, type=existing_dir)
+    p.add_argument("--k", type=positive_int, default=100)
     p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
     p.set_defaults(func=cmd_batch_score)
 
     p = sub.add_parser("synth-bundle", help="a verified synthetic bundle (clustered embeddings, no training)")
-    p.add_argument("--items", type=_positive_int, required=True)
-    p.add_argument("--users", type=_positive_int, required=True)
-    p.add_argument("--dim", type=_positive_int, default=64)
+    p.add_argument("--items", type=positive_int, required=True)
+    p.add_argument("--users", type=positive_int, required=True)
+    p.add_argument("--dim", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq", "sq8"])
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_synth_bundle)
 
-    register_demo(sub)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -154,19 +135,3 @@ def cmd_publish(args: argparse.Namespace) -> int:
     version = publish(args.bundle, registry=args.registry, redis_url=args.redis_url)
     print(f"published {version}: {args.registry}/CURRENT -> {version}")
     return 0
-
-
-def register_demo(sub: argparse._SubParsersAction) -> None:
-    from towers.cli import default_data_dir
-
-    p = sub.add_parser("demo", help="the end-to-end demo on ML-100k with embedded defaults")
-    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--epochs", type=_positive_int, default=40)
-    p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
-    p.set_defaults(func=cmd_demo)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from offline.demo import run_demo
-
-    return run_demo(workdir=args.workdir, epochs=args.epochs, cache_dir=args.data_dir)

@@ -1,4 +1,4 @@
-"""Online subcommands: serve, recommend; registered by ``towers.cli``."""
+"""Online subcommands: serve, recommend; registered by the ``twotower`` CLI front."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve the registry's CURRENT bundle over gRPC")
-    p.add_argument("--registry", type=Path, required=True)
+    p = sub.add_parser("serve", help="serve the registry's CURRENT bundle (or one bundle) over gRPC")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--registry", type=Path, help="serve CURRENT and hot-swap when it changes (production)")
+    what.add_argument("--bundle", type=Path, help="serve this one bundle directory, no registry (one process)")
     store = p.add_mutually_exclusive_group()
     store.add_argument("--redis-url", default=None, help="use Redis as the feature store")
     store.add_argument("--feature-store", choices=["memory", "redis"], default=None)
@@ -43,6 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from online.config import load_config
     from online.server import start_server
+    from towers.errors import ConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config(args.config, host=args.host, port=args.port,
@@ -57,13 +60,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg = replace(cfg, redis=replace(cfg.redis, url=args.redis_url))
     w = cfg.workers
     if w.workers > 1 or w.max_age_s or w.max_requests or w.max_rss_mb:
+        if args.bundle is not None:
+            raise ConfigError("--bundle", "serves one process; use --registry for workers and recycling")
         # Several processes, or recycling: a gRPC-free supervisor of spawned workers.
         from online.supervisor import run_supervisor
 
         return run_supervisor(cfg, args.registry)
+    if args.bundle is not None and not (args.bundle / "manifest.json").is_file():
+        raise ConfigError("--bundle", f"{args.bundle} is not a bundle directory (no manifest.json)")
 
     async def main() -> None:
-        running = await start_server(cfg, registry=args.registry)
+        running = await start_server(cfg, registry=args.registry, bundle_path=args.bundle)
         print(f"serving {running.service.model.version if running.service.model else '-'} on "
               f"{cfg.host}:{running.port} ({cfg.feature_store} feature store)", flush=True)
         stop = asyncio.Event()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from offline.datasets import Dataset, load_dataset
-from towers.cli import default_data_dir
+from towers.cliargs import default_data_dir
 
 
 @pytest.fixture(scope="session")

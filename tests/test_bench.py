@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from online.bench import markdown, summarize
+from bench.loadgen import LoadSpec, run_load
+from bench.run import markdown, summarize
 from online.config import load_config
-from online.loadgen import LoadSpec, run_load
 from online.server import ServerThread
 
 
@@ -33,7 +33,7 @@ def test_load_generator_counts_every_response(target: str, mode: str) -> None:
 
 
 def test_load_generator_reports_failures_by_status_code() -> None:
-    from online.bench import free_port
+    from bench.procs import free_port
 
     spec = LoadSpec(target=f"127.0.0.1:{free_port()}", mode="closed", duration_s=0.3, concurrency=2, warmup_s=0.0,
                     timeout_s=0.2)

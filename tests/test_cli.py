@@ -10,7 +10,7 @@ import pytest
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "towers.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "twotower", *args], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,7 @@ def test_evaluate_equals_direct_exact_recomputation(trained_bundle: Path, ml100k
 
 
 def test_evaluate_cli_json(trained_bundle: Path, data_dir: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "towers.cli", "evaluate", "--bundle", str(trained_bundle), "--json",
+    out = subprocess.run([sys.executable, "-m", "twotower", "evaluate", "--bundle", str(trained_bundle), "--json",
                           "--data-dir", str(data_dir)], capture_output=True, text=True, check=True)
     m = json.loads(out.stdout)
     assert {"recall@10", "recall@20", "ndcg@10", "hr@50", "popularity", "split"} <= m.keys()

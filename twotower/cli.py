@@ -2,40 +2,33 @@
 subcommands. Each package's ``cli`` module only declares its parsers; the heavy
 imports (torch, faiss, grpc) happen inside the handler that needs them, so
 ``twotower serve`` never loads the training stack.
+
+This package sits above ``offline`` and ``online`` (DESIGN §1): the subcommand
+registry below is plain imports, so the dependency is visible to readers and tools.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
+from bench import run as bench_run
+from offline import cli as offline_cli
+from online import admin as online_admin
+from online import cli as online_cli
+from towers.cliargs import OneLineParser
 from towers.errors import TwoTowerError
+from twotower import demo
 
-# Modules that contribute subcommands, imported by name so towers/ does not
-# depend on offline/ or online/ (DESIGN §1).
-COMMAND_MODULES = ("offline.cli", "online.cli", "online.bench", "online.admin")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Argument errors are one line (``twotower train: error: ...``), exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def default_data_dir() -> str:
-    return os.environ.get("TWOTOWER_DATA_DIR", os.path.join(os.path.expanduser("~"), ".cache", "twotower"))
+REGISTRARS = (offline_cli.register, online_cli.register, online_admin.register, bench_run.register, demo.register)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="twotower", description=__doc__.split("\n\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for register in REGISTRARS:
+        register(sub)
     return parser
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from online.loadgen import LoadResult, LoadRun, LoadSpec
+from bench.loadgen import LoadResult, LoadRun, LoadSpec
 
 OPS_SCENARIOS = ("hotswap", "corrupt", "recycle", "sigkill", "soak")
 
@@ -73,7 +73,7 @@ def _report(name: str, res: LoadResult, events: list[tuple[str, float]], start: 
 
 
 def run_hotswap(workdir: Path, duration: float, rate: float) -> dict[str, Any]:
-    from online.bench import server
+    from bench.procs import server
     from towers import registry as registry_mod
 
     versions = _versions(workdir, 4)
@@ -92,7 +92,7 @@ def run_hotswap(workdir: Path, duration: float, rate: float) -> dict[str, Any]:
 
 
 def run_corrupt(workdir: Path, duration: float, rate: float) -> dict[str, Any]:
-    from online.bench import server
+    from bench.procs import server
     from towers import registry as registry_mod
 
     (first, version), = _versions(workdir, 1)

@@ -24,8 +24,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +31,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from bench.procs import RedisProcess, server, trivial_server
 
 CONCURRENCY = (1, 8, 32, 64, 128)
 ALL_SCENARIOS = ("ceiling", "matrix", "open", "faults", "cold", "hotswap", "corrupt", "recycle", "sigkill", "soak")
@@ -54,136 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--users-1m", type=int, default=1_000_000, help="users in the synthetic 1M-item catalogs")
     p.add_argument("--data-dir", type=Path, default=None)
     p.set_defaults(func=cmd_bench)
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_serving(target: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> float:
-    """Seconds until the health service says SERVING (bounded by ``timeout``)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    t0 = time.perf_counter()
-    with grpc.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.perf_counter() - t0 < timeout:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode} before SERVING")
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return time.perf_counter() - t0
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise TimeoutError(f"{target} not SERVING after {timeout} s")
-
-
-@contextmanager
-def server(registry: Path, *, batch_size: int, redis_url: str | None = None, config: dict[str, Any] | None = None,
-           timeout: float = 600) -> Iterator[tuple[str, float]]:
-    """``twotower serve`` in a subprocess; yields (target, seconds to SERVING)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "towers.cli", "serve", "--registry", str(registry), "--port", str(port),
-           "--max-batch-size", str(batch_size)]
-    if redis_url:
-        cmd += ["--redis-url", redis_url]
-    cfg_file = None
-    if config:
-        cfg_file = Path(tempfile.mkstemp(suffix=".json")[1])
-        cfg_file.write_text(json.dumps(config))
-        cmd += ["--config", str(cfg_file)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        ready = wait_serving(f"127.0.0.1:{port}", timeout, proc)
-        yield f"127.0.0.1:{port}", ready
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if cfg_file:
-            cfg_file.unlink(missing_ok=True)
-
-
-def _trivial_main(port: int) -> None:
-    """A Recommender whose handler returns a fixed 10-item response: the gRPC ceiling."""
-    import asyncio
-
-    import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-    from online.proto import recommender_pb2 as pb
-    from online.proto import recommender_pb2_grpc as pb_grpc
-
-    fixed = pb.RecommendResponse(item_ids=[str(i) for i in range(10)], scores=[0.5] * 10, model_version="trivial",
-                                 rung=pb.RUNG_FULL, source="trivial")
-
-    class Trivial(pb_grpc.RecommenderServicer):
-        async def Recommend(self, request: Any, context: Any) -> Any:
-            return fixed
-
-    async def main() -> None:
-        srv = grpc.aio.server()
-        pb_grpc.add_RecommenderServicer_to_server(Trivial(), srv)
-        h = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(h, srv)
-        srv.add_insecure_port(f"127.0.0.1:{port}")
-        await srv.start()
-        await h.set("", health_pb2.HealthCheckResponse.SERVING)
-        await srv.wait_for_termination()
-
-    asyncio.run(main())
-
-
-@contextmanager
-def trivial_server() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "online.bench", "trivial", str(port)])
-    try:
-        wait_serving(f"127.0.0.1:{port}", 60, proc)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-class RedisProcess:
-    """A throwaway redis-server (no persistence) on a free port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        # DEBUG SLEEP (the "Redis slowed" fault) is refused unless debug commands are enabled.
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(workdir), "--enable-debug-command", "local"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        for _ in range(300):
-            try:
-                redis.Redis(port=self.port).ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 # --------------------------------------------------------------------------- catalogs
@@ -258,7 +128,7 @@ class Bench:
 
     def load(self, label: str, target: str, *, mode: str, users: tuple[str, ...], items: tuple[str, ...],
              concurrency: int = 1, rate: float = 0.0, duration: float | None = None, **meta: Any) -> dict[str, Any]:
-        from online.loadgen import LoadSpec, run_load
+        from bench.loadgen import LoadSpec, run_load
 
         spec = LoadSpec(target=target, mode=mode, duration_s=duration or self.args.duration, concurrency=concurrency,
                         rate=rate, processes=1 if (concurrency <= 8 and rate < 500) else 2, users=users, items=items)
@@ -439,8 +309,8 @@ def run_cold(b: Bench, catalog: str) -> None:
     (sequential calls from one client, each timed)."""
     import numpy as np
 
+    from bench.loadgen import percentiles
     from online.client import RecommenderClient
-    from online.loadgen import percentiles
 
     reg = prepare_catalog(catalog, b.args.workdir, data_dir=b.args.data_dir, users_1m=b.args.users_1m)
     users, items = sample_ids(reg)
@@ -495,7 +365,7 @@ def plot(b: Bench) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from towers.cli import default_data_dir
+    from towers.cliargs import default_data_dir
 
     args.data_dir = args.data_dir or Path(default_data_dir())
     scenarios = [s for s in args.scenarios.split(",") if s]
@@ -521,7 +391,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_faults(b, big)
     if "cold" in scenarios:
         run_cold(b, big)
-    from online import bench_ops
+    from bench import ops as bench_ops
 
     for name in ("hotswap", "corrupt", "recycle", "sigkill"):
         if name in scenarios:
@@ -534,8 +404,3 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(json.dumps(summarize(b.results), indent=1))
     print(f"wrote {b.out / 'results.json'} and {b.out / 'bench.png'}")
     return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "trivial":
-        _trivial_main(int(sys.argv[2]))

@@ -1,0 +1,7 @@
+"""``python -m twotower``: the console script."""
+
+import sys
+
+from twotower.cli import main
+
+sys.exit(main())
