@@ -64,7 +64,7 @@ def _summary(flags: Flags) -> list[str]:
     lines = [f"{len(flags.experiments)} experiment(s), "
              f"{sum(e.running for e in flags.experiments)} running"]
     for e in flags.experiments:
-        sets = ", ".join(sorted(e.sets())) or "nothing"
+        sets = ", ".join(sorted(e.sets)) or "nothing"
         lines.append(f"{e.name}: {e.status}, allocation {e.allocation:g} (reach {_reach(flags, e):.1%}), "
                      f"salt {e.salt!r}, sets {sets}")
         for i, v in enumerate(e.variants):

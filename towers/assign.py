@@ -32,6 +32,7 @@ from towers.flags import CURRENT, N_BUCKETS, Experiment, Flags, Overrides
 
 Reason = Literal["forced", "allocated", "outside-allocation", "not-running", "excluded"]
 DEFAULT = "default"  # the label of a user in no variant: CURRENT, no overrides
+_NO_OVERRIDES = Overrides()
 
 
 def bucket(*, salt: str, purpose: str, key: str, n_buckets: int = N_BUCKETS) -> int:
@@ -52,7 +53,7 @@ def variant_bucket(experiment: Experiment, user_id: str) -> int:
 
 def variant_for_bucket(experiment: Experiment, b: int) -> str:
     """The arm that owns variant bucket ``b``: a treatment's range, else the control."""
-    for variant, (lo, hi) in zip(experiment.treatments, experiment.treatment_ranges(), strict=True):
+    for variant, (lo, hi) in zip(experiment.treatments, experiment.treatment_ranges, strict=True):
         if lo <= b < hi:
             return variant.name
     return experiment.control.name
@@ -126,14 +127,13 @@ def assign(flags: Flags, user_id: str) -> Assignment:
             experiment=e.name, variant=variant, reason=reason, excluded_by=excluded_by,
             allocation_bucket=allocation_bucket(e, user_id), variant_bucket=variant_bucket(e, user_id),
             version=v.version if v is not None else CURRENT,
-            overrides=v.overrides if v is not None else Overrides(),
+            overrides=v.overrides if v is not None else _NO_OVERRIDES,
             shadows=tuple(s.name for s in e.shadows) if v is not None else ())
         if v is not None:
-            taken.update(dict.fromkeys(e.sets(), e.name))
+            taken.update(dict.fromkeys(e.sets, e.name))
 
-    running = [e for e in flags.experiments if e.running]
-    for e in running:  # forced users first: QA must see what it asked for
-        if user_id in e.force:
+    for e in flags.experiments:  # forced users first: QA must see what it asked for
+        if e.running and user_id in e.force:
             place(e, e.force[user_id], "forced")
     for e in flags.experiments:
         if e.name in answers:
@@ -141,19 +141,19 @@ def assign(flags: Flags, user_id: str) -> Assignment:
         if not e.running:
             place(e, None, "not-running")
             continue
-        clash = sorted({taken[p] for p in e.sets() if p in taken})
+        clash = sorted({taken[p] for p in e.sets if p in taken})
         if clash:
             place(e, None, "excluded", excluded_by=clash[0])
-        elif allocation_bucket(e, user_id) >= e.allocated_buckets():
+        elif allocation_bucket(e, user_id) >= e.allocated_buckets:
             place(e, None, "outside-allocation")
         else:
             place(e, variant_for_bucket(e, variant_bucket(e, user_id)), "allocated")
 
     ordered = tuple(answers[e.name] for e in flags.experiments)
-    overrides = Overrides()
-    version = CURRENT
+    overrides, version = _NO_OVERRIDES, CURRENT
     for a in ordered:
         if a.variant is not None:
-            overrides = overrides.merged(a.overrides)
+            # Exclusivity means no two assigned experiments set the same key, so order does not matter.
+            overrides = overrides.merged(a.overrides) if a.overrides.set_keys() else overrides
             version = a.version if a.version != CURRENT else version
     return Assignment(user_id=user_id, experiments=ordered, version=version, overrides=overrides)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -192,16 +193,16 @@ class Experiment(_Model):
     def control(self) -> Variant:
         return self.variants[0]
 
-    @property
+    @cached_property
     def arms(self) -> list[Variant]:
         """The variants that take traffic (control first)."""
         return [v for v in self.variants if not v.is_shadow]
 
-    @property
+    @cached_property
     def treatments(self) -> list[Variant]:
         return self.arms[1:]
 
-    @property
+    @cached_property
     def shadows(self) -> list[Variant]:
         return [v for v in self.variants if v.is_shadow]
 
@@ -218,12 +219,15 @@ class Experiment(_Model):
     def treatment_buckets(self) -> list[int]:
         return [round((v.weight or 0.0) * N_BUCKETS) for v in self.treatments]
 
+    @cached_property
     def treatment_ranges(self) -> list[tuple[int, int]]:
         return ramp_layout(self.treatment_buckets())
 
+    @cached_property
     def allocated_buckets(self) -> int:
         return round(self.allocation * N_BUCKETS)
 
+    @cached_property
     def sets(self) -> frozenset[str]:
         """The serving parameters this experiment varies (the unit of mutual exclusion)."""
         keys: set[str] = set()
@@ -255,13 +259,13 @@ class Flags(_Model):
                 if common and self.exclusive(a, b):
                     raise _invalid(f"experiments[{b.name}].force[{common[0]}]",
                                    f"{common[0]!r} is also forced into {a.name}, which sets the same "
-                                   f"parameters ({', '.join(sorted(a.sets() & b.sets()))})")
+                                   f"parameters ({', '.join(sorted(a.sets & b.sets))})")
         return self
 
     @staticmethod
     def exclusive(a: Experiment, b: Experiment) -> bool:
         """Whether two experiments set a common parameter (so no user is in both)."""
-        return bool(a.sets() & b.sets())
+        return bool(a.sets & b.sets)
 
     def experiment(self, name: str) -> Experiment:
         for e in self.experiments:
