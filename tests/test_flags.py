@@ -388,6 +388,19 @@ def test_experiments_pinning_versions_are_mutually_exclusive_in_file_order() -> 
     assert chi2(counts, {"c": 0.5, "t": 0.5}) < CHI2_CRIT_001[1]
 
 
+def test_forcing_wins_over_an_earlier_exclusive_experiment() -> None:
+    first = experiment({"c": 0.0, "t": 1.0}, name="first")  # takes every user it can
+    first["variants"][1]["version"] = V1
+    second = experiment({"c": 0.5, "t": 0.5}, name="second", force={"qa-1": "t"})
+    second["variants"][1]["version"] = V2
+    flags = flags_of(first, second)
+    qa = assign(flags, "qa-1")
+    assert (qa.of("second").reason, qa.of("first").reason, qa.of("first").excluded_by) == (
+        "forced", "excluded", "second")
+    assert qa.version == V2
+    assert assign(flags, "user-1").version == V1
+
+
 def test_experiments_on_different_settings_overlap_and_combine() -> None:
     a = experiment({"c": 0.5, "t": 0.5}, name="probe")
     a["variants"][1]["overrides"] = {"nprobe": 64}
