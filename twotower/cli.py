@@ -15,13 +15,15 @@ from collections.abc import Sequence
 
 from bench import run as bench_run
 from offline import cli as offline_cli
+from online import ab_cli
 from online import admin as online_admin
 from online import cli as online_cli
 from towers.cliargs import OneLineParser
 from towers.errors import TwoTowerError
 from twotower import demo
 
-REGISTRARS = (offline_cli.register, online_cli.register, online_admin.register, bench_run.register, demo.register)
+REGISTRARS = (offline_cli.register, online_cli.register, online_admin.register, ab_cli.register, bench_run.register,
+              demo.register)
 
 
 def build_parser() -> argparse.ArgumentParser:
