@@ -47,6 +47,7 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
     rungs: dict[str, int] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
+    completed: int = 0  # every call that finished, warmup included (for the server's CPU per call)
     samples_ms: list[float] = field(default_factory=list)  # a sorted subsample, for CDF plots
     # Per request: send time (unix s, comparable across processes), latency (ms), and whether it
     # failed, so a scenario can compare the window around an event with the time before it.
@@ -86,6 +87,7 @@ async def _client(spec: LoadSpec, share: float, seed: int) -> dict[str, Any]:
     codes: Counter[str] = Counter()
     rungs: Counter[str] = Counter()
     versions: Counter[str] = Counter()
+    completed = 0
     # Pre-build the messages: request construction is client cost, not server cost.
     msgs = []
     for _ in range(512):
@@ -101,11 +103,13 @@ async def _client(spec: LoadSpec, share: float, seed: int) -> dict[str, Any]:
         end = record_from + spec.duration_s
 
         async def one(msg: Any, t_sched: float) -> None:
+            nonlocal completed
             try:
                 resp = await stub.Recommend(msg, timeout=spec.timeout_s)
                 code = "OK"
             except grpc.aio.AioRpcError as e:
                 resp, code = None, e.code().name
+            completed += 1
             if t_sched >= record_from:
                 lat.append((time.perf_counter() - t_sched) * 1000.0)
                 sent.append(t_sched + wall)
@@ -142,7 +146,7 @@ async def _client(spec: LoadSpec, share: float, seed: int) -> dict[str, Any]:
             if tasks:
                 await asyncio.wait(tasks, timeout=spec.timeout_s + 1)
     return {"lat": lat, "sent": sent, "failed": failed, "codes": dict(codes), "rungs": dict(rungs),
-            "versions": dict(versions)}
+            "versions": dict(versions), "completed": completed}
 
 
 def _proc_main(spec: LoadSpec, share: float, seed: int, conn: Any) -> None:
@@ -185,7 +189,8 @@ def run_load(spec: LoadSpec) -> LoadResult:
 
 def merge(spec: LoadSpec, parts: list[dict[str, Any]]) -> LoadResult:
     lat = np.array([x for part in parts for x in part["lat"]], dtype=np.float64)
-    res = LoadResult(requests=len(lat), qps=len(lat) / spec.duration_s, latency_ms=percentiles(lat))
+    res = LoadResult(requests=len(lat), qps=len(lat) / spec.duration_s, latency_ms=percentiles(lat),
+                     completed=sum(int(part.get("completed", 0)) for part in parts))
     for part in parts:
         for key, target in (("codes", res.errors), ("rungs", res.rungs), ("versions", res.versions)):
             for name, n in part[key].items():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +46,35 @@ def wait_serving(target: str, timeout: float, proc: subprocess.Popen[bytes] | No
     raise TimeoutError(f"{target} not SERVING after {timeout} s")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/PID/stat``), in seconds. The
+    benchmark's clients share the cores with the server, so QPS alone mixes both costs;
+    the server's own CPU per call does not."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class ServerProc:
+    target: str
+    ready_s: float  # seconds from start to SERVING
+    pid: int
+
+    def __iter__(self) -> Iterator[Any]:  # (target, ready) unpacking, as the scenarios use it
+        return iter((self.target, self.ready_s))
+
+
 @contextmanager
 def server(registry: Path, *, batch_size: int, redis_url: str | None = None, config: dict[str, Any] | None = None,
-           timeout: float = 600) -> Iterator[tuple[str, float]]:
-    """``twotower serve`` in a subprocess; yields (target, seconds to SERVING)."""
+           timeout: float = 600, transport: str | None = None) -> Iterator[ServerProc]:
+    """``twotower serve`` in a subprocess; yields its target, seconds to SERVING and pid."""
     port = free_port()
     cmd = [sys.executable, "-m", "twotower", "serve", "--registry", str(registry), "--port", str(port),
            "--max-batch-size", str(batch_size)]
     if redis_url:
         cmd += ["--redis-url", redis_url]
+    if transport:
+        cmd += ["--transport", transport]
     cfg_file = None
     if config:
         cfg_file = Path(tempfile.mkstemp(suffix=".json")[1])
@@ -61,7 +83,7 @@ def server(registry: Path, *, batch_size: int, redis_url: str | None = None, con
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ready = wait_serving(f"127.0.0.1:{port}", timeout, proc)
-        yield f"127.0.0.1:{port}", ready
+        yield ServerProc(f"127.0.0.1:{port}", ready, proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -103,12 +125,12 @@ def _trivial_main(port: int) -> None:
 
 
 @contextmanager
-def trivial_server() -> Iterator[str]:
+def trivial_server() -> Iterator[ServerProc]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bench.procs", "trivial", str(port)])
     try:
-        wait_serving(f"127.0.0.1:{port}", 60, proc)
-        yield f"127.0.0.1:{port}"
+        ready = wait_serving(f"127.0.0.1:{port}", 60, proc)
+        yield ServerProc(f"127.0.0.1:{port}", ready, proc.pid)
     finally:
         proc.kill()
         proc.wait()

@@ -6,6 +6,8 @@ Scenarios (``--scenarios``, comma separated):
               (ML-100k, synthetic 100k, synthetic 1M with flat/ivf/hnsw/sq8)
 - ``ceiling`` the same load against a trivial handler returning a fixed response
               (the Python gRPC limit of this machine)
+- ``paths``   the request path's cost vs the trivial handler, same run: closed loop c=64
+              QPS and server CPU per 1,000 calls, open loop at half peak (p99), per transport
 - ``open``    open loop at half the measured peak (1M items, batching on)
 - ``faults``  Redis feature store: steady, slowed (DEBUG SLEEP), stopped (SIGSTOP), recovered
 - ``cold``    the first requests after a load, with and without warmup
@@ -35,7 +37,8 @@ from typing import Any
 from bench.procs import RedisProcess, server, trivial_server
 
 CONCURRENCY = (1, 8, 32, 64, 128)
-ALL_SCENARIOS = ("ceiling", "matrix", "open", "faults", "cold", "hotswap", "corrupt", "recycle", "sigkill", "soak")
+ALL_SCENARIOS = ("ceiling", "paths", "matrix", "open", "faults", "cold", "hotswap", "corrupt", "recycle", "sigkill",
+                 "soak")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--soak-duration", type=float, default=300.0, help="seconds of the soak")
     p.add_argument("--ops-rate", type=float, default=400.0, help="open-loop rate of the operations scenarios")
     p.add_argument("--users-1m", type=int, default=1_000_000, help="users in the synthetic 1M-item catalogs")
+    p.add_argument("--transports", default="aio,sync", help="gRPC transports the paths scenario compares")
     p.add_argument("--data-dir", type=Path, default=None)
     p.set_defaults(func=cmd_bench)
 
@@ -127,18 +131,25 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
 
     def load(self, label: str, target: str, *, mode: str, users: tuple[str, ...], items: tuple[str, ...],
-             concurrency: int = 1, rate: float = 0.0, duration: float | None = None, **meta: Any) -> dict[str, Any]:
+             concurrency: int = 1, rate: float = 0.0, duration: float | None = None, pid: int | None = None,
+             **meta: Any) -> dict[str, Any]:
+        """One load run; with the server's ``pid``, also its CPU seconds per 1,000 calls."""
         from bench.loadgen import LoadSpec, run_load
+        from bench.procs import cpu_seconds
 
         spec = LoadSpec(target=target, mode=mode, duration_s=duration or self.args.duration, concurrency=concurrency,
                         rate=rate, processes=1 if (concurrency <= 8 and rate < 500) else 2, users=users, items=items)
+        cpu0 = cpu_seconds(pid) if pid else 0.0
         res = run_load(spec)
         row = {"label": label, "mode": mode, "concurrency": concurrency, "rate": rate, **meta, **res.to_dict()}
+        if pid and res.completed:
+            row["server_cpu_s_per_1k"] = round((cpu_seconds(pid) - cpu0) / res.completed * 1000, 4)
         self.results.append(row)
         self.samples[label] = res.samples_ms
         lat = res.latency_ms
+        cpu = f"  cpu {row['server_cpu_s_per_1k']:.3f} s/1k" if "server_cpu_s_per_1k" in row else ""
         print(f"{label:48s} {res.qps:8.0f} QPS  p50 {lat.get('p50', 0):7.2f}  p99 {lat.get('p99', 0):7.2f} ms  "
-              f"errors {sum(res.errors.values())}  rungs {res.rungs}", flush=True)
+              f"errors {sum(res.errors.values())}  rungs {res.rungs}{cpu}", flush=True)
         self.save()
         return row
 
@@ -177,6 +188,20 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     best = max((r for r in rows if r["mode"] == "closed" and r.get("catalog")), key=lambda r: r["qps"], default=None)
     if ceiling and best:
         out["best QPS / trivial-handler QPS"] = round(best["qps"] / ceiling["qps"], 2)
+    trivial = find(label="paths: trivial c=64")
+    for r in rows:
+        if r.get("scenario") != "paths" or r.get("catalog_of") == "trivial":
+            continue
+        name = f"{r['catalog_of']} {r['transport']}"
+        if r["mode"] == "closed" and trivial:
+            out[f"paths: {name} QPS / trivial QPS at c=64"] = round(r["qps"] / trivial["qps"], 2)
+            if r.get("server_cpu_s_per_1k") and trivial.get("server_cpu_s_per_1k"):
+                out[f"paths: {name} server CPU per call / trivial's"] = round(
+                    r["server_cpu_s_per_1k"] / trivial["server_cpu_s_per_1k"], 2)
+        pair = find(scenario="paths", catalog_of="trivial", paired_with=name)
+        if r["mode"] == "open" and pair and pair["latency_ms"].get("p99"):
+            out[f"paths: {name} open-loop p99 / trivial's at {r['open_rate']}/s"] = round(
+                r["latency_ms"]["p99"] / pair["latency_ms"]["p99"], 2)
     return out
 
 
@@ -250,11 +275,39 @@ def run_matrix(b: Bench, catalogs: list[str], conc: list[int]) -> None:
         with contextlib.ExitStack() as stack:
             url = stack.enter_context(redis_loaded(reg))[0].url if b.args.store == "redis" else None
             for batching in (True, False):
-                with server(reg, batch_size=64 if batching else 1, redis_url=url) as (target, ready):
+                with server(reg, batch_size=64 if batching else 1, redis_url=url) as srv:
                     for c in conc:
-                        b.load(f"{cat} {'batched' if batching else 'unbatched'} c={c}", target, mode="closed",
+                        b.load(f"{cat} {'batched' if batching else 'unbatched'} c={c}", srv.target, mode="closed",
                                users=users, items=items, concurrency=c, catalog=cat, batching=batching,
-                               store=b.args.store, time_to_serving_s=round(ready, 2))
+                               store=b.args.store, time_to_serving_s=round(srv.ready_s, 2), pid=srv.pid)
+
+
+def run_paths(b: Bench, catalogs: list[str]) -> None:
+    """The request path's own cost, against a do-nothing handler in the same run: closed loop
+    at c=64 (QPS and the server's CPU seconds per 1,000 calls), then open loop (Poisson) at
+    half the catalog's peak, for the catalog and for the do-nothing handler at the same rate.
+    Both gRPC transports of ``twotower serve`` (grpc.aio, and the sync server with a thread
+    pool) are measured on the real handler."""
+    with trivial_server() as t:
+        b.load("paths: trivial c=64", t.target, mode="closed", users=("1",), items=(), concurrency=64, pid=t.pid,
+               scenario="paths", catalog_of="trivial")
+    for cat in catalogs:
+        reg = prepare_catalog(cat, b.args.workdir, data_dir=b.args.data_dir, users_1m=b.args.users_1m)
+        users, items = sample_ids(reg)
+        with contextlib.ExitStack() as stack:
+            url = stack.enter_context(redis_loaded(reg))[0].url if b.args.store == "redis" else None
+            for transport in b.args.transports.split(","):
+                with server(reg, batch_size=64, redis_url=url, transport=transport) as srv:
+                    peak = b.load(f"paths: {cat} {transport} c=64", srv.target, mode="closed", users=users,
+                                  items=items, concurrency=64, pid=srv.pid, scenario="paths", catalog_of=cat,
+                                  transport=transport)["qps"]
+                    b.load(f"paths: {cat} {transport} open at half peak", srv.target, mode="open", rate=peak / 2,
+                           users=users, items=items, pid=srv.pid, scenario="paths", catalog_of=cat,
+                           transport=transport, open_rate=round(peak / 2, 1))
+                with trivial_server() as t:
+                    b.load(f"paths: trivial open at {cat} {transport}'s half peak", t.target, mode="open",
+                           rate=peak / 2, users=("1",), items=(), pid=t.pid, scenario="paths", catalog_of="trivial",
+                           paired_with=f"{cat} {transport}")
 
 
 def run_open(b: Bench, catalog: str) -> None:
@@ -379,9 +432,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     b = Bench(args)
     if "ceiling" in scenarios:
         users = ("1",)
-        with trivial_server() as target:
+        with trivial_server() as t:
             for c in conc:
-                b.load(f"ceiling c={c}", target, mode="closed", users=users, items=(), concurrency=c)
+                b.load(f"ceiling c={c}", t.target, mode="closed", users=users, items=(), concurrency=c, pid=t.pid)
+    if "paths" in scenarios:
+        run_paths(b, [c for c in catalogs if not c.startswith("synth-1m")])
     if "matrix" in scenarios:
         run_matrix(b, catalogs, conc)
     big = next((c for c in catalogs if c.endswith("ivf")), catalogs[-1])

@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-rss-mb", type=float, default=None,
                    help="recycle a worker whose resident memory exceeds this (0: never)")
     p.add_argument("--drain-grace-s", type=float, default=None, help="time in-flight RPCs get on shutdown")
+    p.add_argument("--transport", choices=["aio", "sync"], default=None,
+                   help="gRPC server: grpc.aio, or the sync server with a thread pool")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("recommend", help="ask a running server for recommendations")
@@ -53,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       batching__max_batch_size=args.max_batch_size, batching__max_wait_ms=args.max_wait_ms,
                       workers__workers=args.workers, workers__max_age_s=args.max_age_s,
                       workers__max_requests=args.max_requests, workers__max_rss_mb=args.max_rss_mb,
-                      workers__drain_grace_s=args.drain_grace_s)
+                      workers__drain_grace_s=args.drain_grace_s, transport=args.transport)
     if args.redis_url:
         from dataclasses import replace
 

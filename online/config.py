@@ -84,6 +84,11 @@ class ServeConfig:
     # ``search_threads``; on 2 cores, OpenMP teams spin-wait between calls and stole the CPU
     # the event loop needed: single-query p50 went from ~2 ms to ~13 ms at 2 threads (bench).
     search_omp_threads: int = 1
+    # gRPC transport: "aio" (grpc.aio, handlers on the event loop) or "sync" (grpc.server with
+    # ``sync_threads`` pool threads, each waiting for the service on the event loop). Measured
+    # with the real handler in the benchmark's ``paths`` scenario; the default is the faster.
+    transport: str = "aio"
+    sync_threads: int = 256  # at least the concurrency that should batch: a waiting call holds a thread
 
     def validate(self) -> ServeConfig:
         checks = [
@@ -100,6 +105,8 @@ class ServeConfig:
             ("max_events_per_call", 1 <= self.max_events_per_call <= 16384, "must be in 1..16384"),
             ("max_event_skew_s", self.max_event_skew_s >= 0, "must be >= 0"),
             ("search_omp_threads", self.search_omp_threads >= 1, "must be >= 1"),
+            ("transport", self.transport in ("aio", "sync"), "must be 'aio' or 'sync'"),
+            ("sync_threads", self.sync_threads >= 1, "must be >= 1"),
         ]
         for name, ok, msg in checks:
             if not ok:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,8 @@ def to_proto(r: RecResult) -> pb.RecommendResponse:
 
 
 class RecommenderServicer(pb_grpc.RecommenderServicer):
+    """The ``grpc.aio`` transport: handlers run on the service's event loop."""
+
     def __init__(self, service: RecommendService) -> None:
         self.service = service
 
@@ -83,6 +87,41 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             return pb.RecordEventsResponse(accepted=await self.service.record_events(events))
         except Exception as e:
             return await self._fail(context, e)
+
+
+class SyncRecommenderServicer(pb_grpc.RecommenderServicer):
+    """The sync transport (``grpc.server`` with a thread pool): the same parsing, service and
+    mapping as ``RecommenderServicer``; each call waits in a pool thread for the service, which
+    stays on its event loop (the batcher needs one place where concurrent calls meet)."""
+
+    def __init__(self, service: RecommendService, loop: asyncio.AbstractEventLoop) -> None:
+        self.service = service
+        self.loop = loop
+
+    def _call(self, coro_fn: Callable[[], Any], context: grpc.ServicerContext) -> Any:
+        fut = asyncio.run_coroutine_threadsafe(coro_fn(), self.loop)
+        context.add_callback(fut.cancel)  # the client went away: drop the request from its batch
+        return fut.result()
+
+    def _fail(self, context: grpc.ServicerContext, e: BaseException) -> Any:
+        code = status_of(e)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("internal error", exc_info=e)
+        context.abort(code, str(e))
+
+    def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> Any:
+        try:
+            req = parse_recommend(request, self.service.cfg, time_remaining=context.time_remaining())
+            return to_proto(self._call(lambda: self.service.recommend(req), context))
+        except Exception as e:
+            return self._fail(context, e)
+
+    def RecordEvents(self, request: pb.RecordEventsRequest, context: grpc.ServicerContext) -> Any:
+        try:
+            events = parse_events(request, self.service.cfg)
+            return pb.RecordEventsResponse(accepted=self._call(lambda: self.service.record_events(events), context))
+        except Exception as e:
+            return self._fail(context, e)
 
 
 def make_store(cfg: ServeConfig) -> FeatureStore:
@@ -108,7 +147,7 @@ class AdminServicer(pb_grpc.AdminServicer):
 
 @dataclass
 class RunningServer:
-    server: grpc.aio.Server
+    server: Any  # grpc.aio.Server, or grpc.Server for the sync transport
     service: RecommendService
     health: Any
     port: int
@@ -119,14 +158,18 @@ class RunningServer:
 
     async def set_serving(self) -> None:
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
 
     async def stop(self, grace: float = 1.0) -> None:
         """Graceful drain: NOT_SERVING, stop accepting, let in-flight calls finish within ``grace``."""
         if self.watcher is not None:
             await self.watcher.stop()
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await _maybe_await(self.health.enter_graceful_shutdown())
+        stopped = self.server.stop(grace)
+        if isinstance(stopped, threading.Event):  # the sync transport: wait off the event loop
+            await asyncio.get_running_loop().run_in_executor(None, stopped.wait)
+        else:
+            await stopped
         if self.admin is not None:
             await self.admin.stop(0)
         await self.service.close()
@@ -134,7 +177,13 @@ class RunningServer:
             self.restore.pop()()
 
 
-def _add_port(server: grpc.aio.Server, address: str) -> int:
+async def _maybe_await(x: Any) -> None:
+    """The aio health servicer's methods are coroutines; the sync one's are plain calls."""
+    if inspect.isawaitable(x):
+        await x
+
+
+def _add_port(server: Any, address: str) -> int:
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as e:  # grpc's "Failed to bind": most often the port is taken
@@ -161,18 +210,30 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
     # (in-process servers in tests and the demo share the interpreter with other code).
     old_blas = faiss.cvar.distance_compute_blas_threshold
     faiss.cvar.distance_compute_blas_threshold = cfg.search_blas_threshold
-    server = grpc.aio.server(options=[
+    options = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.so_reuseport", int(reuse_port)),
-    ])
+    ]
     service = RecommendService(cfg, store or make_store(cfg))
-    pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(service), server)
-    health_servicer = health.aio.HealthServicer()
+    server: Any
+    health_servicer: Any
+    if cfg.transport == "sync":
+        from concurrent.futures import ThreadPoolExecutor
+
+        server = grpc.server(ThreadPoolExecutor(max_workers=cfg.sync_threads, thread_name_prefix="grpc"),
+                             options=options)
+        pb_grpc.add_RecommenderServicer_to_server(SyncRecommenderServicer(service, asyncio.get_running_loop()),
+                                                  server)
+        health_servicer = health.HealthServicer()
+    else:
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(service), server)
+        health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await _maybe_await(health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
     running = RunningServer(server, service, health_servicer, -1)
     # gc.unfreeze: the service freezes its model's objects on install (see RecommendService.install).
     running.restore += [lambda: setattr(faiss.cvar, "distance_compute_blas_threshold", old_blas), gc.unfreeze]
@@ -180,7 +241,7 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
 
     async def bind() -> None:
         running.port = _add_port(server, f"{cfg.host}:{cfg.port}")
-        await server.start()
+        await _maybe_await(server.start())
 
     try:
         if bind_early or registry is None:

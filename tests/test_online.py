@@ -363,3 +363,24 @@ def test_an_old_version_stays_in_the_embedded_store_until_its_last_batch_is_done
         await svc.close()
 
     asyncio.run(main())
+
+
+def test_the_sync_transport_gives_the_same_answers_and_errors(served_registry: Path) -> None:
+    """``transport: sync`` (grpc.server with a thread pool) runs the same parsing, service and
+    status mapping as grpc.aio: same lists, same INVALID_ARGUMENT, same health."""
+    aio = ServerThread(load_config(port=0), registry=served_registry)
+    sync = ServerThread(load_config(port=0, transport="sync", sync_threads=8), registry=served_registry)
+    try:
+        with RecommenderClient(aio.target, timeout=5.0) as a, RecommenderClient(sync.target, timeout=5.0) as s:
+            assert s.health() == "SERVING"
+            for user, recent in [("1", ["50", "181"]), ("77", []), ("nobody", ["50"])]:
+                ra, rs = a.recommend(user, k=10, recent=recent), s.recommend(user, k=10, recent=recent)
+                assert list(ra.item_ids) == list(rs.item_ids) and ra.source == rs.source and ra.rung == rs.rung
+            with pytest.raises(grpc.RpcError) as e:
+                s.recommend("1", k=0)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("k:")
+            assert s.record_events([("5", "50", "click", 1)]) == 1
+            assert "50" not in s.recommend("5", k=10).item_ids
+    finally:
+        sync.stop()
+        aio.stop()
