@@ -21,10 +21,10 @@ def name_problem(name: object, *, what: str = "file name") -> str | None:
     if not isinstance(name, str) or not name:
         return f"{what} {name!r} is not a string"
     if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
-        return f"{what} {name!r} is an absolute path (outside the bundle)"
+        return f"{what} {name!r} is not a plain file name: an absolute path"
     parts = name.replace("\\", "/").split("/")
     if ".." in parts:
-        return f"{what} {name!r} leads out of the bundle ('..')"
+        return f"{what} {name!r} is not a plain file name: '..' leads out of the bundle"
     if len(parts) != 1 or name.startswith(".") or "\x00" in name:
         return f"{what} {name!r} is not a plain file name"
     return None
