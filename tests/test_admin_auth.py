@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
+from cli_entry import ROOT, twotower_argv
 from pki import make_pki
 
 from online.admin_auth import TOKEN_ENV, admin_token, bearer, check_admin_exposure, is_loopback
@@ -101,8 +101,8 @@ def test_a_configured_token_is_required(guarded: ServerThread) -> None:
 
 def admin_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV} | (env or {})
-    return subprocess.run([sys.executable, "-m", "towers.cli", "admin", *args], capture_output=True, text=True,
-                          timeout=120, env=full_env)
+    return subprocess.run([*twotower_argv(), "admin", *args], capture_output=True, text=True,
+                          timeout=120, env=full_env, cwd=ROOT)
 
 
 def test_admin_cli_sends_the_token(guarded: ServerThread) -> None:
@@ -134,8 +134,8 @@ def test_admin_over_tls_with_token(registry: Path, token_file: Path, tmp_path: P
 def test_serve_cli_refuses_an_exposed_admin_port_in_one_line(registry: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "serve.json"
     cfg.write_text(json.dumps({"admin_host": "0.0.0.0", "admin_port": 0}))
-    proc = subprocess.run([sys.executable, "-m", "towers.cli", "serve", "--registry", str(registry), "--port", "0",
-                           "--config", str(cfg)], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([*twotower_argv(), "serve", "--registry", str(registry), "--port", "0",
+                           "--config", str(cfg)], capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={k: v for k, v in os.environ.items() if k != TOKEN_ENV})
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

@@ -4,13 +4,13 @@ gRPC over loopback, the Python client and ``twotower recommend``."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
+from cli_entry import ROOT, twotower_argv
 from pki import Pki, make_pki
 
 from online.client import RecommenderClient
@@ -84,7 +84,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(mtls_server: Serve
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "towers.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*twotower_argv(), *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def test_recommend_cli_speaks_tls_and_mutual_tls(tls_server: ServerThread, mtls_server: ServerThread,
