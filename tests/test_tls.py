@@ -154,3 +154,37 @@ def test_serve_cli_refuses_bad_tls_in_one_line(registry: Path, tmp_path: Path, p
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--tls-cert" in lines[0] and "absent.pem: no such file" in lines[0], proc.stderr
+
+
+def test_serve_with_workers_speaks_mutual_tls(registry: Path, pki: Pki) -> None:
+    """The deployment's shape: `twotower serve --workers 2` (spawned workers) with mutual TLS."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*twotower_argv(), "serve", "--registry", str(registry), "--port", str(port), "--workers",
+                             "2", "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                             "--tls-client-ca", str(pki.ca)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    target = f"127.0.0.1:{port}"
+    good = channel_credentials(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
+    try:
+        with RecommenderClient(target, timeout=5.0, credentials=good) as c:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None, proc.communicate()[0][-3000:]
+                assert time.monotonic() < deadline, "not SERVING after 120 s"
+                try:
+                    if c.health(timeout=1.0) == "SERVING":
+                        break
+                except grpc.RpcError:
+                    time.sleep(0.2)
+            assert len(c.recommend("u2", k=4).item_ids) == 4
+        assert call_fails(target, channel_credentials(ca=pki.ca)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out[-3000:]
