@@ -17,3 +17,12 @@ def twotower_argv() -> list[str]:
     spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["twotower"]
     module, func = spec.split(":")
     return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())"]
+
+
+def package_dirs() -> list[str]:
+    """The top-level packages the wheel is built from (pyproject's setuptools ``include``
+    patterns), as directories of this checkout: what an install or an image must copy."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    names = sorted({p.rstrip("*").rstrip(".") for p in patterns})
+    return [n for n in names if (ROOT / n / "__init__.py").is_file()]

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from cli_entry import twotower_argv
+from cli_entry import package_dirs, twotower_argv
 
 from online.admin_auth import check_admin_exposure
 from online.config import load_config
@@ -107,6 +107,18 @@ def test_dockerignore_keeps_the_context_to_the_sources() -> None:
     copied = {i.split()[1] for s in stages("Dockerfile") for i in s if i.startswith("COPY ") and "--from" not in i}
     copied = {c for x in copied for c in ([x] if x != "pyproject.toml" else ["pyproject.toml", "README.md"])}
     assert copied <= allowed, copied - allowed
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_images_copy_every_package_of_the_wheel(name: str) -> None:
+    # pyproject's package list is the truth: a package the wheel needs (the CLI front, ...)
+    # but the image does not copy would build an image whose `twotower` cannot start.
+    copied = {i.split()[1] for s in stages(name) for i in s if i.startswith("COPY ") and "--from" not in i}
+    allowed = {x.strip()[1:].rstrip("/") for x in (ROOT / ".dockerignore").read_text().splitlines()
+               if x.strip().startswith("!")}
+    for pkg in package_dirs():
+        assert pkg in copied, f"{name} does not COPY {pkg}/"
+        assert pkg in allowed, f".dockerignore keeps {pkg}/ out of the build context"
 
 
 # --- Kubernetes ------------------------------------------------------------------------------

@@ -23,12 +23,13 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+from cli_entry import package_dirs
 
 from online.client import RecommenderClient
 from towers import registry as registry_mod
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("pyproject.toml", "README.md", "towers", "offline", "online")
+SOURCES = ("pyproject.toml", "README.md", *package_dirs())
 TRAINING_ONLY = ("torch", "tqdm", "matplotlib")
 
 
