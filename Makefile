@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export TWOTOWER_DATA_DIR ?= $(CURDIR)/.cache/data
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint protos check-protos redis data clean
+.PHONY: setup demo test lint protos check-protos redis data clean deploy-check
 
 setup: $(STAMP) data redis
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[train,dev]'
 	touch $(STAMP)
 
 data: $(STAMP)
@@ -49,6 +49,11 @@ demo: setup
 
 test: setup lint check-protos
 	$(BIN)/pytest -q -ra
+
+# deploy/: hadolint on each Dockerfile, kustomize + kubernetes-validate on each overlay, the
+# compose file against the compose spec, and their commands against the real CLI (offline).
+deploy-check: $(STAMP)
+	$(BIN)/pytest -q tests/test_deploy.py
 
 clean:
 	rm -rf $(VENV) .cache

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from online.tls import add_client_tls_flags
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the registry's CURRENT bundle (or one bundle) over gRPC")
@@ -29,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-grace-s", type=float, default=None, help="time in-flight RPCs get on shutdown")
     p.add_argument("--transport", choices=["aio", "sync"], default=None,
                    help="gRPC server: grpc.aio, or the sync server with a thread pool")
+    p.add_argument("--tls-cert", default=None, help="PEM server certificate (chain): serve TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (unencrypted)")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="PEM CA bundle: mutual TLS, clients must present a certificate it signed")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("recommend", help="ask a running server for recommendations")
@@ -37,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--mode", choices=["auto", "online", "batch"], default="auto")
     p.add_argument("--target", default="127.0.0.1:50051")
+    add_client_tls_flags(p)
     p.set_defaults(func=cmd_recommend)
 
 
@@ -55,11 +62,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       batching__max_batch_size=args.max_batch_size, batching__max_wait_ms=args.max_wait_ms,
                       workers__workers=args.workers, workers__max_age_s=args.max_age_s,
                       workers__max_requests=args.max_requests, workers__max_rss_mb=args.max_rss_mb,
-                      workers__drain_grace_s=args.drain_grace_s, transport=args.transport)
+                      workers__drain_grace_s=args.drain_grace_s, transport=args.transport, tls__cert=args.tls_cert,
+                      tls__key=args.tls_key, tls__client_ca=args.tls_client_ca)
     if args.redis_url:
         from dataclasses import replace
 
         cfg = replace(cfg, redis=replace(cfg.redis, url=args.redis_url))
+    from online.admin_auth import check_admin_exposure
+    from online.tls import load_server_tls
+
+    load_server_tls(cfg.tls)  # bad TLS files or an exposed admin port: one clear error, before any worker starts
+    check_admin_exposure(cfg)
     w = cfg.workers
     if w.workers > 1 or w.max_age_s or w.max_requests or w.max_rss_mb:
         if args.bundle is not None:
@@ -90,10 +103,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     import grpc
 
     from online.client import RecommenderClient
+    from online.tls import client_credentials
     from towers.errors import TwoTowerError
 
     session = [s for s in args.session.split(",") if s]
-    with RecommenderClient(args.target, timeout=2.0) as client:
+    with RecommenderClient(args.target, timeout=2.0, credentials=client_credentials(args)) as client:
         try:
             resp = client.recommend(args.user, k=args.k, recent=session, mode=args.mode, include_titles=True)
         except grpc.RpcError as e:

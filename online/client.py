@@ -49,8 +49,12 @@ def request(user_id: str, *, k: int | None = None, recent: Sequence[str] = (), c
 
 
 class RecommenderClient:
-    def __init__(self, target: str, *, timeout: float = 1.0) -> None:
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    """``credentials`` (``online.tls.channel_credentials``) for a TLS server; plaintext without."""
+
+    def __init__(self, target: str, *, timeout: float = 1.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.channel = (grpc.insecure_channel(target, options=CHANNEL_OPTIONS) if credentials is None
+                        else grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS))
         self.stub = pb_grpc.RecommenderStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout

@@ -54,6 +54,21 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """PEM files for TLS on the serving (and admin) port; both empty: plaintext.
+    ``client_ca`` set: mutual TLS, clients must present a certificate that CA signed.
+    Checked at start by ``online.tls.load_server_tls`` (errors name the flag and file)."""
+
+    cert: str = ""  # server certificate chain (--tls-cert)
+    key: str = ""  # its unencrypted private key (--tls-key)
+    client_ca: str = ""  # CA bundle for client certificates (--tls-client-ca)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert or self.key)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50051
@@ -62,6 +77,7 @@ class ServeConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
     default_k: int = 10
     max_k: int = 200
     max_session_items: int = 1000  # request-supplied recent + cart items
@@ -75,6 +91,9 @@ class ServeConfig:
     registry_poll_s: float = 1.0  # how often CURRENT is checked for a new version (0: never)
     admin_host: str = "127.0.0.1"  # the admin surface stays on localhost unless told otherwise
     admin_port: int = -1  # -1: no admin service; 0: a free port
+    # A file holding the admin bearer token (a mounted secret; env TWOTOWER_ADMIN_TOKEN also works).
+    # Required when admin_host is not loopback (online.admin_auth); never put the token itself here.
+    admin_token_file: str = ""
     search_threads: int = 2
     # FAISS uses BLAS for exact search only from this many queries at once. The wheel's
     # default (128000) means never; batches of >= 20 queries are much faster with BLAS,

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from online.admin_auth import check_admin_exposure, token_interceptor
 from online.batcher import DeadlineExceeded
 from online.config import ServeConfig
 from online.degradation import RUNGS
@@ -28,6 +29,7 @@ from online.proto import recommender_pb2 as pb
 from online.proto import recommender_pb2_grpc as pb_grpc
 from online.request import RecResult, parse_events, parse_recommend
 from online.service import LoadedModel, RecommendService
+from online.tls import load_server_tls
 from towers import registry as registry_mod
 from towers.errors import FeatureStoreError, InvalidRequest, NotReady, TwoTowerError, Unsupported
 
@@ -183,9 +185,10 @@ async def _maybe_await(x: Any) -> None:
         await x
 
 
-def _add_port(server: Any, address: str) -> int:
+def _add_port(server: Any, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
     try:
-        port = server.add_insecure_port(address)
+        port = (server.add_insecure_port(address) if credentials is None
+                else server.add_secure_port(address, credentials))
     except RuntimeError as e:  # grpc's "Failed to bind": most often the port is taken
         raise TwoTowerError(f"cannot bind {address}: in use or not available") from e
     if port == 0:
@@ -203,8 +206,15 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
     ``bind_early=False`` (those workers) loads and warms first and binds only then: the
     kernel spreads new connections over every listener, so a listener that is not ready
     yet would draw traffic it can only refuse. ``admin_port`` overrides ``cfg.admin_port``.
+    ``cfg.tls`` puts TLS (or mutual TLS) on the serving and admin ports.
     """
     import faiss
+
+    admin_port = cfg.admin_port if admin_port is None else admin_port
+    # Both raise ConfigError naming the setting, before anything is bound or loaded.
+    tls = load_server_tls(cfg.tls)
+    credentials = tls.credentials() if tls is not None else None
+    admin_token = check_admin_exposure(cfg, admin_port=admin_port)
 
     # A process-wide FAISS setting, applied at the serving edge and put back on stop
     # (in-process servers in tests and the demo share the interpreter with other code).
@@ -237,10 +247,9 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
     running = RunningServer(server, service, health_servicer, -1)
     # gc.unfreeze: the service freezes its model's objects on install (see RecommendService.install).
     running.restore += [lambda: setattr(faiss.cvar, "distance_compute_blas_threshold", old_blas), gc.unfreeze]
-    admin_port = cfg.admin_port if admin_port is None else admin_port
 
     async def bind() -> None:
-        running.port = _add_port(server, f"{cfg.host}:{cfg.port}")
+        running.port = _add_port(server, f"{cfg.host}:{cfg.port}", credentials)
         await _maybe_await(server.start())
 
     try:
@@ -254,9 +263,11 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
             if admin_port >= 0:
                 # Never shared: each process answers for its own loaded version. Bound before the
                 # serving port, so a taken admin port fails the start before any traffic arrives.
-                running.admin = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+                running.admin = grpc.aio.server(
+                    options=[("grpc.so_reuseport", 0)],
+                    interceptors=[token_interceptor(admin_token)] if admin_token else None)
                 pb_grpc.add_AdminServicer_to_server(AdminServicer(running.watcher), running.admin)
-                running.admin_port = _add_port(running.admin, f"{cfg.admin_host}:{admin_port}")
+                running.admin_port = _add_port(running.admin, f"{cfg.admin_host}:{admin_port}", credentials)
                 await running.admin.start()
             if running.port < 0:
                 await bind()

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from towers import bundle_paths
 from towers import index as faiss_index
 from towers.combiner import CombinerParams
 from towers.errors import BundleError
@@ -169,6 +170,8 @@ def write_bundle(out: Path, files: Mapping[str, Any], manifest: dict[str, Any]) 
 
 def read_manifest(path: Path) -> dict[str, Any]:
     mpath = path / MANIFEST
+    if (bad := bundle_paths.outside_problem(path, MANIFEST)) is not None:
+        raise BundleError(f"{path}: {bad}")
     try:
         man: dict[str, Any] = json.loads(mpath.read_text())
     except FileNotFoundError as e:
@@ -233,8 +236,8 @@ def verify(path: Path, *, checksums: bool = True) -> dict[str, Any]:
             problems.append(f"manifest does not list required file {name}")
     for name, meta in files.items():
         p = path / name
-        if Path(name).name != name or name.startswith("."):
-            problems.append(f"file name {name!r} is not a plain file name")
+        if (bad := bundle_paths.file_problem(path, name)) is not None:  # ../x, /abs, a symlink out
+            problems.append(bad)
         elif not p.is_file():
             problems.append(f"missing file {name}")
         elif p.stat().st_size != meta.get("bytes"):

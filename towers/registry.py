@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from towers import bundle as bundle_mod
+from towers import bundle_paths
 from towers.errors import BundleError, RegistryError
 
 POINTER = "CURRENT"
@@ -54,6 +55,8 @@ def current_version(registry: Path) -> str | None:
         return None
     except OSError as e:
         raise RegistryError(f"{registry / POINTER}: unreadable ({e.strerror})") from e
+    if text and (bad := bundle_paths.name_problem(text, what="version")) is not None:  # ../elsewhere, /abs
+        raise RegistryError(f"{registry / POINTER}: {bad}")
     return text or None
 
 
