@@ -2,9 +2,13 @@
 
 Each submitted item gets its own future. The dispatcher takes the first
 waiting item, waits for a free in-flight slot (while a batch runs, more items
-queue up), then drains the queue up to ``max_batch_size``; only when another
-batch is still in flight does it linger up to ``max_wait_ms`` for more, so an
-idle worker dispatches at once and batching adds no latency at low load.
+queue up), then drains the queue up to ``max_batch_size``. Only under load (a
+batch in flight, or one finished less than ``max_wait_ms`` ago) does it linger
+for batchmates: it takes them as they arrive, up to ``max_wait_ms``, and closes
+the batch early once none arrived for ``gap_ms``. An idle worker dispatches at
+once, so batching adds no latency at low load. ("A batch in flight" alone does
+not see load once cheap searches run inline: such a batch is done before the
+gRPC server has accepted the next call.)
 
 Items whose caller has gone (cancelled future) or whose deadline has passed are
 dropped before the batch runs. The handler returns one result or exception per
@@ -47,16 +51,25 @@ class BatchStats:
 Handler = Callable[[Sequence[T], Sequence[float]], Awaitable[Sequence["R | BaseException"]]]
 
 
+def _set_false(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
+
+
 class Batcher(Generic[T, R]):
     """``handler(items, queue_seconds)`` → one result or exception per item."""
 
     def __init__(self, handler: Handler[T, R], *, max_batch_size: int, max_wait_ms: float,
-                 max_inflight: int = 2) -> None:
+                 max_inflight: int = 2, gap_ms: float = 0.3, clock: Callable[[], float] = time.monotonic) -> None:
         if max_batch_size < 1 or max_inflight < 1:
             raise ValueError("max_batch_size and max_inflight must be >= 1")
         self._handler = handler
         self._max = max_batch_size
         self._wait = max_wait_ms / 1000.0
+        self._gap = gap_ms / 1000.0
+        self._waiter: asyncio.Future[bool] | None = None
+        self._last_done = float("-inf")
+        self._clock = clock  # when the last batch finished, for "under load" (tests pass their own)
         self._slots = asyncio.Semaphore(max_inflight)
         self._max_inflight = max_inflight
         self._queue: asyncio.Queue[_Pending[T, R]] = asyncio.Queue()
@@ -85,7 +98,29 @@ class Batcher(Generic[T, R]):
         self.start()
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(item, fut, deadline))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(True)
         return await fut
+
+    def _busy(self) -> bool:
+        """Under load: a batch is running, or the last one finished less than max_wait ago.
+        (A batch whose search is cheap runs inline and is done before the next request is even
+        accepted, so "a batch is running" alone would never see load.) Idle: dispatch at once."""
+        return bool(self._running) or self._clock() - self._last_done < self._wait
+
+    async def _arrival(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the next submit; True if one came. One future and one timer
+        per wait, not a task per item as ``asyncio.wait_for(queue.get())`` would cost."""
+        if not self._queue.empty():
+            return True
+        loop = asyncio.get_running_loop()
+        self._waiter = fut = loop.create_future()
+        timer = loop.call_later(timeout, _set_false, fut)
+        try:
+            return bool(await fut)
+        finally:
+            timer.cancel()
+            self._waiter = None
 
     async def _dispatch(self) -> None:
         while True:
@@ -93,16 +128,13 @@ class Batcher(Generic[T, R]):
             await self._slots.acquire()
             batch = [first]
             self._drain(batch)
-            if len(batch) < self._max and self._wait > 0 and self._running:
-                # Under load: give batchmates up to max_wait to arrive.
+            if len(batch) < self._max and self._wait > 0 and self._busy():
+                # Under load: take batchmates as they arrive, up to max_wait, and close the batch
+                # early once none has arrived for gap_ms (the stream has paused).
                 end = time.monotonic() + self._wait
                 while len(batch) < self._max:
                     left = end - time.monotonic()
-                    if left <= 0:
-                        break
-                    try:
-                        batch.append(await asyncio.wait_for(self._queue.get(), left))
-                    except asyncio.TimeoutError:
+                    if left <= 0 or not await self._arrival(min(left, self._gap)):
                         break
                     self._drain(batch)
             live = self._live(batch)
@@ -159,4 +191,5 @@ class Batcher(Generic[T, R]):
             task = asyncio.current_task()
             if task is not None:
                 self._running.discard(task)
+            self._last_done = self._clock()
             self._slots.release()

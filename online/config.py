@@ -26,7 +26,8 @@ class BudgetConfig:
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch_size: int = 64  # 1 turns batching off
-    max_wait_ms: float = 2.0  # only while another batch is in flight; idle requests go at once
+    max_wait_ms: float = 2.0  # only under load (a batch running or just done); idle requests go at once
+    gap_ms: float = 0.3  # under load, a batch closes early once no request arrived for this long
     max_inflight_batches: int = 2  # a batch's feature fetch overlaps the previous batch's search
 
 
@@ -103,6 +104,10 @@ class ServeConfig:
     # ``search_threads``; on 2 cores, OpenMP teams spin-wait between calls and stole the CPU
     # the event loop needed: single-query p50 went from ~2 ms to ~13 ms at 2 threads (bench).
     search_omp_threads: int = 1
+    # A search whose recent average took less than this runs on the event loop itself: handing
+    # it to a search thread (a queue put, a GIL handoff, a wakeup) cost ~1-3 ms a batch here,
+    # far more than a search over a few thousand items (bench ``paths``). 0: always a thread.
+    inline_search_ms: float = 0.5
     # gRPC transport: "aio" (grpc.aio, handlers on the event loop) or "sync" (grpc.server with
     # ``sync_threads`` pool threads, each waiting for the service on the event loop). Measured
     # with the real handler in the benchmark's ``paths`` scenario; the default is the faster.
@@ -117,6 +122,7 @@ class ServeConfig:
             ("default_k", 1 <= self.default_k <= self.max_k, "must be in 1..max_k"),
             ("batching.max_batch_size", self.batching.max_batch_size >= 1, "must be >= 1"),
             ("batching.max_wait_ms", self.batching.max_wait_ms >= 0, "must be >= 0"),
+            ("batching.gap_ms", self.batching.gap_ms > 0, "must be > 0"),
             ("batching.max_inflight_batches", self.batching.max_inflight_batches >= 1, "must be >= 1"),
             ("budget.total_ms", self.budget.total_ms > 0, "must be > 0"),
             ("workers.workers", self.workers.workers >= 1, "must be >= 1"),
@@ -124,6 +130,7 @@ class ServeConfig:
             ("max_events_per_call", 1 <= self.max_events_per_call <= 16384, "must be in 1..16384"),
             ("max_event_skew_s", self.max_event_skew_s >= 0, "must be >= 0"),
             ("search_omp_threads", self.search_omp_threads >= 1, "must be >= 1"),
+            ("inline_search_ms", self.inline_search_ms >= 0, "must be >= 0"),
             ("transport", self.transport in ("aio", "sync"), "must be 'aio' or 'sync'"),
             ("sync_threads", self.sync_threads >= 1, "must be >= 1"),
         ]

@@ -90,7 +90,10 @@ class InMemoryFeatureStore:
 
     def add_version(self, version: str, *, user_ids: Sequence[str], user_emb: np.ndarray,
                     recs_items: np.ndarray | None = None, recs_scores: np.ndarray | None = None) -> None:
-        self._versions[version] = ({u: i for i, u in enumerate(user_ids)}, user_emb, recs_items, recs_scores)
+        # Plain ndarray views (not memmap): a memmap's indexing goes through Python-level hooks.
+        self._versions[version] = ({u: i for i, u in enumerate(user_ids)}, np.asarray(user_emb),
+                                   None if recs_items is None else np.asarray(recs_items),
+                                   None if recs_scores is None else np.asarray(recs_scores))
 
     def drop_versions(self, *, keep: set[str]) -> list[str]:
         """Forget every version not in ``keep`` (the old bundles' arrays can then be
@@ -103,14 +106,23 @@ class InMemoryFeatureStore:
     async def fetch(self, version: str, user_ids: Sequence[str], *, dim: int, n_recent: int,
                     timeout: float) -> list[UserFeatures]:
         index, emb, _, _ = self._versions.get(version, ({}, np.zeros((0, dim), np.float32), None, None))
-        out = []
-        for u in user_ids:
-            row = index.get(u)
-            sess = self._sessions.get(u, {})
-            # Newest first, ties by member descending: the order of Redis's ZREVRANGE.
-            newest = sorted(sess.items(), key=lambda kv: (kv[1][0], kv[0]), reverse=True)[:n_recent]
-            out.append(UserFeatures(None if row is None else np.asarray(emb[row], dtype=np.float32),
-                                    [ev for _, (_, ev) in newest]))
+        rows = [index.get(u) for u in user_ids]
+        # One gather for the batch, as a plain ndarray: indexing a memmap row by row builds a
+        # memmap view per user, which cost more than the rest of the fetch together.
+        known = [r for r in rows if r is not None]
+        vecs = np.asarray(emb[known], dtype=np.float32) if known else np.zeros((0, dim), np.float32)
+        out, j = [], 0
+        for u, row in zip(user_ids, rows, strict=True):
+            sess = self._sessions.get(u)
+            events: list[Event] = []
+            if sess:
+                # Newest first, ties by member descending: the order of Redis's ZREVRANGE.
+                newest = sorted(sess.items(), key=lambda kv: (kv[1][0], kv[0]), reverse=True)[:n_recent]
+                events = [ev for _, (_, ev) in newest]
+            vec = None
+            if row is not None:
+                vec, j = vecs[j], j + 1
+            out.append(UserFeatures(vec, events))
         return out
 
     async def batch_recs(self, version: str, user_ids: Sequence[str], *,

@@ -61,6 +61,12 @@ class LoadedModel:
         return cls(b.version, b, RankModel.from_bundle(b), np.array(b.item_ids, dtype=object))
 
 
+def _timed_search(model: RankModel, queries: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, float]:
+    t0 = time.perf_counter()
+    scores, rows = search(model, queries, width)
+    return scores, rows, time.perf_counter() - t0
+
+
 class RecommendService:
     def __init__(self, cfg: ServeConfig, store: FeatureStore) -> None:
         self.cfg = cfg
@@ -71,11 +77,12 @@ class RecommendService:
                                         initializer=faiss.omp_set_num_threads, initargs=(cfg.search_omp_threads,))
         b = cfg.batching
         self.batcher: Batcher[RecRequest, RecResult] = Batcher(self._handle, max_batch_size=b.max_batch_size,
-                                                           max_wait_ms=b.max_wait_ms,
+                                                           max_wait_ms=b.max_wait_ms, gap_ms=b.gap_ms,
                                                            max_inflight=b.max_inflight_batches)
         self.stats = ServingStats()
         self._active: Counter[str] = Counter()  # batches running per model version
         self._candidates: set[str] = set()  # prepared, not yet installed or rejected: never dropped
+        self._search_s: dict[str, float] = {}  # recent search seconds per version (inline or not)
 
     @property
     def requests_served(self) -> int:
@@ -219,10 +226,17 @@ class RecommendService:
         queries = combine_queries(model.ranker, sub)
         t2 = time.monotonic()
 
-        # search: one FAISS call, off the event loop (FAISS releases the GIL)
+        # search: one FAISS call, off the event loop (FAISS releases the GIL) unless it is so cheap
+        # that handing it to a thread costs more than it does (small catalogs)
         width = search_width(model.ranker, sub)
-        cand_scores, cand_rows = await asyncio.get_running_loop().run_in_executor(
-            self._pool, search, model.ranker, queries, width) if len(sub) else search(model.ranker, queries, 0)
+        if len(sub) and self._search_s.get(model.version, float("inf")) >= self.cfg.inline_search_ms / 1000.0:
+            cand_scores, cand_rows, took = await asyncio.get_running_loop().run_in_executor(
+                self._pool, _timed_search, model.ranker, queries, width)
+        else:
+            cand_scores, cand_rows, took = _timed_search(model.ranker, queries, width)
+        if len(sub):  # a moving average per version: the decision follows the catalog and the load
+            prev = self._search_s.get(model.version)
+            self._search_s[model.version] = took if prev is None else 0.8 * prev + 0.2 * took
         t3 = time.monotonic()
 
         # select: filter to k (refill short lists), then the lower rungs for the rest

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -108,23 +109,25 @@ class QueryBatch:
     def __len__(self) -> int:
         return len(self.k)
 
-    @property
+    @cached_property
     def has_session(self) -> np.ndarray:
         return self.session[:, 0] >= 0 if self.session.shape[1] else np.zeros(len(self), dtype=bool)
 
-    @property
+    @cached_property
     def source(self) -> np.ndarray:
         """(B,) source codes of a searched query: online, session_only, user_only or popularity."""
         hs, hu = self.has_session, self.has_user
         return np.where(hs, np.where(hu, ONLINE, SESSION_ONLY), np.where(hu, USER_ONLY, POPULARITY)).astype(np.int8)
 
-    @property
+    @cached_property
     def queried(self) -> np.ndarray:
         """Requests with a query (a user or a session): the ones ``search`` runs for."""
         return np.flatnonzero(self.has_user | self.has_session)
 
     def subset(self, which: np.ndarray) -> QueryBatch:
         """The requests ``which`` (sorted), as a batch of their own."""
+        if len(which) == len(self):  # all of them (the common case): nothing to copy
+            return self
         n = self.n_items
         remap = np.full(len(self), -1, dtype=np.int64)
         remap[which] = np.arange(len(which))
