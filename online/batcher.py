@@ -31,7 +31,7 @@ class DeadlineExceeded(Exception):
     """The item's deadline passed before its batch ran."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending(Generic[T, R]):
     item: T
     future: asyncio.Future[R]

@@ -14,8 +14,11 @@ from towers.errors import InvalidRequest
 MODES = {0: "auto", 1: "online", 2: "batch"}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RecRequest:
+    """One validated request (treated as immutable; not frozen only because a frozen
+    dataclass's __init__ costs several times more, once per request)."""
+
     user_id: str
     k: int
     recent: tuple[str, ...]  # request-supplied session, most recent first
@@ -31,7 +34,7 @@ class RecRequest:
     client_deadline: float = float("inf")
 
 
-@dataclass
+@dataclass(slots=True)
 class RecResult:
     item_ids: list[str]
     scores: list[float]
@@ -49,14 +52,16 @@ class RecResult:
 def _ids(values: Any, name: str, cfg: ServeConfig, limit: int, *, dedupe: bool) -> tuple[str, ...]:
     """Validated ids. ``dedupe``: a session that repeats an item (viewed twice) is normal;
     keep its first position, which is the most recent (sessions are most recent first)."""
+    if not values:
+        return ()
     vals = tuple(values)
     if len(vals) > limit:
         raise InvalidRequest(name, f"{len(vals)} ids exceed the limit of {limit}")
-    for v in vals:
-        if not v:
-            raise InvalidRequest(name, "empty item id")
-        if len(v) > cfg.max_id_length:
-            raise InvalidRequest(name, f"item id longer than {cfg.max_id_length} characters")
+    lengths = list(map(len, vals))  # one C-level pass; the per-id checks only run to word an error
+    if min(lengths) == 0:
+        raise InvalidRequest(name, "empty item id")
+    if max(lengths) > cfg.max_id_length:
+        raise InvalidRequest(name, f"item id longer than {cfg.max_id_length} characters")
     if dedupe and len(set(vals)) != len(vals):
         vals = tuple(dict.fromkeys(vals))
     return vals
@@ -65,31 +70,34 @@ def _ids(values: Any, name: str, cfg: ServeConfig, limit: int, *, dedupe: bool) 
 def parse_recommend(msg: Any, cfg: ServeConfig, *, time_remaining: float | None) -> RecRequest:
     """From a ``RecommendRequest`` message; ``time_remaining`` is the client's gRPC deadline (s)."""
     now = time.monotonic()
-    if not msg.user_id:
+    user_id = msg.user_id
+    if not user_id:
         raise InvalidRequest("user_id", "must not be empty")
-    if len(msg.user_id) > cfg.max_id_length:
+    if len(user_id) > cfg.max_id_length:
         raise InvalidRequest("user_id", f"longer than {cfg.max_id_length} characters")
     k = msg.k if msg.HasField("k") else cfg.default_k
     if k < 1:
         raise InvalidRequest("k", "must be >= 1 (leave it unset for the default)")
     if k > cfg.max_k:
         raise InvalidRequest("k", f"{k} exceeds the maximum of {cfg.max_k}")
-    if msg.mode not in MODES:
+    mode = MODES.get(msg.mode)
+    if mode is None:
         raise InvalidRequest("mode", f"unknown mode {msg.mode}")
-    n_session = len(msg.session.recent_item_ids) + len(msg.session.cart_item_ids)
+    session = msg.session
+    recent_ids, cart_ids = session.recent_item_ids, session.cart_item_ids
+    n_session = len(recent_ids) + len(cart_ids)
     if n_session > cfg.max_session_items:
         raise InvalidRequest("session", f"{n_session} items exceed the limit of {cfg.max_session_items}")
-    recent = _ids(msg.session.recent_item_ids, "session.recent_item_ids", cfg, cfg.max_session_items, dedupe=True)
-    cart = _ids(msg.session.cart_item_ids, "session.cart_item_ids", cfg, cfg.max_session_items, dedupe=True)
+    recent = _ids(recent_ids, "session.recent_item_ids", cfg, cfg.max_session_items, dedupe=True)
+    cart = _ids(cart_ids, "session.cart_item_ids", cfg, cfg.max_session_items, dedupe=True)
     exclude = _ids(msg.exclude_item_ids, "exclude_item_ids", cfg, cfg.max_exclude_items, dedupe=False)
     budget = cfg.budget.total_ms / 1000.0
     if time_remaining is not None:
         budget = min(budget, time_remaining)
     # Keep the network share for the way back: the server must be done before the client gives up.
     deadline = now + max(budget - cfg.budget.network_ms / 1000.0, budget * 0.5)
-    return RecRequest(user_id=msg.user_id, k=int(k), recent=recent, cart=cart, exclude=exclude, mode=MODES[msg.mode],
-                      request_id=msg.request_id, include_titles=msg.include_titles, deadline=deadline, received=now,
-                      client_deadline=now + time_remaining if time_remaining is not None else float("inf"))
+    return RecRequest(user_id, int(k), recent, cart, exclude, mode, msg.request_id, msg.include_titles, deadline, now,
+                      now + time_remaining if time_remaining is not None else float("inf"))
 
 
 def parse_events(msg: Any, cfg: ServeConfig) -> list[Event]:

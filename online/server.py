@@ -54,10 +54,14 @@ def status_of(e: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+RUNG_CODE = {name: code for code, name in enumerate(RUNGS)}
+
+
 def to_proto(r: RecResult) -> pb.RecommendResponse:
     t = r.timings_us
     return pb.RecommendResponse(
-        item_ids=r.item_ids, scores=r.scores, model_version=r.version, variant=r.variant, rung=RUNGS.index(r.rung),  # type: ignore[arg-type]
+        item_ids=r.item_ids, scores=r.scores, model_version=r.version, variant=r.variant,
+        rung=RUNG_CODE[r.rung],  # type: ignore[arg-type]
         reasons=r.reasons, source=r.source, batch_size=r.batch_size, titles=r.titles, request_id=r.request_id,
         timings=pb.StageTimings(queue_us=t["queue"], fetch_us=t["fetch"], combine_us=t["combine"],
                                 search_us=t["search"], filter_us=t["filter"], total_us=t["total"]),

@@ -321,6 +321,7 @@ def test_sessions_are_newest_first_and_idempotent_in_the_memory_store() -> None:
 def test_an_old_version_stays_in_the_embedded_store_until_its_last_batch_is_done(synth_bundle_factory) -> None:  # type: ignore[no-untyped-def]
     import asyncio
     import time
+    from dataclasses import replace
 
     from online.feature_store import InMemoryFeatureStore
     from online.request import RecRequest
@@ -350,7 +351,7 @@ def test_an_old_version_stays_in_the_embedded_store_until_its_last_batch_is_done
                          include_titles=False, deadline=time.monotonic() + 30)
         store.hold = old.version
         # an online request holds the batch at its fetch; the batch-mode one then needs old's recs
-        online = RecRequest(**{**req.__dict__, "mode": "online"})
+        online = replace(req, mode="online")
         running = asyncio.ensure_future(svc.run_batch(old, [online, req], [0.0, 0.0]))
         await store.entered.wait()
         await svc.prepare(new)
