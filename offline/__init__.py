@@ -1,0 +1,37 @@
+"""Offline jobs (train, evaluate, batch-score, index build, publish, synthetic bundles), each a
+plain function with keyword parameters; ``offline.cli`` is the thin CLI over them. These are
+the names other code (bench, the demo, tests) uses. Names resolve on first use (PEP 562):
+importing ``offline`` does not load torch; only ``train`` does, when it is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "train": "offline.train", "TrainConfig": "offline.train", "evaluate_bundle": "offline.evaluate",
+    "evaluate_model": "offline.evaluate", "eval_set": "offline.evaluate", "format_table": "offline.evaluate",
+    "batch_score_bundle": "offline.batch_score", "batch_topk": "offline.batch_score",
+    "seen_rows": "offline.batch_score", "load_dataset": "offline.datasets", "temporal_split": "offline.datasets",
+    "make_synthetic_bundle": "offline.synth", "rebuild_index": "offline.index_build", "publish": "offline.publish",
+}
+__all__ = ["TrainConfig", "batch_score_bundle", "batch_topk", "eval_set", "evaluate_bundle", "evaluate_model",
+           "format_table", "load_dataset", "make_synthetic_bundle", "publish", "rebuild_index", "seen_rows",
+           "temporal_split", "train"]
+
+if TYPE_CHECKING:
+    from offline.batch_score import batch_score_bundle, batch_topk, seen_rows
+    from offline.datasets import load_dataset, temporal_split
+    from offline.evaluate import eval_set, evaluate_bundle, evaluate_model, format_table
+    from offline.index_build import rebuild_index
+    from offline.publish import publish
+    from offline.synth import make_synthetic_bundle
+    from offline.train import TrainConfig, train
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'offline' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

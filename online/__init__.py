@@ -1,0 +1,60 @@
+"""The online gRPC service: configuration, feature stores, the dynamic batcher, the request
+path and its degradation ladder, hot swap, the worker supervisor and the Python client.
+These are the names other code (bench, the demo, tests) uses. Names resolve on first use
+(PEP 562): the supervisor imports ``online`` without creating any gRPC object before it forks.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ServeConfig": "online.config", "load_config": "online.config", "RecommendService": "online.service",
+    "LoadedModel": "online.service", "start_server": "online.server", "ServerThread": "online.server",
+    "RunningServer": "online.server", "RecommenderClient": "online.client", "FeatureStore": "online.feature_store",
+    "InMemoryFeatureStore": "online.feature_store", "RedisFeatureStore": "online.feature_store",
+    "StoreCapabilities": "online.feature_store", "Batcher": "online.batcher", "Ladder": "online.degradation",
+    "RUNGS": "online.degradation", "RecRequest": "online.request", "RecResult": "online.request",
+    "Supervisor": "online.supervisor", "RegistryWatcher": "online.hotswap",
+}
+__all__ = [
+    "RUNGS",
+    "Batcher",
+    "FeatureStore",
+    "InMemoryFeatureStore",
+    "Ladder",
+    "LoadedModel",
+    "RecRequest",
+    "RecResult",
+    "RecommendService",
+    "RecommenderClient",
+    "RedisFeatureStore",
+    "RegistryWatcher",
+    "RunningServer",
+    "ServeConfig",
+    "ServerThread",
+    "StoreCapabilities",
+    "Supervisor",
+    "load_config",
+    "start_server",
+]
+
+if TYPE_CHECKING:
+    from online.batcher import Batcher
+    from online.client import RecommenderClient
+    from online.config import ServeConfig, load_config
+    from online.degradation import RUNGS, Ladder
+    from online.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore, StoreCapabilities
+    from online.hotswap import RegistryWatcher
+    from online.request import RecRequest, RecResult
+    from online.server import RunningServer, ServerThread, start_server
+    from online.service import LoadedModel, RecommendService
+    from online.supervisor import Supervisor
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'online' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

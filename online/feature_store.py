@@ -95,6 +95,10 @@ class InMemoryFeatureStore:
                                    None if recs_items is None else np.asarray(recs_items),
                                    None if recs_scores is None else np.asarray(recs_scores))
 
+    def versions(self) -> set[str]:
+        """The versions whose arrays this store holds."""
+        return set(self._versions)
+
     def drop_versions(self, *, keep: set[str]) -> list[str]:
         """Forget every version not in ``keep`` (the old bundles' arrays can then be
         freed); returns the dropped ones."""

@@ -73,7 +73,7 @@ class RecommendService:
         self.store = store
         self.model: LoadedModel | None = None
         # OpenMP's thread count is per calling thread, so each search thread sets its own.
-        self._pool = ThreadPoolExecutor(max_workers=cfg.search_threads, thread_name_prefix="search",
+        self.search_pool = ThreadPoolExecutor(max_workers=cfg.search_threads, thread_name_prefix="search",
                                         initializer=faiss.omp_set_num_threads, initargs=(cfg.search_omp_threads,))
         b = cfg.batching
         self.batcher: Batcher[RecRequest, RecResult] = Batcher(self._handle, max_batch_size=b.max_batch_size,
@@ -151,7 +151,7 @@ class RecommendService:
 
     async def close(self) -> None:
         await self.batcher.stop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.search_pool.shutdown(wait=False, cancel_futures=True)
         await self.store.close()
 
     # -- API ------------------------------------------------------------------
@@ -231,7 +231,7 @@ class RecommendService:
         width = search_width(model.ranker, sub)
         if len(sub) and self._search_s.get(model.version, float("inf")) >= self.cfg.inline_search_ms / 1000.0:
             cand_scores, cand_rows, took = await asyncio.get_running_loop().run_in_executor(
-                self._pool, _timed_search, model.ranker, queries, width)
+                self.search_pool, _timed_search, model.ranker, queries, width)
         else:
             cand_scores, cand_rows, took = _timed_search(model.ranker, queries, width)
         if len(sub):  # a moving average per version: the decision follows the catalog and the load

@@ -117,6 +117,17 @@ class SupervisorStats:
     recycle_backoff_s: float = 0.0  # the last pause scheduled after a failed recycle replacement
 
 
+def admin_port_for(base: int, *, workers: int, slot: int, held: set[int]) -> int:
+    """Each worker answers for its own version, so each has its own admin port:
+    ``base + slot``, or ``base + workers + slot`` while another worker of the slot (a
+    recycle's predecessor still draining, or its replacement) holds the first (``held``:
+    the ports the slot's live workers hold). ``base`` 0 gives every worker a free port, -1 none."""
+    if base <= 0:
+        return base
+    first, second = base + slot, base + workers + slot
+    return first if first not in held else second
+
+
 def check_admin_ports(cfg: ServeConfig) -> None:
     """Workers use admin_port .. admin_port + 2N - 1: inside the port range, clear of the serving port."""
     if cfg.admin_port > 0:
@@ -256,16 +267,13 @@ class Supervisor:
         return w
 
     def _admin_port(self, slot: int) -> int:
-        """Each worker answers for its own version, so each has its own admin port:
-        ``admin_port + slot``, or ``admin_port + N + slot`` while another worker of the
-        slot (a recycle's predecessor still draining, or its replacement) holds the first.
-        ``admin_port`` 0 gives every worker a free port, -1 none."""
-        base = self.cfg.admin_port
-        if base <= 0:
-            return base
         held = {w.admin_port for w in self._workers if w.slot == slot and w.proc.exitcode is None}
-        first, second = base + slot, base + self.wcfg.workers + slot
-        return first if first not in held else second
+        return admin_port_for(self.cfg.admin_port, workers=self.wcfg.workers, slot=slot, held=held)
+
+    def snapshot(self) -> SupervisorStats:
+        """A copy of the counters, consistent with each other (taken under the lock)."""
+        with self._lock:
+            return replace(self.stats, recycle_reasons=dict(self.stats.recycle_reasons))
 
     def _terminate(self, w: Worker, now: float) -> None:
         if w.proc.exitcode is None and not w.requested:

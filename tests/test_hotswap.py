@@ -92,7 +92,7 @@ def test_three_versions_published_under_load_and_a_corrupt_one_rejected(tmp_path
         st = admin_status(admin)
         assert st.swaps == 4 and st.state == "serving" and st.rejected == 0
         # The embedded store let go of the old versions' arrays.
-        assert list(srv.running.service.store._versions) == [versions[-1][1]]  # type: ignore[attr-defined]
+        assert srv.running.service.store.versions() == {versions[-1][1]}  # type: ignore[attr-defined]
 
         # A corrupt version lands in the registry (a bad disk, a hand edit): rejected, v3 serves on.
         last_path, last_version, _ = versions[-1]

@@ -156,3 +156,14 @@ def test_serve_one_bundle_without_a_registry(served_registry: Path, flag: str) -
     bad = subprocess.run([sys.executable, "-m", "twotower", "serve", "--bundle", str(served_registry)],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--bundle" in bad.stderr and "manifest.json" in bad.stderr
+
+
+@pytest.mark.parametrize("package", ["towers", "offline", "online", "bench"])
+def test_each_package_names_its_public_surface(package: str) -> None:
+    """Every name in ``__all__`` resolves, and a name that is not exported is an error."""
+    import importlib
+
+    mod = importlib.import_module(package)
+    assert mod.__all__ and all(getattr(mod, name) is not None for name in mod.__all__)
+    with pytest.raises(AttributeError):
+        getattr(mod, "_not_a_public_name")

@@ -237,7 +237,7 @@ def test_serving_settings_are_scoped_to_the_server(served_registry: Path) -> Non
     try:
         assert faiss.cvar.distance_compute_blas_threshold == 33
         # OpenMP thread counts are per thread: the search threads carry the setting themselves.
-        assert srv.running.service._pool.submit(faiss.omp_get_max_threads).result() == 1
+        assert srv.running.service.search_pool.submit(faiss.omp_get_max_threads).result() == 1
         # Without SO_REUSEPORT a second single-process server cannot share the port silently.
         with pytest.raises(Exception, match="cannot bind"):
             ServerThread(load_config(port=srv.running.port), registry=served_registry)
@@ -356,11 +356,11 @@ def test_an_old_version_stays_in_the_embedded_store_until_its_last_batch_is_done
         await store.entered.wait()
         await svc.prepare(new)
         svc.install(new)
-        assert set(store._versions) == {old.version, new.version}  # old still has a batch running
+        assert store.versions() == {old.version, new.version}  # old still has a batch running
         store.gate.set()
         res = await running
         assert [r.rung for r in res] == ["full", "batch"] and res[1].source == "batch"  # type: ignore[union-attr]
-        assert set(store._versions) == {new.version}  # its last batch done: the old version is dropped
+        assert store.versions() == {new.version}  # its last batch done: the old version is dropped
         await svc.close()
 
     asyncio.run(main())
