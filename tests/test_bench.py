@@ -64,3 +64,20 @@ def test_summary_ratios() -> None:
     assert s["x: p99 at c=64 batched / unbatched"] == 0.5
     assert s["x: p50 added by batching at c=1 (ms)"] == pytest.approx(0.1)
     assert s["best QPS / trivial-handler QPS"] == 0.75
+
+
+def test_paths_summary_pairs_each_run_with_the_trivial_run_beside_it() -> None:
+    def row(cat: str, mode: str, rep: int, qps: float, p99: float, cpu: float, **kw: object) -> dict[str, object]:
+        return {"label": f"{cat} {mode} {rep}", "mode": mode, "scenario": "paths", "catalog_of": cat, "rep": rep,
+                "qps": qps, "latency_ms": {"p50": 1.0, "p99": p99}, "server_cpu_s_per_1k": cpu, **kw}
+
+    rows = [row("trivial", "closed", 0, 2000, 40, 0.40, paired_with="x aio"),
+            row("x", "closed", 0, 1500, 60, 0.60, transport="aio"),
+            row("trivial", "closed", 1, 1000, 40, 0.50, paired_with="x aio"),  # a noisy neighbour hit both
+            row("x", "closed", 1, 800, 60, 0.75, transport="aio"),
+            row("x", "open", 0, 700, 30, 0.6, transport="aio", open_rate=700),
+            row("trivial", "open", 0, 700, 10, 0.4, paired_with="x aio", open_rate=700)]
+    s = summarize(rows)
+    assert s["paths: x aio QPS / trivial QPS at c=64"] == [0.75, 0.8]
+    assert s["paths: x aio server CPU per call / trivial's"] == [1.5, 1.5]
+    assert s["paths: x aio open-loop p99 / trivial's at 700/s"] == [3.0]
