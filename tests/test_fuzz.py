@@ -68,18 +68,31 @@ def test_unknown_fields_are_ignored(target: FuzzTarget) -> None:
 # DecodeError before any handler runs, so the answer is UNKNOWN ("Unexpected <class
 # 'google.protobuf.message.DecodeError'>"). A malformed message is bad input: INVALID_ARGUMENT.
 MALFORMED = [
-    pytest.param("Recommend", b"\x0a\x02\xff\xfe", id="user_id-bad-utf8"),
-    pytest.param("Recommend", b"\x0a\x10ab", id="user_id-truncated"),
-    pytest.param("Recommend", b"\x1a\x04\x0a\x02\xc3\x28", id="session.recent_item_ids-bad-utf8"),
-    pytest.param("RecordEvents", b"\x0a\x05\x0a\x03\xed\xa0\x80", id="events.user_id-surrogate-utf8"),
-    pytest.param("RecordEvents", b"\x0a\x7f\x0a\x01u", id="events-truncated"),
+    pytest.param("Recommend", b"\x0a\x02\xff\xfe", "user_id", id="user_id-bad-utf8"),
+    pytest.param("Recommend", b"\x0a\x10ab", "user_id", id="user_id-truncated"),
+    pytest.param("Recommend", b"\x1a\x04\x0a\x02\xc3\x28", "session.recent_item_ids", id="session-bad-utf8"),
+    pytest.param("RecordEvents", b"\x0a\x03\x0a\x01u" + b"\x0a\x05\x0a\x03\xed\xa0\x80", "events[1].user_id",
+                 id="events-surrogate-utf8"),
+    pytest.param("RecordEvents", b"\x0a\x7f\x0a\x01u", "events[0]", id="events-truncated"),
 ]
+
+
+@pytest.mark.parametrize(("method", "raw", "field"), MALFORMED)
+def test_the_lenient_deserializer_names_the_malformed_field(method: str, raw: bytes, field: str) -> None:
+    """The fix for the xfail below, ready for online/server.py to register (see online/wire.py)."""
+    from online.wire import MalformedRequest, lenient_deserializer
+
+    cls = pb.RecommendRequest if method == "Recommend" else pb.RecordEventsRequest
+    got = lenient_deserializer(cls)(raw)
+    assert isinstance(got, MalformedRequest) and str(got.error).startswith(f"{field}: malformed "), got
+    ok = cls(user_id="u") if method == "Recommend" else cls(events=[pb.Event(user_id="u")])
+    assert lenient_deserializer(cls)(ok.SerializeToString()) == ok
 
 
 @pytest.mark.xfail(strict=True, reason="online/server.py: the generated deserializer's DecodeError surfaces as "
                    "UNKNOWN before the handler runs; needs a lenient deserializer + INVALID_ARGUMENT in the servicer")
-@pytest.mark.parametrize(("method", "raw"), MALFORMED)
-def test_malformed_wire_bytes_are_invalid_argument(target: FuzzTarget, method: str, raw: bytes) -> None:
+@pytest.mark.parametrize(("method", "raw", "field"), MALFORMED)
+def test_malformed_wire_bytes_are_invalid_argument(target: FuzzTarget, method: str, raw: bytes, field: str) -> None:
     code, details, _ = target.send(Case(method, raw, None))
     assert target.serving()
-    assert code == "INVALID_ARGUMENT", f"{code}: {details}"
+    assert code == "INVALID_ARGUMENT" and details.startswith(f"{field}: "), f"{code}: {details}"
