@@ -1,8 +1,11 @@
-"""Online feature stores: Redis (production) and in-memory (the embedded default).
+"""Online feature stores: Redis (production), Redis Cluster (where one Redis is
+outgrown) and in-memory (the embedded default).
 
 The key layout and value encodings are ``towers.store_format`` (publish writes what
 the server reads). Each store says what it can do (``StoreCapabilities``), so the
-service never asks which class it holds.
+service never asks which class it holds. ``open_redis_store`` picks the Redis store
+from the URL: ``redis+cluster://h:p[,h:p...]/`` and ``rediss+cluster://`` give the
+cluster store, anything else ``redis.asyncio.Redis.from_url`` accepts the standalone one.
 """
 
 from __future__ import annotations
