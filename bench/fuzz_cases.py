@@ -83,6 +83,13 @@ def unknown_fields(*, first_free: int) -> st.SearchStrategy[bytes]:
 
 # --------------------------------------------------------------------------- strategies
 
+def rarely(common: st.SearchStrategy[Any], rare: st.SearchStrategy[Any], *,
+           one_in: int = 25) -> st.SearchStrategy[Any]:
+    """``rare`` about once in ``one_in`` draws: the huge cases (a 9 MiB message, 10,000
+    events) cost a thousand small ones, and ``one_of`` would pick them half the time."""
+    return st.integers(1, one_in).flatmap(lambda r: rare if r == 1 else common)
+
+
 WEIRD = ["", "\x00", "\t", "a\tb", "\n", "\r\n", " ", "{", "}", "{}", "}{", "{u1}", "u1}", "\u202e1", "\ufeff",
          "\uffff", "\U0010ffff", "😀", "e\u0301", "../..", "%s%n", "\\", "'", '"', "tt:zsess:u1", "*", "-1", "0"]
 
@@ -91,20 +98,17 @@ def ids(known: Sequence[str]) -> st.SearchStrategy[str]:
     """Ids: known ones (to reach the full scoring path), weird ones, random unicode
     without surrogates (protobuf strings are UTF-8), and long ones around the limit."""
     chars = st.characters(exclude_categories=["Cs"])  # no surrogates: protobuf strings are UTF-8
-    return st.one_of(
-        st.sampled_from(list(known)),
-        st.sampled_from(WEIRD),
-        st.text(chars, max_size=12),
-        st.text(chars, min_size=200, max_size=300),
-        st.builds(lambda c, n: c * n, chars, st.sampled_from([255, 256, 257, 1024, 70_000])),
-    )
+    return rarely(st.one_of(st.sampled_from(list(known)), st.sampled_from(WEIRD), st.text(chars, max_size=12)),
+                  st.one_of(st.text(chars, min_size=200, max_size=300),
+                            st.builds(lambda c, n: c * n, chars, st.sampled_from([255, 256, 257, 1024, 70_000]))),
+                  one_in=6)
 
 
 def id_lists(known: Sequence[str], *, huge: Sequence[int]) -> st.SearchStrategy[list[str]]:
     """Mostly short lists; sometimes one of ``huge`` sizes (at and just over the limits)."""
-    return st.one_of(st.lists(ids(known), max_size=8),
-                     st.builds(lambda n, p: [f"{p}{j}" for j in range(n)], st.sampled_from(list(huge)),
-                               st.sampled_from(["i", "x", ""])))
+    return rarely(st.lists(ids(known), max_size=8),
+                  st.builds(lambda n, p: [f"{p}{j}" for j in range(n)], st.sampled_from(list(huge)),
+                            st.sampled_from(["i", "x", ""])))
 
 
 def enum_ints(n_values: int) -> st.SearchStrategy[int]:
@@ -151,8 +155,8 @@ def recommend_cases(*, users: Sequence[str], items: Sequence[str]) -> st.SearchS
         msg = pb.RecommendRequest(
             user_id=draw(ids(users)), exclude_item_ids=draw(id_lists(items, huge=[10_000, 10_001])),
             mode=cast(Any, draw(enum_ints(3))), include_titles=draw(st.booleans()),
-            request_id=draw(st.one_of(st.text(max_size=20),
-                                      st.builds(lambda n: "r" * n, st.sampled_from([100_000, 9 << 20])))))
+            request_id=draw(rarely(st.text(max_size=20),
+                                   st.builds(lambda n: "r" * n, st.sampled_from([100_000, 9 << 20])))))
         k = draw(st.one_of(st.none(), st.integers(0, 300), st.integers(0, (1 << 32) - 1)))
         if k is not None:
             msg.k = k
@@ -180,7 +184,7 @@ def record_events_cases(*, users: Sequence[str], items: Sequence[str]) -> st.Sea
 
     @st.composite
     def build(draw: st.DrawFn) -> Case:
-        events = draw(st.one_of(st.lists(event, max_size=12), st.builds(many, st.sampled_from([10_000, 10_001]))))
+        events = draw(rarely(st.lists(event, max_size=12), st.builds(many, st.sampled_from([10_000, 10_001]))))
         msg = pb.RecordEventsRequest(events=events)
         small = len(events) <= 100  # a bulk call gets its unknown fields at the top level only
         raw = b"".join(_field(1, 2, e.SerializeToString() + (draw(unknown_fields(first_free=5)) if small else b""))

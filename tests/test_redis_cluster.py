@@ -70,11 +70,15 @@ class RedisClusterProcs:
                  "--cluster-require-full-coverage", "no", "--cluster-node-timeout", "2000",
                  "--save", "", "--appendonly", "no", "--dir", str(d)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for port in self.ports:
-            poll(lambda p=port: self._ping(p), what=f"redis-server on {port}")
-        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
-        self.wait_ok()
+        try:
+            for port in self.ports:
+                poll(lambda p=port: self._ping(p), what=f"redis-server on {port}")
+            subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+                            "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+            self.wait_ok()
+        except BaseException:
+            self.stop()  # no fixture teardown runs for a failed setup: leave no servers behind
+            raise
 
     @staticmethod
     def _ping(port: int) -> bool:
