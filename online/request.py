@@ -9,6 +9,7 @@ from typing import Any
 
 from online.config import ServeConfig
 from online.feature_store import EVENT_TYPES, Event
+from online.wire import MalformedRequest
 from towers.errors import InvalidRequest
 
 MODES = {0: "auto", 1: "online", 2: "batch"}
@@ -69,6 +70,8 @@ def _ids(values: Any, name: str, cfg: ServeConfig, limit: int, *, dedupe: bool) 
 
 def parse_recommend(msg: Any, cfg: ServeConfig, *, time_remaining: float | None) -> RecRequest:
     """From a ``RecommendRequest`` message; ``time_remaining`` is the client's gRPC deadline (s)."""
+    if isinstance(msg, MalformedRequest):  # bytes that did not decode (online.wire)
+        raise msg.error
     now = time.monotonic()
     user_id = msg.user_id
     if not user_id:
@@ -101,6 +104,8 @@ def parse_recommend(msg: Any, cfg: ServeConfig, *, time_remaining: float | None)
 
 
 def parse_events(msg: Any, cfg: ServeConfig) -> list[Event]:
+    if isinstance(msg, MalformedRequest):  # bytes that did not decode (online.wire)
+        raise msg.error
     if len(msg.events) == 0:
         raise InvalidRequest("events", "must not be empty")
     if len(msg.events) > cfg.max_events_per_call:

@@ -23,13 +23,14 @@ from online.admin_auth import check_admin_exposure, token_interceptor
 from online.batcher import DeadlineExceeded
 from online.config import ServeConfig
 from online.degradation import RUNGS
-from online.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore
+from online.feature_store import FeatureStore, InMemoryFeatureStore, open_redis_store
 from online.hotswap import RegistryWatcher
 from online.proto import recommender_pb2 as pb
 from online.proto import recommender_pb2_grpc as pb_grpc
 from online.request import RecResult, parse_events, parse_recommend
 from online.service import LoadedModel, RecommendService
 from online.tls import load_server_tls
+from online.wire import lenient_deserializer
 from towers import registry as registry_mod
 from towers.errors import FeatureStoreError, InvalidRequest, NotReady, TwoTowerError, Unsupported
 
@@ -130,10 +131,25 @@ class SyncRecommenderServicer(pb_grpc.RecommenderServicer):
             return self._fail(context, e)
 
 
+def add_recommender(servicer: pb_grpc.RecommenderServicer, server: Any) -> None:
+    """The generated ``add_RecommenderServicer_to_server``, with lenient request deserializers:
+    bytes that do not decode reach the handler as a ``MalformedRequest`` (INVALID_ARGUMENT naming
+    the field) instead of ending the call as UNKNOWN before any handler runs (online/wire.py)."""
+    handlers = {
+        "Recommend": grpc.unary_unary_rpc_method_handler(
+            servicer.Recommend, request_deserializer=lenient_deserializer(pb.RecommendRequest),
+            response_serializer=pb.RecommendResponse.SerializeToString),
+        "RecordEvents": grpc.unary_unary_rpc_method_handler(
+            servicer.RecordEvents, request_deserializer=lenient_deserializer(pb.RecordEventsRequest),
+            response_serializer=pb.RecordEventsResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 def make_store(cfg: ServeConfig) -> FeatureStore:
     if cfg.feature_store == "redis":
         r = cfg.redis
-        return RedisFeatureStore(url=r.url, prefix=r.prefix, max_connections=r.max_connections,
+        return open_redis_store(url=r.url, prefix=r.prefix, max_connections=r.max_connections,
                                  socket_timeout_s=r.socket_timeout_ms / 1000.0, session_ttl_s=r.session_ttl_s,
                                  session_cap=r.session_cap)
     return InMemoryFeatureStore(session_cap=cfg.redis.session_cap)
@@ -241,12 +257,11 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
 
         server = grpc.server(ThreadPoolExecutor(max_workers=cfg.sync_threads, thread_name_prefix="grpc"),
                              options=options)
-        pb_grpc.add_RecommenderServicer_to_server(SyncRecommenderServicer(service, asyncio.get_running_loop()),
-                                                  server)
+        add_recommender(SyncRecommenderServicer(service, asyncio.get_running_loop()), server)
         health_servicer = health.HealthServicer()
     else:
         server = grpc.aio.server(options=options)
-        pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(service), server)
+        add_recommender(RecommenderServicer(service), server)
         health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -10,6 +10,15 @@ Key layout — the one place it is defined (``RedisKeys``)::
     {p}:zsess:{user_id}             session events: a sorted set scored by timestamp, members
                                     "item\\ttype\\tts", capped to the newest + TTL
 
+On a Redis Cluster (``redis+cluster://`` URLs, ``RedisKeys(cluster=True)``) every
+per-user key carries the user id as a hash tag — ``{p}:v:{version}:ue:{<user>}``,
+``{p}:v:{version}:recs:{<user>}``, ``{p}:zsess:{<user>}`` — so all of one user's
+keys live in one slot: a user's session write is one MULTI (which needs one slot),
+and a user's features sit on one node (a stalled node degrades whole users, never
+half of one). Nothing needs keys of *different* users in one slot: a batch's fetch
+is a pipeline that redis-py splits per node, and batch recs an MGET split per slot.
+Standalone Redis keeps the untagged names above (no migration).
+
 Embeddings and recs are version-scoped, so a worker serving version N can never
 read another version's vectors (no skew); sessions are facts about the user,
 shared by all versions, and hold raw item ids. An event is identified by (user,
@@ -40,18 +49,74 @@ class Event:
 @dataclass(frozen=True)
 class RedisKeys:
     prefix: str = "tt"
+    cluster: bool = False  # hash-tag per-user keys with the user id (one slot per user)
+
+    def __post_init__(self) -> None:
+        if self.cluster and ("{" in self.prefix or "}" in self.prefix):
+            # A brace in the prefix would become the hash tag of every key: one slot for all.
+            raise FeatureStoreError(f"redis prefix {self.prefix!r} must not contain braces on a cluster")
+
+    def _user(self, user_id: str) -> str:
+        return f"{{{user_id}}}" if self.cluster else user_id
 
     def user_embedding(self, version: str, user_id: str) -> str:
-        return f"{self.prefix}:v:{version}:ue:{user_id}"
+        return f"{self.prefix}:v:{version}:ue:{self._user(user_id)}"
 
     def recs(self, version: str, user_id: str) -> str:
-        return f"{self.prefix}:v:{version}:recs:{user_id}"
+        return f"{self.prefix}:v:{version}:recs:{self._user(user_id)}"
 
     def ready(self, version: str) -> str:
         return f"{self.prefix}:v:{version}:ready"
 
     def session(self, user_id: str) -> str:
-        return f"{self.prefix}:zsess:{user_id}"
+        return f"{self.prefix}:zsess:{self._user(user_id)}"
+
+
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
+
+
+@dataclass(frozen=True)
+class ClusterURL:
+    """``redis+cluster://[user:password@]host:port[,host:port...][/]`` (``rediss+cluster`` for
+    TLS): the seed nodes a cluster client discovers the rest of the cluster from."""
+
+    nodes: tuple[tuple[str, int], ...]
+    ssl: bool
+    username: str | None = None
+    password: str | None = None
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def parse_cluster_url(url: str) -> ClusterURL:
+    """Parsed by hand: ``urllib`` refuses a comma-separated list of host:port pairs."""
+    from urllib.parse import unquote
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in CLUSTER_SCHEMES:
+        raise FeatureStoreError(f"{url!r} is not a redis+cluster:// or rediss+cluster:// URL")
+    netloc, _, path = rest.partition("/")
+    if path.split("?")[0] not in ("", "0") or "?" in rest:
+        raise FeatureStoreError(f"{url!r}: a cluster has only database 0 and takes no options in the URL")
+    userinfo, _, hosts = netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, has_pw, pw = userinfo.partition(":")
+        username, password = (unquote(user) or None), (unquote(pw) if has_pw else None)
+    nodes = []
+    for part in hosts.split(","):
+        host, port = part, "6379"
+        if part.startswith("["):  # [ipv6]:port
+            host, _, tail = part[1:].partition("]")
+            port = tail[1:] if tail.startswith(":") else "6379"
+        elif ":" in part:
+            host, _, port = part.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise FeatureStoreError(f"{url!r}: bad node {part!r} (expected host:port)")
+        nodes.append((host, int(port)))
+    return ClusterURL(tuple(nodes), CLUSTER_SCHEMES[scheme.lower()], username, password)
 
 
 # Events in one call that share a timestamp keep their order in the call: the score is

@@ -13,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from bench import fuzz as bench_fuzz
 from bench import run as bench_run
 from offline import cli as offline_cli
 from online import ab_cli
@@ -23,7 +24,7 @@ from towers.errors import TwoTowerError
 from twotower import demo
 
 REGISTRARS = (offline_cli.register, online_cli.register, online_admin.register, ab_cli.register, bench_run.register,
-              demo.register)
+              bench_fuzz.register, demo.register)
 
 
 def build_parser() -> argparse.ArgumentParser:
