@@ -199,14 +199,19 @@ def bundle_bytes(path: Path) -> int:
 
 
 def _read(path: Path) -> tuple[str, str | None]:
-    """(sha256 of the content, the text) of the flags file; ("missing", None) if absent."""
+    """(sha256 of the content, the text) of the flags file; (a problem, None) if unreadable
+    (the problem stands in for the digest, so the same problem is reported once)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return "missing", None
+        return "flags file not found", None
     except OSError as e:
-        return f"unreadable: {e.strerror}", None
-    return hashlib.sha256(data).hexdigest(), data.decode("utf-8", errors="replace")
+        return f"cannot read the flags file ({e.strerror})", None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"cannot read the flags file ({e})", None
+    return hashlib.sha256(data).hexdigest(), text
 
 
 class Router:
@@ -244,16 +249,17 @@ class Router:
             added: list[str] = []
             try:
                 if text is None:
-                    raise ConfigError(str(self.flags_file), f"flags file {digest}")
+                    raise ConfigError(str(self.flags_file), digest)
                 flags = parse_flags_text(text, source=str(self.flags_file))
                 table = await self._build(flags, digest, added)
             except Exception as e:  # any failure: the old flags serve on
                 for v in added:
                     self.service.reject(v)  # prepared, never pinned: the embedded store lets go
-                self.state.error = f"{self.flags_file}: {e}"
+                where = "" if str(e).startswith(str(self.flags_file)) else f"{self.flags_file}: "
+                self.state.error = f"{where}{e}"
                 self.state.rejected += 1
                 self.state.rejected_digest = digest
-                log.error("refused flags %s (%s); still serving %s", self.flags_file, e,
+                log.error("refused flags: %s; still serving %s", self.state.error,
                           self.table.digest[:12] if self.table is not None else "no flags")
                 return False
             self.table = table  # the switch: one reference assignment, read once per batch
