@@ -63,14 +63,10 @@ class Arm:
     version: str  # CURRENT or a pinned version id
     overrides: Overrides
     key: str  # canonical text of (version, overrides): the grouping key
-
-    @property
-    def default_k(self) -> int | None:
-        return self.overrides.default_k
-
-    @property
-    def budget_ms(self) -> float | None:
-        return self.overrides.budget_ms
+    # Copied out of ``overrides`` (plain attributes: read once per request on the hot path).
+    default_k: int | None = None
+    budget_ms: float | None = None
+    adjusts_request: bool = False  # default_k or budget_ms set: the router edits the request
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,7 +114,9 @@ class RoutingTable:
         key = _arm_key(version, overrides)
         a = self._arms.get(key)
         if a is None:
-            a = self._arms[key] = Arm(version=version, overrides=overrides, key=key)
+            k, ms = overrides.default_k, overrides.budget_ms
+            a = self._arms[key] = Arm(version=version, overrides=overrides, key=key, default_k=k, budget_ms=ms,
+                                      adjusts_request=k is not None or ms is not None)
         return a
 
     def route(self, user_id: str) -> UserRoute:
@@ -353,17 +351,18 @@ class Router:
         table = self.table
         if table is None:
             return await self.service.run_batch(current, reqs, queue_s)
-        routes = [table.route(r.user_id) for r in reqs]
+        route_of = table.route
+        routes = [route_of(r.user_id) for r in reqs]
         groups: dict[str, list[int]] = {}
-        for i, (r, route) in enumerate(zip(reqs, routes, strict=True)):
+        for i, route in enumerate(routes):
             arm = route.arm
-            if arm.default_k is not None and r.k_default:
-                r.k = min(arm.default_k, self.service.cfg.max_k)
-            if arm.budget_ms is not None:
-                b = self.service.cfg.budget
-                r.deadline = budget_deadline(r.received, total_ms=arm.budget_ms, network_ms=b.network_ms,
-                                             client_deadline=r.client_deadline)
-            groups.setdefault(arm.key, []).append(i)
+            if arm.adjusts_request:
+                self._adjust(reqs[i], arm)
+            g = groups.get(arm.key)
+            if g is None:
+                groups[arm.key] = [i]
+            else:
+                g.append(i)
         results: list[RecResult | BaseException]
         if len(groups) == 1:
             arm = routes[0].arm
@@ -384,11 +383,21 @@ class Router:
                 for j, i in enumerate(idx):
                     results[i] = part if isinstance(part, BaseException) else part[j]
         for res, route in zip(results, routes, strict=True):
-            if isinstance(res, RecResult):
+            if type(res) is RecResult:
                 res.variant = route.label
         if table.shadows:
             self._sample_shadows(table, reqs, routes, results)
         return results
+
+    def _adjust(self, r: RecRequest, arm: Arm) -> None:
+        """The overrides that act on the request itself: default_k (only where the request
+        left k unset) and budget_ms (its deadline, still capped by the client's)."""
+        if arm.default_k is not None and r.k_default:
+            r.k = min(arm.default_k, self.service.cfg.max_k)
+        if arm.budget_ms is not None:
+            b = self.service.cfg.budget
+            r.deadline = budget_deadline(r.received, total_ms=arm.budget_ms, network_ms=b.network_ms,
+                                         client_deadline=r.client_deadline)
 
     # -- shadows ---------------------------------------------------------------------------
     def _sample_shadows(self, table: RoutingTable, reqs: Sequence[RecRequest], routes: Sequence[UserRoute],

@@ -128,5 +128,7 @@ def parse_events(msg: Any, cfg: ServeConfig) -> list[Event]:
             # A millisecond or future timestamp would pin its item at the head of the session.
             raise InvalidRequest(f"events[{j}].timestamp", f"{e.timestamp} is not unix seconds up to now "
                                  f"(+{cfg.max_event_skew_s} s of clock skew); 0 means now")
-        out.append(Event(e.user_id, e.item_id, EVENT_TYPES[e.type - 1], int(e.timestamp or now)))
+        if len(e.request_id) > cfg.max_id_length:
+            raise InvalidRequest(f"events[{j}].request_id", f"longer than {cfg.max_id_length} characters")
+        out.append(Event(e.user_id, e.item_id, EVENT_TYPES[e.type - 1], int(e.timestamp or now), e.request_id))
     return out

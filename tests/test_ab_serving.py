@@ -435,7 +435,7 @@ def test_a_shadow_leaves_primary_responses_byte_identical_and_records_its_counte
 
 def test_a_hot_swap_of_current_leaves_pinned_versions_serving(tmp_path: Path, registry: Path,
                                                               versions: list[Version]) -> None:
-    v0, v1, v2 = versions
+    _, v1, v2 = versions
     flags_path = tmp_path / "flags.yaml"
     write_flags(flags_path, ab_flags(v1.id, force='"u5": treatment, "u6": control'))
     srv = serve(registry, flags_path)
@@ -460,3 +460,20 @@ def test_a_hot_swap_of_current_leaves_pinned_versions_serving(tmp_path: Path, re
     assert {v for _, v, variant, _, _ in after if variant == "ranker=treatment"} == {v1.id}
     prefix = {v.id: v.prefix for v in versions}
     assert all(all(i.startswith(prefix[v]) for i in items) for _, v, _, _, items in load.answers)
+
+
+def test_events_carry_the_request_id_of_the_impression_they_answer() -> None:
+    from online.request import parse_events
+    from towers.errors import InvalidRequest
+
+    cfg = load_config()
+    msg = pb.RecordEventsRequest(events=[
+        pb.Event(user_id="u1", item_id="i1", type=pb.EVENT_TYPE_CLICK, timestamp=1_700_000_000, request_id="req-7"),
+        pb.Event(user_id="u1", item_id="i2", type=pb.EVENT_TYPE_VIEW, timestamp=1_700_000_000)])
+    answered, plain = parse_events(msg, cfg)
+    assert answered.request_id == "req-7" and plain.request_id == ""
+    # Not part of the event's identity: a retry naming another request is the same event.
+    assert answered == replace(answered, request_id="req-8")
+    msg.events[0].request_id = "r" * (cfg.max_id_length + 1)
+    with pytest.raises(InvalidRequest, match=r"events\[0\].request_id"):
+        parse_events(msg, cfg)

@@ -121,16 +121,18 @@ class RecommendResponse(_message.Message):
     def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., variant: _Optional[str] = ..., rung: _Optional[_Union[Rung, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., request_id: _Optional[str] = ..., titles: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("user_id", "item_id", "type", "timestamp")
+    __slots__ = ("user_id", "item_id", "type", "timestamp", "request_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     item_id: str
     type: EventType
     timestamp: int
-    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., timestamp: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., timestamp: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RecordEventsRequest(_message.Message):
     __slots__ = ("events",)
