@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
@@ -44,9 +44,6 @@ from towers.ranking import (
     select,
     take_eligible,
 )
-
-if TYPE_CHECKING:
-    from online.experiments import Router
 
 log = logging.getLogger("twotower.serve")
 
@@ -73,6 +70,15 @@ def _timed_search(model: RankModel, queries: np.ndarray, width: int,
     return scores, rows, time.perf_counter() - t0
 
 
+class BatchRouter(Protocol):
+    """Answers a batch by routing its requests to versions and settings (A/B flags:
+    ``online.experiments.Router``; a protocol here so this module does not import it)."""
+
+    async def handle(self, current: LoadedModel, reqs: Sequence[RecRequest],
+                     queue_s: Sequence[float]) -> list[RecResult | BaseException]:
+        ...
+
+
 class RecommendService:
     def __init__(self, cfg: ServeConfig, store: FeatureStore) -> None:
         self.cfg = cfg
@@ -91,7 +97,7 @@ class RecommendService:
         self._search_s: dict[str, float] = {}  # recent search seconds per version (inline or not)
         # A/B flags (online.experiments): the router assigns each request a version and settings;
         # the versions it pins stay resident beside CURRENT. None: every request gets CURRENT.
-        self.router: Router | None = None
+        self.router: BatchRouter | None = None
         self.pinned: frozenset[str] = frozenset()
 
     @property
