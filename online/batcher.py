@@ -81,6 +81,11 @@ class Batcher(Generic[T, R]):
     def inflight(self) -> int:
         return len(self._running)
 
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch: > 0 means the worker is behind (optional work yields)."""
+        return self._queue.qsize()
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="batcher")

@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-grace-s", type=float, default=None, help="time in-flight RPCs get on shutdown")
     p.add_argument("--transport", choices=["aio", "sync"], default=None,
                    help="gRPC server: grpc.aio, or the sync server with a thread pool")
+    p.add_argument("--flags", type=Path, default=None,
+                   help="A/B flags file (YAML; see `twotower ab validate`): re-read every registry poll")
+    p.add_argument("--max-resident-mb", type=float, default=None,
+                   help="refuse flags whose resident versions (CURRENT + pinned) exceed this (0: no limit)")
     p.add_argument("--tls-cert", default=None, help="PEM server certificate (chain): serve TLS")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (unencrypted)")
     p.add_argument("--tls-client-ca", default=None,
@@ -63,7 +67,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       workers__workers=args.workers, workers__max_age_s=args.max_age_s,
                       workers__max_requests=args.max_requests, workers__max_rss_mb=args.max_rss_mb,
                       workers__drain_grace_s=args.drain_grace_s, transport=args.transport, tls__cert=args.tls_cert,
-                      tls__key=args.tls_key, tls__client_ca=args.tls_client_ca)
+                      tls__key=args.tls_key, tls__client_ca=args.tls_client_ca,
+                      flags_file=str(args.flags) if args.flags is not None else None,
+                      max_resident_mb=args.max_resident_mb)
     if args.redis_url:
         from dataclasses import replace
 
@@ -73,6 +79,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     load_server_tls(cfg.tls)  # bad TLS files or an exposed admin port: one clear error, before any worker starts
     check_admin_exposure(cfg)
+    if args.flags is not None:
+        from towers.flags import load_flags
+
+        load_flags(args.flags)  # an invalid file: one clear error, before any worker starts
     w = cfg.workers
     if w.workers > 1 or w.max_age_s or w.max_requests or w.max_rss_mb:
         if args.bundle is not None:

@@ -113,6 +113,14 @@ class ServeConfig:
     # with the real handler in the benchmark's ``paths`` scenario; the default is the faster.
     transport: str = "aio"
     sync_threads: int = 256  # at least the concurrency that should batch: a waiting call holds a thread
+    # A/B flags (towers.flags): a YAML file of experiments, re-read every registry_poll_s
+    # (online.experiments). "": no experiments, every request gets CURRENT and ``variant``.
+    flags_file: str = ""
+    # Bound on the bundles kept resident for the flags (CURRENT plus every pinned version,
+    # counted by their files' bytes in the manifest); a flags file over it is refused. 0: none.
+    max_resident_mb: float = 0.0
+    max_shadow_inflight: int = 2  # shadow batches running at once; more are dropped (and counted)
+    assignment_cache: int = 100_000  # users whose assignment is remembered (per flags file)
 
     def validate(self) -> ServeConfig:
         checks = [
@@ -133,6 +141,9 @@ class ServeConfig:
             ("inline_search_ms", self.inline_search_ms >= 0, "must be >= 0"),
             ("transport", self.transport in ("aio", "sync"), "must be 'aio' or 'sync'"),
             ("sync_threads", self.sync_threads >= 1, "must be >= 1"),
+            ("max_resident_mb", self.max_resident_mb >= 0, "must be >= 0 (0: no limit)"),
+            ("max_shadow_inflight", self.max_shadow_inflight >= 0, "must be >= 0 (0: shadows never run)"),
+            ("assignment_cache", self.assignment_cache >= 0, "must be >= 0"),
         ]
         for name, ok, msg in checks:
             if not ok:

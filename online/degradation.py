@@ -72,6 +72,11 @@ class Ladder:
         self._down(late, BATCH, TOO_LATE)
         return candidates[time_left_s[candidates] >= min_search_s]
 
+    def not_allowed(self, idx: np.ndarray, rung: int, to: int) -> None:
+        """Requests ``idx`` would be served on ``rung``, which their experiment's
+        ``allowed_rungs`` leaves out: they move down to ``to`` (the next allowed rung)."""
+        self._down(idx, to, f"rung {RUNGS[rung]} not allowed by the experiment")
+
     def searched(self, idx: np.ndarray, source: np.ndarray) -> None:
         """Requests answered by the search; ``source`` from ``QueryBatch.source``."""
         self.source[idx] = source

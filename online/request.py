@@ -33,6 +33,8 @@ class RecRequest:
     # The client's own gRPC deadline (inf when none). Only this one may fail an RPC;
     # running out of budget degrades instead (DESIGN §3).
     client_deadline: float = float("inf")
+    # k was not in the request (the server's default): an experiment's default_k may replace it.
+    k_default: bool = False
 
 
 @dataclass(slots=True)
@@ -94,13 +96,19 @@ def parse_recommend(msg: Any, cfg: ServeConfig, *, time_remaining: float | None)
     recent = _ids(recent_ids, "session.recent_item_ids", cfg, cfg.max_session_items, dedupe=True)
     cart = _ids(cart_ids, "session.cart_item_ids", cfg, cfg.max_session_items, dedupe=True)
     exclude = _ids(msg.exclude_item_ids, "exclude_item_ids", cfg, cfg.max_exclude_items, dedupe=False)
-    budget = cfg.budget.total_ms / 1000.0
-    if time_remaining is not None:
-        budget = min(budget, time_remaining)
-    # Keep the network share for the way back: the server must be done before the client gives up.
-    deadline = now + max(budget - cfg.budget.network_ms / 1000.0, budget * 0.5)
+    client_deadline = now + time_remaining if time_remaining is not None else float("inf")
+    deadline = budget_deadline(now, total_ms=cfg.budget.total_ms, network_ms=cfg.budget.network_ms,
+                               client_deadline=client_deadline)
     return RecRequest(user_id, int(k), recent, cart, exclude, mode, msg.request_id, msg.include_titles, deadline, now,
-                      now + time_remaining if time_remaining is not None else float("inf"))
+                      client_deadline, not msg.HasField("k"))
+
+
+def budget_deadline(received: float, *, total_ms: float, network_ms: float, client_deadline: float) -> float:
+    """When a request received at ``received`` must be answered: the budget, capped by the
+    client's own deadline, less the network share for the way back (the server must be done
+    before the client gives up). An experiment's ``budget_ms`` override recomputes it."""
+    budget = min(total_ms / 1000.0, client_deadline - received)
+    return received + max(budget - network_ms / 1000.0, budget * 0.5)
 
 
 def parse_events(msg: Any, cfg: ServeConfig) -> list[Event]:
@@ -125,5 +133,7 @@ def parse_events(msg: Any, cfg: ServeConfig) -> list[Event]:
             # A millisecond or future timestamp would pin its item at the head of the session.
             raise InvalidRequest(f"events[{j}].timestamp", f"{e.timestamp} is not unix seconds up to now "
                                  f"(+{cfg.max_event_skew_s} s of clock skew); 0 means now")
-        out.append(Event(e.user_id, e.item_id, EVENT_TYPES[e.type - 1], int(e.timestamp or now)))
+        if len(e.request_id) > cfg.max_id_length:
+            raise InvalidRequest(f"events[{j}].request_id", f"longer than {cfg.max_id_length} characters")
+        out.append(Event(e.user_id, e.item_id, EVENT_TYPES[e.type - 1], int(e.timestamp or now), e.request_id))
     return out

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,7 +32,10 @@ from online.service import LoadedModel, RecommendService
 from online.tls import load_server_tls
 from online.wire import lenient_deserializer
 from towers import registry as registry_mod
-from towers.errors import FeatureStoreError, InvalidRequest, NotReady, TwoTowerError, Unsupported
+from towers.errors import ConfigError, FeatureStoreError, InvalidRequest, NotReady, TwoTowerError, Unsupported
+
+if TYPE_CHECKING:
+    from online.experiments import Router
 
 log = logging.getLogger("twotower.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
@@ -156,15 +159,22 @@ def make_store(cfg: ServeConfig) -> FeatureStore:
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, watcher: RegistryWatcher) -> None:
+    def __init__(self, watcher: RegistryWatcher, router: Router | None = None) -> None:
         self.watcher = watcher
+        self.router = router
+
+    def _status(self) -> pb.StatusResponse:
+        extra = self.router.status() if self.router is not None else {}
+        return pb.StatusResponse(**self.watcher.status(), **extra)  # type: ignore[arg-type]
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.StatusResponse(**self.watcher.status())  # type: ignore[arg-type]
+        return self._status()
 
     async def Reload(self, request: pb.ReloadRequest, context: grpc.aio.ServicerContext) -> Any:
         await self.watcher.check(force=True)
-        return pb.StatusResponse(**self.watcher.status())  # type: ignore[arg-type]
+        if self.router is not None:  # and the flags file, refused content included
+            await self.router.reload(force=True)
+        return self._status()
 
 
 @dataclass
@@ -174,6 +184,7 @@ class RunningServer:
     health: Any
     port: int
     watcher: RegistryWatcher | None = None
+    router: Router | None = None  # A/B flags (cfg.flags_file)
     admin: grpc.aio.Server | None = None
     admin_port: int = -1
     restore: list[Callable[[], None]] = field(default_factory=list)  # process-wide settings to put back
@@ -186,6 +197,8 @@ class RunningServer:
         """Graceful drain: NOT_SERVING, stop accepting, let in-flight calls finish within ``grace``."""
         if self.watcher is not None:
             await self.watcher.stop()
+        if self.router is not None:
+            await self.router.stop()
         await _maybe_await(self.health.enter_graceful_shutdown())
         stopped = self.server.stop(grace)
         if isinstance(stopped, threading.Event):  # the sync transport: wait off the event loop
@@ -235,6 +248,8 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
     tls = load_server_tls(cfg.tls)
     credentials = tls.credentials() if tls is not None else None
     admin_token = check_admin_exposure(cfg, admin_port=admin_port)
+    if cfg.flags_file and registry is None:
+        raise ConfigError("flags_file", "A/B flags pin registry versions: serve with --registry")
 
     # A process-wide FAISS setting, applied at the serving edge and put back on stop
     # (in-process servers in tests and the demo share the interpreter with other code).
@@ -284,25 +299,43 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
             running.watcher = RegistryWatcher(service, registry, poll_s=cfg.registry_poll_s)
             if not await running.watcher.check(force=True):
                 raise TwoTowerError(f"cannot serve {registry}: {running.watcher.state.last_error}")
+            if cfg.flags_file:
+                running.router = await start_router(service, cfg, registry)
             if admin_port >= 0:
                 # Never shared: each process answers for its own loaded version. Bound before the
                 # serving port, so a taken admin port fails the start before any traffic arrives.
                 running.admin = grpc.aio.server(
                     options=[("grpc.so_reuseport", 0)],
                     interceptors=[token_interceptor(admin_token)] if admin_token else None)
-                pb_grpc.add_AdminServicer_to_server(AdminServicer(running.watcher), running.admin)
+                pb_grpc.add_AdminServicer_to_server(AdminServicer(running.watcher, running.router), running.admin)
                 running.admin_port = _add_port(running.admin, f"{cfg.admin_host}:{admin_port}", credentials)
                 await running.admin.start()
             if running.port < 0:
                 await bind()
             await running.set_serving()
             running.watcher.start()
+            if running.router is not None:
+                running.router.start()
         elif bundle_path is not None:
             await load_and_serve(running, bundle_path)
     except BaseException:
         await running.stop(grace=0)
         raise
     return running
+
+
+async def start_router(service: RecommendService, cfg: ServeConfig, registry: Path) -> Router:
+    """Load the flags file and every version it pins (warmed) before the server reports
+    SERVING; a file that cannot serve is a start error (later ones only fail a reload)."""
+    from online.experiments import Router
+
+    router = Router(service, registry=registry, flags_file=Path(cfg.flags_file), poll_s=cfg.registry_poll_s,
+                    max_resident_mb=cfg.max_resident_mb, max_shadow_inflight=cfg.max_shadow_inflight,
+                    cache_size=cfg.assignment_cache)
+    if not await router.reload(force=True):
+        raise TwoTowerError(f"cannot serve with flags {cfg.flags_file}: {router.state.error}")
+    service.router = router
+    return router
 
 
 async def load_and_serve(running: RunningServer, bundle_path: Path) -> LoadedModel:

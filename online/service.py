@@ -19,15 +19,17 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
 
 from online.batcher import Batcher
 from online.config import ServeConfig
-from online.degradation import BATCH, EMBEDDING_FROM_BUNDLE, RUNGS, Ladder
+from online.degradation import BATCH, EMBEDDING_FROM_BUNDLE, FULL, NO_SESSION, POPULARITY, RUNGS, Ladder
 from online.feature_store import Event, FeatureStore, UserFeatures
 from online.request import RecRequest, RecResult
+from online.settings import DEFAULT_SETTINGS, BatchSettings
 from online.stats import ServingStats
 from towers import bundle as bundle_mod
 from towers.errors import FeatureStoreError, NotReady, Unsupported
@@ -61,10 +63,20 @@ class LoadedModel:
         return cls(b.version, b, RankModel.from_bundle(b), np.array(b.item_ids, dtype=object))
 
 
-def _timed_search(model: RankModel, queries: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _timed_search(model: RankModel, queries: np.ndarray, width: int,
+                  params: Any = None) -> tuple[np.ndarray, np.ndarray, float]:
     t0 = time.perf_counter()
-    scores, rows = search(model, queries, width)
+    scores, rows = search(model, queries, width, params=params)
     return scores, rows, time.perf_counter() - t0
+
+
+class BatchRouter(Protocol):
+    """Answers a batch by routing its requests to versions and settings (A/B flags:
+    ``online.experiments.Router``; a protocol here so this module does not import it)."""
+
+    async def handle(self, current: LoadedModel, reqs: Sequence[RecRequest],
+                     queue_s: Sequence[float]) -> list[RecResult | BaseException]:
+        ...
 
 
 class RecommendService:
@@ -83,6 +95,10 @@ class RecommendService:
         self._active: Counter[str] = Counter()  # batches running per model version
         self._candidates: set[str] = set()  # prepared, not yet installed or rejected: never dropped
         self._search_s: dict[str, float] = {}  # recent search seconds per version (inline or not)
+        # A/B flags (online.experiments): the router assigns each request a version and settings;
+        # the versions it pins stay resident beside CURRENT. None: every request gets CURRENT.
+        self.router: BatchRouter | None = None
+        self.pinned: frozenset[str] = frozenset()
 
     @property
     def requests_served(self) -> int:
@@ -125,7 +141,14 @@ class RecommendService:
         batch uses (after a swap, a rejected candidate, or an old version's last batch),
         so old bundles do not pile up in memory."""
         if self.store.capabilities.holds_versions and self.model is not None:
-            self.store.drop_versions(keep={self.model.version, *self._active, *self._candidates})
+            self.store.drop_versions(keep={self.model.version, *self._active, *self._candidates, *self.pinned})
+
+    def pin(self, versions: frozenset[str]) -> None:
+        """Keep ``versions`` resident beside CURRENT (an experiment's pinned versions, already
+        prepared); versions no longer pinned are dropped after their last batch."""
+        self.pinned = versions
+        self._candidates -= versions
+        self.forget_unused()
 
     async def warm(self, model: LoadedModel) -> int:
         """Synthetic requests down every path (online with and without session, batch mode,
@@ -176,14 +199,17 @@ class RecommendService:
         model = self.model  # one version for the whole batch: no skew inside a batch
         if model is None:
             return [NotReady("no model loaded yet")] * len(reqs)
+        if self.router is not None:  # groups the batch by (version, settings): one version per group
+            return await self.router.handle(model, reqs, queue_s)
         return await self.run_batch(model, reqs, queue_s)
 
-    async def run_batch(self, model: LoadedModel, reqs: Sequence[RecRequest],
-                        queue_s: Sequence[float]) -> list[RecResult | BaseException]:
-        """Answer a batch with ``model`` (installed or not: warmup runs candidates through here)."""
+    async def run_batch(self, model: LoadedModel, reqs: Sequence[RecRequest], queue_s: Sequence[float], *,
+                        settings: BatchSettings = DEFAULT_SETTINGS) -> list[RecResult | BaseException]:
+        """Answer a batch with ``model`` (installed or not: warmup runs candidates through here),
+        with an experiment's ``settings`` (search parameters, session length, allowed rungs)."""
         self._active[model.version] += 1
         try:
-            return await self._stages(model, reqs, queue_s)
+            return await self._stages(model, reqs, queue_s, settings)
         finally:
             self._active[model.version] -= 1
             if not self._active[model.version]:
@@ -191,8 +217,8 @@ class RecommendService:
                 if model is not self.model:  # an old version's last batch (candidates are kept)
                     self.forget_unused()
 
-    async def _stages(self, model: LoadedModel, reqs: Sequence[RecRequest],
-                      queue_s: Sequence[float]) -> list[RecResult | BaseException]:
+    async def _stages(self, model: LoadedModel, reqs: Sequence[RecRequest], queue_s: Sequence[float],
+                      settings: BatchSettings = DEFAULT_SETTINGS) -> list[RecResult | BaseException]:
         t0 = time.monotonic()
         budget = self.cfg.budget
         n = len(reqs)
@@ -202,7 +228,9 @@ class RecommendService:
 
         # fetch: one pipeline for the whole batch
         feats: list[UserFeatures] | None = None
-        if len(online):
+        if len(online) and not settings.allow_full:  # no session in the query: the user embedding alone
+            ladder.not_allowed(online, FULL, NO_SESSION)
+        elif len(online):
             # The latest deadline sets the timeout: one caller with a tight deadline must not cost
             # the whole batch its features. Callers whose time runs out meanwhile are caught by the
             # "too little time left" check below and get the precomputed rung.
@@ -218,10 +246,14 @@ class RecommendService:
         t1 = time.monotonic()
 
         # combine: one QueryBatch (one vocabulary pass, one exclusion array), one combiner call
-        batch = self._query_batch(model, reqs, online, feats, ladder)
+        batch = self._query_batch(model, reqs, online, feats, ladder, settings.max_session)
         has_query = batch.has_user | batch.has_session
         time_left = np.fromiter((r.deadline for r in reqs), dtype=np.float64, count=n) - time.monotonic()
         to_search = ladder.plan_search(online, has_query, time_left, budget.min_search_ms / 1000.0)
+        if not settings.allow_no_session:
+            demoted = to_search[ladder.rung[to_search] == NO_SESSION]
+            ladder.not_allowed(demoted, NO_SESSION, BATCH)
+            to_search = to_search[ladder.rung[to_search] != BATCH]
         sub = batch.subset(to_search)
         queries = combine_queries(model.ranker, sub)
         t2 = time.monotonic()
@@ -231,9 +263,9 @@ class RecommendService:
         width = search_width(model.ranker, sub)
         if len(sub) and self._search_s.get(model.version, float("inf")) >= self.cfg.inline_search_ms / 1000.0:
             cand_scores, cand_rows, took = await asyncio.get_running_loop().run_in_executor(
-                self.search_pool, _timed_search, model.ranker, queries, width)
+                self.search_pool, _timed_search, model.ranker, queries, width, settings.search_params)
         else:
-            cand_scores, cand_rows, took = _timed_search(model.ranker, queries, width)
+            cand_scores, cand_rows, took = _timed_search(model.ranker, queries, width, settings.search_params)
         if len(sub):  # a moving average per version: the decision follows the catalog and the load
             prev = self._search_s.get(model.version)
             self._search_s[model.version] = took if prev is None else 0.8 * prev + 0.2 * took
@@ -253,6 +285,9 @@ class RecommendService:
         answered = np.zeros(n, dtype=bool)
         answered[to_search] = True
         precomputed = np.flatnonzero(batch_mode | (ladder.rung == BATCH))
+        if len(precomputed) and not settings.allow_batch:
+            ladder.not_allowed(precomputed, BATCH, POPULARITY)
+            precomputed = precomputed[:0]
         if len(precomputed):
             answered[await self._batch_recs(model, reqs, batch, precomputed, batch_mode, ladder, rows, scores,
                                             counts)] = True
@@ -267,7 +302,7 @@ class RecommendService:
         return self._results(model, reqs, queue_s, ladder, rows, scores, counts, stage_us)
 
     def _query_batch(self, model: LoadedModel, reqs: Sequence[RecRequest], online: np.ndarray,
-                     feats: list[UserFeatures] | None, ladder: Ladder) -> QueryBatch:
+                     feats: list[UserFeatures] | None, ladder: Ladder, max_session: int | None = None) -> QueryBatch:
         """Every request's user vector, session (request first, then the store's; deduplicated,
         most recent first) and exclusions (session, cart, exclude), as one QueryBatch with one
         vocabulary pass over the batch's item ids. Batch-mode requests get no query, only
@@ -316,7 +351,7 @@ class RecommendService:
         return QueryBatch.build(model.ranker, user=user, has_user=has_user,
                                 session_owner=np.asarray(s_owner, dtype=np.int64), session_rows=item_rows[: len(s_ids)],
                                 exclude_owner=np.asarray(x_owner, dtype=np.int64), exclude_rows=item_rows[len(s_ids):],
-                                k=np.fromiter((r.k for r in reqs), dtype=np.int64, count=n))
+                                k=np.fromiter((r.k for r in reqs), dtype=np.int64, count=n), max_session=max_session)
 
     async def _batch_recs(self, model: LoadedModel, reqs: Sequence[RecRequest], batch: QueryBatch, idx: np.ndarray,
                           batch_mode: np.ndarray, ladder: Ladder, rows: np.ndarray, scores: np.ndarray,

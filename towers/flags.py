@@ -380,12 +380,19 @@ def load_flags(path: Path) -> Flags:
         raise ConfigError(str(path), "flags file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), f"cannot read the flags file ({e})") from None
+    return parse_flags_text(text, source=str(path))
+
+
+def parse_flags_text(text: str, *, source: str) -> Flags:
+    """Validate a flags file's text (``source`` names it in errors). The server's hot reload
+    reads the file once and hashes and parses the same bytes, so the digest it reports is
+    the content it serves."""
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        raise ConfigError(str(path), f"not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        raise ConfigError(source, f"not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if data is None:
-        raise ConfigError(str(path), "the flags file is empty (expected 'experiments: [...]')")
+        raise ConfigError(source, "the flags file is empty (expected 'experiments: [...]')")
     return parse_flags(data)

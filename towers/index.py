@@ -96,6 +96,18 @@ def set_search_params(index: faiss.Index, spec: IndexSpec) -> None:
         faiss.extract_index_ivf(index).nprobe = spec.nprobe
 
 
+def search_params(spec: IndexSpec, *, nprobe: int | None = None, ef_search: int | None = None) -> Any:
+    """Per-call search parameters for an index of ``spec``'s type (``index.search(...,
+    params=...)``), or None when neither setting applies to it (flat search has no knob; an
+    nprobe asked of an HNSW index is not an error: an experiment's override is per variant,
+    not per index type)."""
+    if spec.type == "hnsw" and ef_search is not None:
+        return faiss.SearchParametersHNSW(efSearch=ef_search)  # type: ignore[attr-defined]
+    if spec.type in ("ivf", "sq8", "ivfpq") and nprobe is not None:
+        return faiss.SearchParametersIVF(nprobe=nprobe)  # type: ignore[call-arg]
+    return None
+
+
 def build(emb: np.ndarray, spec: IndexSpec, *, seed: int = 0) -> faiss.Index:
     """Build and fill an index; item row ``i`` gets FAISS id ``i``."""
     emb = np.ascontiguousarray(emb, dtype=np.float32)

@@ -147,15 +147,18 @@ class QueryBatch:
     @classmethod
     def build(cls, model: RankModel, *, user: np.ndarray, has_user: np.ndarray, session_owner: np.ndarray,
               session_rows: np.ndarray, exclude_owner: np.ndarray, exclude_rows: np.ndarray,
-              k: int | np.ndarray) -> QueryBatch:
+              k: int | np.ndarray, max_session: int | None = None) -> QueryBatch:
         """From flat (owner, row) arrays, grouped by owner, unknown rows (< 0) allowed and dropped.
 
-        Sessions are most recent first and are cut to the combiner's ``max_session``; every
-        session item is banned too (a user is not recommended what they just looked at).
+        Sessions are most recent first and are cut to the combiner's ``max_session`` (or to
+        ``max_session`` when smaller: an experiment's override of how much session the query
+        reads); every session item is banned too, cut or not (a user is not recommended what
+        they just looked at).
         """
         b, n = len(has_user), model.n_items
         known = session_rows >= 0
-        session = first_per_owner(session_owner[known], session_rows[known], b, model.max_session)
+        width = model.max_session if max_session is None else min(model.max_session, max_session)
+        session = first_per_owner(session_owner[known], session_rows[known], b, width)
         own = np.concatenate([exclude_owner, session_owner])
         rows = np.concatenate([exclude_rows, session_rows])
         ok = (rows >= 0) & (rows < n)
@@ -253,11 +256,16 @@ def search_width(model: RankModel, batch: QueryBatch) -> int:
     return int(min(model.n_items, int(batch.k.max()) + int(batch.n_banned.max()) + SEARCH_MARGIN))
 
 
-def search(model: RankModel, queries: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """One batched index search; FAISS releases the GIL, so callers may run it in a thread."""
+def search(model: RankModel, queries: np.ndarray, width: int, *,
+           params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """One batched index search; FAISS releases the GIL, so callers may run it in a thread.
+    ``params`` (a ``faiss.SearchParameters``, see ``towers.index.search_params``) changes
+    nprobe/efSearch for this call only: the shared index object is never mutated, so
+    requests with different settings can search the same index concurrently."""
     if len(queries) == 0 or width == 0:
         return np.zeros((len(queries), width), np.float32), np.full((len(queries), width), -1, np.int64)
-    scores, rows = model.index.search(np.ascontiguousarray(queries, dtype=np.float32), width)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    scores, rows = model.index.search(q, width) if params is None else model.index.search(q, width, params=params)
     return scores, rows
 
 

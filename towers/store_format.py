@@ -29,7 +29,7 @@ lost reply) stores it once: RecordEvents is idempotent.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -44,6 +44,10 @@ class Event:
     item_id: str
     type: str  # one of EVENT_TYPES
     timestamp: int
+    # The request id of the Recommend response (impression) this event answers, for the A/B
+    # outcome join; "" if unknown. Not part of the event's identity (user, item, type,
+    # timestamp) nor of its session encoding: a retry that names it differently is the same event.
+    request_id: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)

@@ -121,16 +121,18 @@ class RecommendResponse(_message.Message):
     def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., variant: _Optional[str] = ..., rung: _Optional[_Union[Rung, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., request_id: _Optional[str] = ..., titles: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("user_id", "item_id", "type", "timestamp")
+    __slots__ = ("user_id", "item_id", "type", "timestamp", "request_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     item_id: str
     type: EventType
     timestamp: int
-    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., timestamp: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., timestamp: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RecordEventsRequest(_message.Message):
     __slots__ = ("events",)
@@ -153,7 +155,7 @@ class ReloadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "state", "last_error", "candidate", "registry", "swaps", "rejected", "requests_served", "pid")
+    __slots__ = ("version", "state", "last_error", "candidate", "registry", "swaps", "rejected", "requests_served", "pid", "flags_file", "flags_sha256", "flags_error", "flags_reloads", "flags_rejected", "resident_versions", "resident_bytes", "shadows")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +165,14 @@ class StatusResponse(_message.Message):
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FILE_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_RELOADS_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHADOWS_FIELD_NUMBER: _ClassVar[int]
     version: str
     state: str
     last_error: str
@@ -172,4 +182,36 @@ class StatusResponse(_message.Message):
     rejected: int
     requests_served: int
     pid: int
-    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ..., candidate: _Optional[str] = ..., registry: _Optional[str] = ..., swaps: _Optional[int] = ..., rejected: _Optional[int] = ..., requests_served: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    flags_file: str
+    flags_sha256: str
+    flags_error: str
+    flags_reloads: int
+    flags_rejected: int
+    resident_versions: _containers.RepeatedScalarFieldContainer[str]
+    resident_bytes: int
+    shadows: _containers.RepeatedCompositeFieldContainer[ShadowStatus]
+    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ..., candidate: _Optional[str] = ..., registry: _Optional[str] = ..., swaps: _Optional[int] = ..., rejected: _Optional[int] = ..., requests_served: _Optional[int] = ..., pid: _Optional[int] = ..., flags_file: _Optional[str] = ..., flags_sha256: _Optional[str] = ..., flags_error: _Optional[str] = ..., flags_reloads: _Optional[int] = ..., flags_rejected: _Optional[int] = ..., resident_versions: _Optional[_Iterable[str]] = ..., resident_bytes: _Optional[int] = ..., shadows: _Optional[_Iterable[_Union[ShadowStatus, _Mapping]]] = ...) -> None: ...
+
+class ShadowStatus(_message.Message):
+    __slots__ = ("experiment", "variant", "version", "sampled", "scored", "dropped", "errors", "mean_overlap", "mean_latency_ms", "max_latency_ms")
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    experiment: str
+    variant: str
+    version: str
+    sampled: int
+    scored: int
+    dropped: int
+    errors: int
+    mean_overlap: float
+    mean_latency_ms: float
+    max_latency_ms: float
+    def __init__(self, experiment: _Optional[str] = ..., variant: _Optional[str] = ..., version: _Optional[str] = ..., sampled: _Optional[int] = ..., scored: _Optional[int] = ..., dropped: _Optional[int] = ..., errors: _Optional[int] = ..., mean_overlap: _Optional[float] = ..., mean_latency_ms: _Optional[float] = ..., max_latency_ms: _Optional[float] = ...) -> None: ...
