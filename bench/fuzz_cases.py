@@ -44,7 +44,7 @@ ALLOWED = ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")
 FIELD_OF = {
     "Recommend": re.compile(r"^(user_id|k|mode|session|session\.recent_item_ids|session\.cart_item_ids"
                             r"|exclude_item_ids): "),
-    "RecordEvents": re.compile(r"^(events|events\[(?P<j>\d+)\]\.(user_id|item_id|type|timestamp)): "),
+    "RecordEvents": re.compile(r"^(events|events\[(?P<j>\d+)\]\.(user_id|item_id|type|timestamp|request_id)): "),
 }
 SENTINEL_USERS = [f"sentinel-{j}" for j in range(8)]
 
@@ -187,7 +187,7 @@ def record_events_cases(*, users: Sequence[str], items: Sequence[str]) -> st.Sea
         events = draw(rarely(st.lists(event, max_size=12), st.builds(many, st.sampled_from([10_000, 10_001]))))
         msg = pb.RecordEventsRequest(events=events)
         small = len(events) <= 100  # a bulk call gets its unknown fields at the top level only
-        raw = b"".join(_field(1, 2, e.SerializeToString() + (draw(unknown_fields(first_free=5)) if small else b""))
+        raw = b"".join(_field(1, 2, e.SerializeToString() + (draw(unknown_fields(first_free=6)) if small else b""))
                        for e in events)
         return Case("RecordEvents", raw + draw(unknown_fields(first_free=2)), msg)
 
