@@ -135,3 +135,60 @@ def cmd_publish(args: argparse.Namespace) -> int:
     version = publish(args.bundle, registry=args.registry, redis_url=args.redis_url)
     print(f"published {version}: {args.registry}/CURRENT -> {version}")
     return 0
+
+
+def register_ab_report(asub: argparse._SubParsersAction) -> None:
+    """``twotower ab report`` (added to the ``ab`` group by the CLI front)."""
+    p = asub.add_parser("report", help="outcomes per variant: impressions joined with events (CTR, conversion, "
+                                       "lift, sample ratio)")
+    p.add_argument("--redis-url", required=True, help="the Redis the servers log to")
+    p.add_argument("--prefix", default="tt", help="the serve config's redis.prefix")
+    p.add_argument("--experiment", required=True, help="the experiment's name in the flags file")
+    p.add_argument("--flags", type=Path, default=None, help="the flags file: its weights drive the sample-ratio check")
+    p.add_argument("--control", default=None, help="the control arm (default: the experiment's first variant)")
+    p.add_argument("--since", default="0", help="unix seconds or an ISO date/time: logs from then on")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ab_report)
+
+
+def _since_ms(value: str) -> int:
+    import datetime as dt
+
+    if value.replace(".", "", 1).isdigit():
+        return int(float(value) * 1000)
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError as e:
+        raise ConfigError("--since", f"{value!r} is neither unix seconds nor an ISO date/time") from e
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return int(t.timestamp() * 1000)
+
+
+def cmd_ab_report(args: argparse.Namespace) -> int:
+    from offline.ab_report import format_report, outcome_report
+    from offline.event_log import EventLog
+
+    since = _since_ms(args.since)
+    weights: dict[str, float] | None = None
+    control = args.control
+    if args.flags is not None:
+        from towers.flags import load_flags
+
+        exp = next((e for e in load_flags(args.flags).experiments if e.name == args.experiment), None)
+        if exp is None:
+            raise ConfigError("--experiment", f"no experiment {args.experiment!r} in {args.flags}")
+        arms = [v for v in exp.variants if not v.shadow]
+        weights = {v.name: float(v.weight or 0.0) for v in arms}
+        control = control or arms[0].name
+    if control is None:
+        raise ConfigError("--control", "name the control arm (or pass --flags)")
+    log = EventLog(redis_url=args.redis_url, prefix=args.prefix)
+    try:
+        events = [e for e, _ in log.events(since_ms=since) if e is not None]
+        report = outcome_report(log.impressions(since_ms=since), events, experiment=args.experiment,
+                                control=control, weights=weights)
+    finally:
+        log.close()
+    print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
+    return 0

@@ -19,8 +19,10 @@ if TYPE_CHECKING:
     from towers.flags import Experiment, Flags
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ab", help="A/B flags: validate a flags file, show a user's assignment")
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Adds ``twotower ab validate|assign``; returns the ``ab`` subcommands, so the offline
+    package can add ``ab report`` (it reads the logs) without online importing offline."""
+    p = sub.add_parser("ab", help="A/B flags: validate a flags file, show a user's assignment, report outcomes")
     asub = p.add_subparsers(dest="ab_command", required=True, parser_class=type(p))
 
     v = asub.add_parser("validate", help="check a flags file and summarise its experiments")
@@ -33,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--user", required=True)
     a.add_argument("--json", action="store_true", help="print one JSON object")
     a.set_defaults(func=cmd_assign)
+    return asub
 
 
 def _load(path: Path, command: str) -> Flags | None:

@@ -39,6 +39,7 @@ class RedisConfig:
     socket_timeout_ms: float = 200.0  # hard ceiling; each call also gets the remaining budget
     session_ttl_s: int = 7 * 24 * 3600
     session_cap: int = 100  # events kept per user
+    stream_maxlen: int = 10_000_000  # event and impression logs: XADD MAXLEN ~ (towers.store_format)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class ServeConfig:
     max_event_skew_s: int = 3600  # event timestamps may run this far ahead of the server's clock
     max_message_bytes: int = 8 * 1024 * 1024  # larger messages are refused by gRPC itself
     variant: str = "control"
+    impression_sample_rate: float = 0.01  # share of served responses logged to the impression stream
     warmup: bool = True  # send synthetic requests down every path before reporting SERVING
     registry_poll_s: float = 1.0  # how often CURRENT is checked for a new version (0: never)
     admin_host: str = "127.0.0.1"  # the admin surface stays on localhost unless told otherwise
@@ -140,6 +142,8 @@ class ServeConfig:
             ("search_omp_threads", self.search_omp_threads >= 1, "must be >= 1"),
             ("inline_search_ms", self.inline_search_ms >= 0, "must be >= 0"),
             ("transport", self.transport in ("aio", "sync"), "must be 'aio' or 'sync'"),
+            ("impression_sample_rate", 0.0 <= self.impression_sample_rate <= 1.0, "must be in [0, 1]"),
+            ("redis.stream_maxlen", self.redis.stream_maxlen >= 1, "must be >= 1"),
             ("sync_threads", self.sync_threads >= 1, "must be >= 1"),
             ("max_resident_mb", self.max_resident_mb >= 0, "must be >= 0 (0: no limit)"),
             ("max_shadow_inflight", self.max_shadow_inflight >= 0, "must be >= 0 (0: shadows never run)"),

@@ -11,6 +11,7 @@ cluster store, anything else ``redis.asyncio.Redis.from_url`` accepts the standa
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,13 +21,17 @@ import numpy as np
 from towers.errors import FeatureStoreError, Unsupported
 from towers.store_format import (
     EVENT_TYPES,
+    STREAM_MAXLEN,
     Event,
+    Impression,
     RedisKeys,
     decode_embedding,
     decode_event,
     decode_recs,
     encode_event,
+    event_fields,
     event_scores,
+    impression_fields,
     is_cluster_url,
     parse_cluster_url,
 )
@@ -72,7 +77,12 @@ class FeatureStore(Protocol):
         ...
 
     async def record(self, events: Sequence[Event], *, timeout: float) -> int:
-        """Append events to the users' sessions; returns how many were stored."""
+        """Append events to the users' sessions and to the durable event log; returns how
+        many were stored."""
+        ...
+
+    async def log_impressions(self, impressions: Sequence[Impression], *, timeout: float) -> None:
+        """Append served impressions (a sample) to the impression log, for the outcome join."""
         ...
 
     async def has_version(self, version: str) -> bool:
@@ -92,6 +102,10 @@ class InMemoryFeatureStore:
         # Per user: encoded event -> (score, event), like the Redis sorted set's members.
         self._sessions: dict[str, dict[bytes, tuple[float, Event]]] = {}
         self._cap = session_cap
+        # The embedded default keeps its logs in memory (bounded): enough for the demo and for
+        # tests to see what a Redis store would have logged; not durable.
+        self.event_log: deque[Event] = deque(maxlen=100_000)
+        self.impression_log: deque[Impression] = deque(maxlen=100_000)
 
     def add_version(self, version: str, *, user_ids: Sequence[str], user_emb: np.ndarray,
                     recs_items: np.ndarray | None = None, recs_scores: np.ndarray | None = None) -> None:
@@ -154,7 +168,11 @@ class InMemoryFeatureStore:
             if len(sess) > self._cap:  # keep the newest session_cap, as ZREMRANGEBYRANK does
                 oldest = min(sess.items(), key=lambda kv: (kv[1][0], kv[0]))[0]
                 del sess[oldest]
+        self.event_log.extend(events)
         return len(events)
+
+    async def log_impressions(self, impressions: Sequence[Impression], *, timeout: float) -> None:
+        self.impression_log.extend(impressions)
 
     async def has_version(self, version: str) -> bool:
         return version in self._versions
@@ -184,12 +202,14 @@ class RedisFeatureStore:
     capabilities = StoreCapabilities(shared=True, holds_versions=False)
 
     def __init__(self, *, url: str, prefix: str = "tt", max_connections: int = 32, socket_timeout_s: float = 0.2,
-                 session_ttl_s: int = 7 * 24 * 3600, session_cap: int = 100) -> None:
+                 session_ttl_s: int = 7 * 24 * 3600, session_cap: int = 100,
+                 stream_maxlen: int = STREAM_MAXLEN) -> None:
         import redis.asyncio as aioredis
 
         self.keys = RedisKeys(prefix)
         self._ttl = session_ttl_s
         self._cap = session_cap
+        self._stream_maxlen = stream_maxlen
         self._redis = aioredis.Redis.from_url(
             url, max_connections=max_connections, socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s, retry_on_timeout=False,
@@ -215,6 +235,11 @@ class RedisFeatureStore:
         try:
             return list(task.result())
         except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as e:
+            raise FeatureStoreError(f"redis {what} failed: {type(e).__name__}: {e}") from e
+        except RuntimeError as e:
+            # redis-py's asyncio cluster runs a transaction pipeline's commands on a loop of its
+            # own in a thread; when the cluster must re-initialise (a node was down) that trips
+            # over a lock bound to our loop. A failed call, not an internal error.
             raise FeatureStoreError(f"redis {what} failed: {type(e).__name__}: {e}") from e
 
     async def fetch(self, version: str, user_ids: Sequence[str], *, dim: int, n_recent: int,
@@ -260,10 +285,27 @@ class RedisFeatureStore:
             pipe = self._redis.pipeline(transaction=True)
             for user_id, members in by_user.items():
                 self._queue_session_writes(pipe, user_id, members)
+            # ...and in the same MULTI, the durable log: acknowledged means in both, or neither.
+            self._queue_log_writes(pipe, events)
             return list(await pipe.execute())
 
         await self._run("record", go, timeout)
         return len(events)
+
+    def _queue_log_writes(self, pipe: Any, events: Sequence[Event]) -> None:
+        key = self.keys.events()
+        for e in events:
+            pipe.xadd(key, event_fields(e), maxlen=self._stream_maxlen, approximate=True)
+
+    async def log_impressions(self, impressions: Sequence[Impression], *, timeout: float) -> None:
+        async def go() -> list[object]:
+            pipe = self._redis.pipeline(transaction=False)
+            key = self.keys.impressions()
+            for imp in impressions:
+                pipe.xadd(key, impression_fields(imp), maxlen=self._stream_maxlen, approximate=True)  # type: ignore[arg-type]
+            return list(await pipe.execute())
+
+        await self._run("impressions", go, timeout)
 
     async def has_version(self, version: str) -> bool:
         async def go() -> list[object]:
@@ -299,13 +341,15 @@ class RedisClusterFeatureStore(RedisFeatureStore):
     """
 
     def __init__(self, *, url: str, prefix: str = "tt", max_connections: int = 32, socket_timeout_s: float = 0.2,
-                 session_ttl_s: int = 7 * 24 * 3600, session_cap: int = 100) -> None:
+                 session_ttl_s: int = 7 * 24 * 3600, session_cap: int = 100,
+                 stream_maxlen: int = STREAM_MAXLEN) -> None:
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
         c = parse_cluster_url(url)
         self.keys = RedisKeys(prefix, cluster=True)
         self._ttl = session_ttl_s
         self._cap = session_cap
+        self._stream_maxlen = STREAM_MAXLEN
         self._max_connections = max_connections
         # Connects lazily (first command discovers the slots from the seed nodes).
         self._redis = RedisCluster(  # type: ignore[assignment]
@@ -339,15 +383,21 @@ class RedisClusterFeatureStore(RedisFeatureStore):
                 for t in tasks:
                     t.cancel()
 
+        # Not yet on a cluster: the durable event log (one stream, on one node). A MULTI cannot
+        # span a user's slot and the stream's, and a single stream would make every RecordEvents
+        # fail while its node is down, where today a stopped node fails only its own users. A
+        # sharded log (a stream per slot range, written in each user's MULTI) is the way; until
+        # then the event log is standalone-Redis only (README).
         await self._run("record", go, timeout)
         return len(events)
 
 
 def open_redis_store(*, url: str, prefix: str = "tt", max_connections: int = 32, socket_timeout_s: float = 0.2,
-                     session_ttl_s: int = 7 * 24 * 3600, session_cap: int = 100) -> RedisFeatureStore:
+                     session_ttl_s: int = 7 * 24 * 3600, session_cap: int = 100,
+                     stream_maxlen: int = STREAM_MAXLEN) -> RedisFeatureStore:
     """The Redis store ``url`` asks for: a cluster for ``redis+cluster://`` and
     ``rediss+cluster://``, else standalone (``redis://``, ``rediss://``, ``unix://``).
     Takes ``make_store``'s arguments, so the server builds either from ``--redis-url``."""
     cls = RedisClusterFeatureStore if is_cluster_url(url) else RedisFeatureStore
     return cls(url=url, prefix=prefix, max_connections=max_connections, socket_timeout_s=socket_timeout_s,
-               session_ttl_s=session_ttl_s, session_cap=session_cap)
+               session_ttl_s=session_ttl_s, session_cap=session_cap, stream_maxlen=stream_maxlen)

@@ -28,6 +28,7 @@ from online.batcher import Batcher
 from online.config import ServeConfig
 from online.degradation import BATCH, EMBEDDING_FROM_BUNDLE, FULL, NO_SESSION, POPULARITY, RUNGS, Ladder
 from online.feature_store import Event, FeatureStore, UserFeatures
+from online.impressions import ImpressionLog
 from online.request import RecRequest, RecResult
 from online.settings import DEFAULT_SETTINGS, BatchSettings
 from online.stats import ServingStats
@@ -92,6 +93,7 @@ class RecommendService:
                                                            max_wait_ms=b.max_wait_ms, gap_ms=b.gap_ms,
                                                            max_inflight=b.max_inflight_batches)
         self.stats = ServingStats()
+        self.impressions = ImpressionLog(store, rate=cfg.impression_sample_rate)
         self._active: Counter[str] = Counter()  # batches running per model version
         self._candidates: set[str] = set()  # prepared, not yet installed or rejected: never dropped
         self._search_s: dict[str, float] = {}  # recent search seconds per version (inline or not)
@@ -174,6 +176,7 @@ class RecommendService:
 
     async def close(self) -> None:
         await self.batcher.stop()
+        await self.impressions.close()
         self.search_pool.shutdown(wait=False, cancel_futures=True)
         await self.store.close()
 
@@ -183,6 +186,7 @@ class RecommendService:
             raise NotReady("no model loaded yet")
         res = await self.batcher.submit(req, deadline=req.client_deadline)
         self.stats.observe(res)
+        self.impressions.offer(req, res)
         return res
 
     async def record_events(self, events: Sequence[Event]) -> int:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +75,16 @@ class RedisKeys:
 
     def session(self, user_id: str) -> str:
         return f"{self.prefix}:zsess:{self._user(user_id)}"
+
+    # The durable logs (one stream each, not per version): see "Event log" below.
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+    def impressions(self) -> str:
+        return f"{self.prefix}:impressions"
+
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:events:dead"
 
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
@@ -131,6 +142,66 @@ TIE_STEP = 2.0 ** -14
 
 def event_scores(events: Sequence[Event]) -> list[float]:
     return [e.timestamp + j * TIE_STEP for j, e in enumerate(events)]
+
+
+# -- Event log -----------------------------------------------------------------------------
+#
+# Every event RecordEvents accepts is appended to ``{p}:events`` in the same MULTI/EXEC as the
+# session update (standalone Redis), so an acknowledged event is in both or in neither. Entry
+# fields: user, item, type, ts (unix s), rid (the impression's request id, may be empty).
+# Served impressions are sampled into ``{p}:impressions``: rid, user, variant, version, items
+# (tab-joined ids). Both streams are capped with approximate trimming (``XADD MAXLEN ~ N``:
+# Redis trims whole macro nodes, so a stream may briefly hold a little more than N): the
+# default cap, 10M events, is ~1 GB of Redis memory at ~100 bytes an entry, and is what the
+# nightly refresh must consume within (at 100 events/s, 10M is ~28 hours of traffic).
+# Entries a consumer cannot parse go to ``{p}:events:dead`` with the reason; never lost, never
+# blocking.
+
+STREAM_MAXLEN = 10_000_000
+
+
+@dataclass(frozen=True)
+class Impression:
+    request_id: str
+    user_id: str
+    variant: str
+    version: str
+    item_ids: tuple[str, ...]
+
+
+def event_fields(e: Event) -> dict[str, str]:
+    return {"user": e.user_id, "item": e.item_id, "type": e.type, "ts": str(e.timestamp), "rid": e.request_id}
+
+
+def _text(fields: dict[Any, Any], name: str) -> str:
+    raw = fields.get(name.encode(), fields.get(name))
+    if raw is None:
+        raise ValueError(f"missing field {name!r}")
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def decode_event_fields(fields: dict[Any, Any]) -> Event:
+    """An event stream entry; ValueError naming what is wrong (it then goes to the dead letters)."""
+    user, item, typ, ts = (_text(fields, n) for n in ("user", "item", "type", "ts"))
+    if not user or not item:
+        raise ValueError("empty user or item")
+    if typ not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {typ!r}")
+    if not ts.isdigit():
+        raise ValueError(f"timestamp {ts!r} is not unix seconds")
+    rid = fields.get(b"rid", fields.get("rid", b""))
+    return Event(user, item, typ, int(ts), rid.decode() if isinstance(rid, bytes) else str(rid))
+
+
+def impression_fields(imp: Impression) -> dict[str, str]:
+    return {"rid": imp.request_id, "user": imp.user_id, "variant": imp.variant, "version": imp.version,
+            "items": "\t".join(imp.item_ids)}
+
+
+def decode_impression(fields: dict[Any, Any]) -> Impression:
+    items = _text(fields, "items")
+    return Impression(_text(fields, "rid"), _text(fields, "user"), _text(fields, "variant"), _text(fields, "version"),
+                      tuple(items.split("\t")) if items else ())
 
 
 def encode_event(e: Event) -> bytes:

@@ -23,7 +23,12 @@ from towers.cliargs import OneLineParser
 from towers.errors import TwoTowerError
 from twotower import demo
 
-REGISTRARS = (offline_cli.register, online_cli.register, online_admin.register, ab_cli.register, bench_run.register,
+
+def _register_ab(sub: argparse._SubParsersAction) -> None:
+    offline_cli.register_ab_report(ab_cli.register(sub))  # online's ab group, offline's report
+
+
+REGISTRARS = (offline_cli.register, online_cli.register, online_admin.register, _register_ab, bench_run.register,
               bench_fuzz.register, demo.register)
 
 

@@ -1,0 +1,124 @@
+"""Reading the durable logs the server writes (``towers.store_format``: the event stream,
+the sampled impression stream, the dead letters).
+
+The event log is consumed through a consumer group, so a job reads each entry once and
+acknowledges it (``XACK``) only when it is done with it: a job that crashes before acking
+reads the same entries again. The log is at least once (a timed-out RecordEvents call may
+still land, and its retry lands again), so readers drop repeats by event identity (user,
+item, type, timestamp). An entry that does not parse goes to the dead-letter stream with the
+reason and is acknowledged: one bad entry never stops a consumer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from towers.errors import FeatureStoreError
+from towers.store_format import Event, Impression, RedisKeys, decode_event_fields, decode_impression
+
+
+@dataclass(frozen=True)
+class ReadBatch:
+    ids: list[str]  # stream entry ids to acknowledge once the events are used
+    events: list[Event]  # parsed, repeats (same identity) dropped
+    dead: int  # entries moved to the dead letters
+
+
+class EventLog:
+    """A synchronous reader over one Redis (offline jobs are plain functions, not services)."""
+
+    def __init__(self, *, redis_url: str, prefix: str = "tt") -> None:
+        import redis
+
+        self.keys = RedisKeys(prefix)
+        self._redis = redis.Redis.from_url(redis_url, socket_timeout=30)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except self._errors as e:
+            raise FeatureStoreError(f"redis {what} failed: {type(e).__name__}: {e}") from e
+
+    def ensure_group(self, group: str) -> None:
+        """Create the consumer group at the start of the stream (idempotent)."""
+        import redis
+
+        try:
+            self._redis.xgroup_create(self.keys.events(), group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise FeatureStoreError(f"redis xgroup create failed: {e}") from e
+        except self._errors as e:
+            raise FeatureStoreError(f"redis xgroup create failed: {type(e).__name__}: {e}") from e
+
+    def read(self, *, group: str, consumer: str, count: int = 10_000, pending: bool = False) -> ReadBatch:
+        """Up to ``count`` entries not yet delivered to ``group`` (``pending``: the ones delivered
+        to ``consumer`` and not acknowledged, e.g. after a crash). Malformed entries are moved
+        to the dead letters and acknowledged here."""
+        stream = self.keys.events()
+        reply = self._call("xreadgroup", self._redis.xreadgroup, group, consumer, {stream: "0" if pending else ">"},
+                           count=count)
+        entries = reply[0][1] if reply else []
+        ids: list[str] = []
+        events: list[Event] = []
+        seen: set[Event] = set()
+        dead: list[str] = []
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            try:
+                e = decode_event_fields(fields)
+            except ValueError as err:
+                self._call("xadd", self._redis.xadd, self.keys.dead_letters(),
+                           {"reason": str(err), "stream": stream, "id": entry_id,
+                            **{(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in fields.items()}})
+                dead.append(entry_id)
+                continue
+            ids.append(entry_id)
+            if e not in seen:  # Event equality is its identity (request_id does not count)
+                seen.add(e)
+                events.append(e)
+        if dead:
+            self.ack(group=group, ids=dead)
+        return ReadBatch(ids, events, len(dead))
+
+    def ack(self, *, group: str, ids: list[str]) -> int:
+        if not ids:
+            return 0
+        return int(self._call("xack", self._redis.xack, self.keys.events(), group, *ids))
+
+    def pending_count(self, *, group: str) -> int:
+        info = self._call("xpending", self._redis.xpending, self.keys.events(), group)
+        return int(info["pending"])
+
+    def impressions(self, *, since_ms: int = 0, chunk: int = 10_000) -> Iterator[Impression]:
+        """Every impression logged at or after ``since_ms`` (unix ms, the entry id's clock)."""
+        yield from (decode_impression(f) for _, f in self._range(self.keys.impressions(), since_ms, chunk))
+
+    def events(self, *, since_ms: int = 0, chunk: int = 10_000) -> Iterator[tuple[Event | None, str]]:
+        """Every event logged at or after ``since_ms`` without a consumer group (reports):
+        (event, "") or (None, reason) for an entry that does not parse."""
+        for _, fields in self._range(self.keys.events(), since_ms, chunk):
+            try:
+                yield decode_event_fields(fields), ""
+            except ValueError as err:
+                yield None, str(err)
+
+    def _range(self, key: str, since_ms: int, chunk: int) -> Iterator[tuple[str, dict[Any, Any]]]:
+        start = f"{since_ms}-0"
+        while True:
+            entries = self._call("xrange", self._redis.xrange, key, min=start, count=chunk)
+            if not entries:
+                return
+            for raw_id, fields in entries:
+                yield (raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)), fields
+            last = entries[-1][0]
+            last = last.decode() if isinstance(last, bytes) else str(last)
+            start = "(" + last  # exclusive: the next chunk starts after the last entry read
+            if len(entries) < chunk:
+                return
+
+    def close(self) -> None:
+        self._redis.close()

@@ -1,0 +1,123 @@
+"""The durable logs against a real, throwaway redis-server: every acknowledged RecordEvents
+event is in the session and the event stream; sampled impressions; a consumer group that
+acknowledges only when told, moves malformed entries to the dead letters and drops repeats;
+and the A/B outcome report's arithmetic."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import redis
+
+from offline.ab_report import arm_of, outcome_report
+from offline.event_log import EventLog
+from online.client import RecommenderClient
+from online.config import RedisConfig, load_config
+from online.server import ServerThread
+from towers import registry as registry_mod
+from towers.redis_load import load_bundle_into_redis
+from towers.store_format import Event, Impression, RedisKeys
+
+
+@pytest.fixture
+def logged_server(served_registry: Path, redis_proc) -> Iterator[tuple[ServerThread, str]]:  # type: ignore[no-untyped-def]
+    load_bundle_into_redis(registry_mod.current_path(served_registry), redis_url=redis_proc.url, prefix="tt-log",
+                           progress=False)
+    cfg = replace(load_config(port=0, feature_store="redis", impression_sample_rate=1.0),
+                  redis=RedisConfig(url=redis_proc.url, prefix="tt-log"))
+    srv = ServerThread(cfg, registry=served_registry)
+    yield srv, redis_proc.url
+    srv.stop()
+
+
+def test_acknowledged_events_are_in_the_session_and_the_stream(logged_server) -> None:  # type: ignore[no-untyped-def]
+    srv, url = logged_server
+    r = redis.Redis.from_url(url)
+    keys = RedisKeys("tt-log")
+    with RecommenderClient(srv.target, timeout=5.0) as c:
+        assert c.record_events([("7", "50", "click", 100), ("8", "181", "cart", 101), ("7", "1", "view", 102)]) == 3
+    entries = r.xrange(keys.events())
+    assert [(f[b"user"], f[b"item"], f[b"type"], f[b"ts"]) for _, f in entries] == [
+        (b"7", b"50", b"click", b"100"), (b"8", b"181", b"cart", b"101"), (b"7", b"1", b"view", b"102")]
+    assert {m.split(b"\t")[0] for m in r.zrange(keys.session("7"), 0, -1)} == {b"50", b"1"}
+    # The stream is capped with approximate trimming (MAXLEN ~), not left to grow without bound.
+    assert srv.cfg.redis.stream_maxlen == 10_000_000
+
+
+def test_served_responses_are_sampled_into_the_impression_log(logged_server) -> None:  # type: ignore[no-untyped-def]
+    srv, url = logged_server
+    with RecommenderClient(srv.target, timeout=5.0) as c:
+        resp = c.recommend("42", k=5, request_id="req-1")
+    srv.call(srv.running.service.impressions.close())  # flush what is buffered
+    log = EventLog(redis_url=url, prefix="tt-log")
+    try:
+        imps = [i for i in log.impressions() if i.request_id == "req-1"]
+    finally:
+        log.close()
+    assert len(imps) == 1 and imps[0].user_id == "42" and imps[0].version == resp.model_version
+    assert list(imps[0].item_ids) == list(resp.item_ids) and imps[0].variant == resp.variant
+
+
+def test_a_consumer_group_acks_only_when_told_and_dead_letters_what_does_not_parse(redis_proc) -> None:  # type: ignore[no-untyped-def]
+    r = redis.Redis.from_url(redis_proc.url)
+    keys = RedisKeys("tt-cg")
+    good = {"user": "u1", "item": "i1", "type": "click", "ts": "10", "rid": "r1"}
+    r.xadd(keys.events(), good)
+    r.xadd(keys.events(), {"user": "u2", "item": "i2", "type": "teleport", "ts": "11"})  # malformed
+    r.xadd(keys.events(), good)  # a retried call landed twice: the same event
+    r.xadd(keys.events(), {"user": "u3", "item": "i3", "type": "view", "ts": "12"})
+    log = EventLog(redis_url=redis_proc.url, prefix="tt-cg")
+    try:
+        log.ensure_group("refresh")
+        log.ensure_group("refresh")  # idempotent
+        batch = log.read(group="refresh", consumer="c1")
+        assert batch.events == [Event("u1", "i1", "click", 10, "r1"), Event("u3", "i3", "view", 12)]
+        assert batch.dead == 1 and len(batch.ids) == 3
+        dead = r.xrange(keys.dead_letters())
+        assert len(dead) == 1 and b"teleport" in dead[0][1][b"reason"] and dead[0][1][b"user"] == b"u2"
+        # Not acknowledged yet: a crash here means the same entries are read again.
+        assert log.pending_count(group="refresh") == 3
+        again = log.read(group="refresh", consumer="c1", pending=True)
+        assert again.ids == batch.ids
+        assert log.ack(group="refresh", ids=batch.ids) == 3
+        assert log.pending_count(group="refresh") == 0
+        assert log.read(group="refresh", consumer="c1").ids == []
+    finally:
+        log.close()
+
+
+def test_the_outcome_report_against_a_hand_computed_example() -> None:
+    def imp(rid: str, user: str, arm: str) -> Impression:
+        return Impression(rid, user, f"other=x,ranker={arm}", "v1", ("a", "b"))
+
+    # control: 4 impressions (users c1..c4), 2 clicked, 1 purchased; treatment: 4 impressions
+    # (users t1, t1, t2, t3), 3 clicked (one impression clicked twice), 0 purchased.
+    imps = [imp(f"c{j}", f"c{j}", "control") for j in range(1, 5)]
+    imps += [imp("t1a", "t1", "treat"), imp("t1b", "t1", "treat"), imp("t2", "t2", "treat"), imp("t3", "t3", "treat")]
+    imps.append(Impression("d1", "d1", "default", "v1", ("a",)))  # outside the experiment
+    events = [Event("c1", "a", "click", 1, "c1"), Event("c2", "a", "click", 2, "c2"),
+              Event("c2", "a", "purchase", 3, "c2"), Event("t1", "a", "click", 4, "t1a"),
+              Event("t1", "b", "click", 5, "t1a"), Event("t2", "a", "click", 6, "t2"),
+              Event("t3", "a", "click", 7, "t3"), Event("x", "a", "click", 8, "sampled-out"),
+              Event("y", "a", "click", 9, "")]
+    rep = outcome_report(imps, events, experiment="ranker", control="control",
+                         weights={"control": 0.5, "treat": 0.5})
+    control, treat = rep.arms
+    assert (control.arm, control.users, control.impressions) == ("control", 4, 4)
+    assert (treat.arm, treat.users, treat.impressions) == ("treat", 3, 4)
+    assert control.ctr.rate == 0.5 and treat.ctr.rate == 0.75
+    assert control.conversion.rate == 0.25 and treat.conversion.rate == 0.0
+    assert treat.ctr_lift is not None and treat.ctr_lift.lift == pytest.approx(0.5)  # 0.75 / 0.5 - 1
+    assert treat.conversion_lift is None  # no purchases in the treatment: no log ratio
+    assert rep.unjoined_events == 1 and rep.srm is not None and not rep.srm.mismatch
+    assert arm_of("a=1,ranker=treat", "ranker") == "treat" and arm_of("default", "ranker") is None
+
+
+def test_the_outcome_report_flags_a_broken_split() -> None:
+    imps = [Impression(f"c{j}", f"c{j}", "e=control", "v", ()) for j in range(1000)]
+    imps += [Impression(f"t{j}", f"t{j}", "e=treat", "v", ()) for j in range(800)]  # a fifth of treat lost
+    rep = outcome_report(imps, [], experiment="e", control="control", weights={"control": 0.5, "treat": 0.5})
+    assert rep.srm is not None and rep.srm.mismatch
