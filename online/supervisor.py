@@ -83,6 +83,7 @@ def _worker_main(cfg: ServeConfig, registry: Path, ready: Connection, served: Sy
         log.info("draining (grace %.1f s) after %d requests", grace, running.service.requests_served - baseline)
         # stop(): health NOT_SERVING, refuse new RPCs, let in-flight ones finish within grace.
         await running.stop(grace=grace)
+        running.service.metrics.flush()  # the drain's last batches, into the multiprocess files
 
     asyncio.run(serve())
 

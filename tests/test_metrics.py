@@ -43,6 +43,17 @@ def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return out
 
 
+def scrape_until(url: str, ok: Callable[[dict[str, list[tuple[dict[str, str], float]]]], bool],
+                 timeout: float = 10.0) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Scrape until ``ok`` holds (histograms reach the exported values within ~0.1 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape(url)
+        if ok(m) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
 def total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
     return sum(v for lab, v in samples.get(name, []) if labels.items() <= lab.items())
 
@@ -74,9 +85,15 @@ def test_bulk_observation_exposes_exactly_what_observe_does() -> None:
     for _ in range(7):
         ha.observe(0.004)
     bulk = _Bulk(hb)
-    bulk.add_many(values[:1])  # the single-value path
-    bulk.add_many(values[1:])
+    for v in values[:250]:
+        bulk.add(v)
+    bulk.flush()
+    assert samples_of(b)[("h_seconds_count", "")] == 250  # flushed: in the exported values
+    for v in values[250:]:
+        bulk.add(v)
     bulk.add(0.004, 7)
+    assert samples_of(b)[("h_seconds_count", "")] == 250  # not yet
+    bulk.flush()
     got, want = samples_of(b), samples_of(a)
     assert got.keys() == want.keys() and len(got) == len(LATENCY_BUCKETS) + 3  # buckets, +Inf, count, sum
     assert got == {k: pytest.approx(v, rel=1e-12) if k[0].endswith("_sum") else v for k, v in want.items()}
@@ -104,7 +121,8 @@ def test_a_batch_is_accounted_per_request() -> None:
     for stage in ("queue", "fetch", "combine", "search", "filter", "total"):
         assert get("twotower_stage_latency_seconds_count", {"stage": stage, "variant": "control"}) == 5, stage
     # The batch's fetch (300 µs) counts once for each of its four requests, then once more.
-    assert get("twotower_stage_latency_seconds_sum", {"stage": "fetch", "variant": "control"}) == pytest.approx(5 * 3e-4)
+    fetch_sum = get("twotower_stage_latency_seconds_sum", {"stage": "fetch", "variant": "control"})
+    assert fetch_sum == pytest.approx(5 * 3e-4)
     assert get("twotower_batch_size_count") == 2 and get("twotower_batch_size_sum") == 5
     assert get("twotower_degraded_responses_total", {"rung": "no_session", "reason": "feature store"}) == 1
     assert get("twotower_degraded_responses_total", {"rung": "popularity", "reason": "cold start"}) == 1
@@ -178,7 +196,7 @@ def test_a_server_exports_its_traffic(metered: tuple[ServerThread, str], registr
         c.recommend("nobody-knows-me", k=5)  # cold start: the popularity rung
         with pytest.raises(grpc.RpcError):
             c.recommend("u1", k=0)
-    after = scrape(url)
+    after = scrape_until(url, lambda m: total(m, "twotower_request_latency_seconds_count") >= 11)
     assert total(after, "twotower_request_latency_seconds_count", version=version) == 11
     assert total(after, "twotower_request_latency_seconds_count", rung="popularity") == 1
     assert total(after, "twotower_stage_latency_seconds_count", stage="search") == 11
@@ -214,10 +232,8 @@ def test_serve_cli_exports_metrics_and_logs_json(registry: Path) -> None:
         with RecommenderClient(target, timeout=5.0) as c:
             r = c.recommend("nobody-knows-me", k=3, request_id="json-req-1")
         assert r.source == "popularity"
-        deadline = time.monotonic() + 10
-        while total(scrape(url), "twotower_request_latency_seconds_count") < 1:
-            assert time.monotonic() < deadline, "the request never reached /metrics"
-            time.sleep(0.1)
+        assert total(scrape_until(url, lambda m: total(m, "twotower_request_latency_seconds_count") >= 1),
+                     "twotower_request_latency_seconds_count") == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)

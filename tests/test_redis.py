@@ -112,6 +112,11 @@ def test_redis_hung_then_back_degrades_then_recovers(redis_server) -> None:  # t
         recovered = [c.recommend("9").rung for _ in range(20)]
         assert recovered[-1] == pb.RUNG_FULL  # no restart needed
     metrics = srv.running.service.metrics
+
+    async def flushed() -> None:  # the local histogram counts, into the exported values (on the loop)
+        metrics.flush()
+
+    srv.call(flushed())
     get = metrics.registry.get_sample_value  # what /metrics serves
     version = srv.running.service.model.version
     labels = {"variant": "control", "version": version}
