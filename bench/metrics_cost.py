@@ -53,11 +53,11 @@ def _micro(batch_sizes: list[int], n_requests: int) -> dict[str, Any]:
         # On an event loop, as in the server: the periodic flush into the prometheus values runs
         # from the loop's timer (the loop gets a turn every 20 batches) and is part of the time.
         for b in batches:  # labelled children (in multiprocess mode, their file entries) exist first
-            m.observe_batch(b)  # type: ignore[arg-type]
+            m.observe_batch(b)
         m.flush()
         t0 = time.perf_counter()
         for k in range(n_batches):
-            m.observe_batch(batches[k % 200])  # type: ignore[arg-type]
+            m.observe_batch(batches[k % 200])
             if k % 20 == 19:
                 await asyncio.sleep(0)
         m.flush()

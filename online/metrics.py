@@ -8,8 +8,9 @@ What is exported (every name starts with ``twotower_``; seconds, not microsecond
   filter|total, one observation per request (a batch's fetch time is what each of its
   requests waited for it);
 - ``batch_size`` histogram (one observation per batch);
-- ``degraded_responses_total{rung,reason}``: the reason class is a reason's text before its
-  first ':' (``feature store``, ``cold start``, ...), so the label set stays small;
+- ``degraded_responses_total{rung,reason}``: responses below the full rung, each counted once
+  under its first reason's class (the text before its first ':': ``feature store``, ``cold
+  start``, ...), so the label set stays small and the sum is the number of degraded responses;
 - ``feature_store_errors_total{op,kind}``: kind timeout|error, op fetch|batch_recs|record;
 - ``rpc_errors_total{code}``: RPCs that failed (invalid input, deadline, internal);
 - ``model_swaps_total``, ``model_rejected_total``: from the registry watcher;
@@ -147,10 +148,14 @@ class ServingMetrics:
                                 "request of the batch).", ["stage", "variant"], buckets=STAGE_BUCKETS, registry=r)
         self._batch = Histogram(f"{PREFIX}batch_size", "Requests per batch of the dynamic batcher.",
                                 buckets=BATCH_SIZE_BUCKETS, registry=r)
-        self._reasons = Counter(f"{PREFIX}degraded_responses", "Responses below the full rung, by rung and reason "
-                                "class (a reason's text before its first ':').", ["rung", "reason"], registry=r)
+        self._reasons = Counter(f"{PREFIX}degraded_responses", "Responses below the full rung, by rung and the class "
+                                "of their first reason (its text before the first ':').", ["rung", "reason"],
+                                registry=r)
         self._store_errors = Counter(f"{PREFIX}feature_store_errors", "Feature store calls that failed or timed out.",
                                      ["op", "kind"], registry=r)
+        for op in ("fetch", "batch_recs", "record"):  # exported from 0: rate() and alerts see the first error
+            for kind in ("timeout", "error"):
+                self._store_errors.labels(op, kind)
         self._rpc_errors = Counter(f"{PREFIX}rpc_errors", "RPCs answered with an error status.", ["code"],
                                    registry=r)
         self._swaps = Counter(f"{PREFIX}model_swaps", "Bundle versions installed (the first load included).",
@@ -193,7 +198,8 @@ class ServingMetrics:
         if not ok:
             return
         self.served += len(ok)
-        degraded = [r for r in ok if r.rung != "full"]
+        # Below the full rung for a reason (mode=BATCH asks for the batch rung: that has no reason).
+        degraded = [r for r in ok if r.rung != "full" and r.reasons]
         if degraded:
             self._degraded(degraded)
         if not self.enabled:
@@ -254,10 +260,9 @@ class ServingMetrics:
         degraded responses with its request id, version, variant, rung and reasons."""
         if self.enabled:
             counts: dict[tuple[str, str], int] = {}
-            for r in results:
-                for reason in r.reasons:
-                    key = (r.rung, reason.split(":", 1)[0])
-                    counts[key] = counts.get(key, 0) + 1
+            for r in results:  # each response once, under its first reason (what sent it down first)
+                key = (r.rung, r.reasons[0].split(":", 1)[0])
+                counts[key] = counts.get(key, 0) + 1
             for key, c in counts.items():
                 child = self._reason_children.get(key)
                 if child is None:

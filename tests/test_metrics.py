@@ -105,13 +105,15 @@ def test_a_batch_is_accounted_per_request() -> None:
         result(total_us=1_000), result(total_us=2_500),
         result("no_session", total_us=40_000, reasons=("feature store: redis fetch timed out after 30.0 ms",)),
         result("popularity", reasons=("cold start: unknown user and no session",), version="v2"),
+        result("batch"),  # mode=BATCH asked for the batch rung: no reason, not degraded
         FeatureStoreError("a failed request is counted where its RPC fails"),
     ]
     m.observe_batch(batch)
     m.observe_batch([result()])
     get = m.registry.get_sample_value
-    assert m.served == 5
+    assert m.served == 6
     assert get("twotower_request_latency_seconds_count", {"rung": "full", "variant": "control", "version": "v1"}) == 3
+    assert get("twotower_request_latency_seconds_count", {"rung": "batch", "variant": "control", "version": "v1"}) == 1
     assert get("twotower_request_latency_seconds_count",
                {"rung": "popularity", "variant": "control", "version": "v2"}) == 1
     assert get("twotower_request_latency_seconds_bucket",
@@ -119,13 +121,14 @@ def test_a_batch_is_accounted_per_request() -> None:
     assert get("twotower_request_latency_seconds_bucket",
                {"rung": "no_session", "variant": "control", "version": "v1", "le": "0.05"}) == 1
     for stage in ("queue", "fetch", "combine", "search", "filter", "total"):
-        assert get("twotower_stage_latency_seconds_count", {"stage": stage, "variant": "control"}) == 5, stage
-    # The batch's fetch (300 µs) counts once for each of its four requests, then once more.
+        assert get("twotower_stage_latency_seconds_count", {"stage": stage, "variant": "control"}) == 6, stage
+    # The batch's fetch (300 µs) counts once for each of its five requests, then once more.
     fetch_sum = get("twotower_stage_latency_seconds_sum", {"stage": "fetch", "variant": "control"})
-    assert fetch_sum == pytest.approx(5 * 3e-4)
-    assert get("twotower_batch_size_count") == 2 and get("twotower_batch_size_sum") == 5
+    assert fetch_sum == pytest.approx(6 * 3e-4)
+    assert get("twotower_batch_size_count") == 2 and get("twotower_batch_size_sum") == 6
     assert get("twotower_degraded_responses_total", {"rung": "no_session", "reason": "feature store"}) == 1
     assert get("twotower_degraded_responses_total", {"rung": "popularity", "reason": "cold start"}) == 1
+    assert get("twotower_degraded_responses_total", {"rung": "batch", "reason": ""}) is None
 
     m.store_failed("fetch", FeatureStoreTimeout("redis fetch timed out"))
     m.store_failed("record", FeatureStoreError("redis record failed"))
