@@ -464,7 +464,7 @@ def start_supervisor_exporter(sup: Supervisor) -> _SupervisorExporter:
 
     path, created = prepare_multiprocess_dir()
     try:
-        exporter = start_exporter(supervisor_registry(path, workers=sup.slots, stats=lambda: sup.stats),
+        exporter = start_exporter(supervisor_registry(path, workers=sup.slots, stats=sup.snapshot),
                                   host=sup.cfg.host, port=sup.cfg.metrics_port)
     except BaseException:
         cleanup_multiprocess_dir(path, created=created)

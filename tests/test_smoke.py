@@ -155,8 +155,8 @@ def test_the_compose_deployment_runs_as_plain_processes(deployment: Deployment, 
         proc = subprocess.Popen([*twotower_argv(), *serve, *tls], cwd=ROOT, stdout=o, stderr=e)
     try:
         probe = [*d.healthcheck("serve"), "--tls-ca", str(pki.ca)]
-        wait_for("serve healthcheck (SERVING over TLS)", lambda: subprocess.run(probe, capture_output=True, cwd=ROOT).returncode
-                 == 0, 180, proc, err)
+        wait_for("serve healthcheck (SERVING over TLS)",
+                 lambda: subprocess.run(probe, capture_output=True, cwd=ROOT).returncode == 0, 180, proc, err)
         url = f"http://127.0.0.1:{d.metrics_port}/metrics"
         workers = exercise(d, url, scrape(url), pki, err)
     finally:
