@@ -205,7 +205,9 @@ class ServingMetrics:
         if not self.enabled:
             return
         lat_children, stage_children = self._lat_children, self._stage_children
-        per_variant: dict[str, int] = {}
+        # The batch stages (fetch .. filter) are one value per run_batch; an A/B router splits a
+        # batch into groups, one run each: group the requests by variant and those values.
+        groups: dict[tuple[str, int, int, int, int], int] = {}
         for r in ok:
             ts = r.timings_us
             total = ts["total"] * 1e-6
@@ -219,12 +221,12 @@ class ServingMetrics:
                 st = self._stage_of(r.variant)
             st["queue"].add(ts["queue"] * 1e-6)
             st["total"].add(total)
-            per_variant[r.variant] = per_variant.get(r.variant, 0) + 1
-        shared = ok[0].timings_us  # the batch's own stages: the same for each of its requests
-        for variant, n in per_variant.items():
+            g = (r.variant, ts["fetch"], ts["combine"], ts["search"], ts["filter"])
+            groups[g] = groups.get(g, 0) + 1
+        for (variant, *stage_us), n in groups.items():
             st = stage_children[variant]
-            for s in BATCH_STAGES:
-                st[s].add(shared[s] * 1e-6, n)
+            for s, us in zip(BATCH_STAGES, stage_us, strict=True):
+                st[s].add(us * 1e-6, n)
         self._batch_child.add(len(ok))
         if self._flush_handle is None:
             self._schedule_flush()

@@ -140,6 +140,20 @@ def test_a_batch_is_accounted_per_request() -> None:
     assert get("twotower_model_info", {"version": "v2", "variant": "control"}) == 1
 
 
+def test_a_routed_batch_keeps_each_groups_stage_times() -> None:
+    # An A/B router runs a batch as groups (one version and settings each): each group's
+    # fetch time counts for its own requests, under its variant.
+    m = ServingMetrics(enabled=True)
+    a = result()
+    b = replace(result(), variant="treatment", timings_us={**result().timings_us, "fetch": 5_000})
+    m.observe_batch([a, b, b])
+    get = m.registry.get_sample_value
+    assert get("twotower_stage_latency_seconds_sum", {"stage": "fetch", "variant": "control"}) == pytest.approx(3e-4)
+    assert get("twotower_stage_latency_seconds_sum", {"stage": "fetch", "variant": "treatment"}) == pytest.approx(1e-2)
+    assert get("twotower_stage_latency_seconds_count", {"stage": "search", "variant": "treatment"}) == 2
+    assert get("twotower_batch_size_sum") == 3
+
+
 def test_disabled_metrics_still_count_what_the_process_needs() -> None:
     m = ServingMetrics(enabled=False)
     m.observe_batch([result(), result("popularity", reasons=("cold start: x",))])
