@@ -8,9 +8,9 @@ BIN := $(VENV)/bin
 export TWOTOWER_DATA_DIR ?= $(CURDIR)/.cache/data
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint protos check-protos redis data clean deploy-check
+.PHONY: setup demo test lint protos check-protos redis promtool data clean deploy-check smoke
 
-setup: $(STAMP) data redis
+setup: $(STAMP) data redis promtool
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ redis:
 	  echo "redis: started on 127.0.0.1:6379"; \
 	fi
 
+# promtool validates deploy/prometheus (config, rules, the alerts' unit tests); PyPI has none,
+# Debian's prometheus package ships it (the daemon is not started).
+promtool:
+	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+
 protos: $(STAMP)
 	$(BIN)/python -m online.protogen
 
@@ -54,6 +59,11 @@ test: setup lint check-protos
 # compose file against the compose spec, and their commands against the real CLI (offline).
 deploy-check: $(STAMP)
 	$(BIN)/pytest -q tests/test_deploy.py
+
+# The deployment's commands as plain processes: compose.yaml's Redis, jobs and `serve --workers 2`
+# (TLS, Redis, /metrics), scraped, called, a worker killed, then SIGTERM (tests/test_smoke.py).
+smoke: $(STAMP) redis
+	$(BIN)/pytest -q tests/test_smoke.py
 
 clean:
 	rm -rf $(VENV) .cache

@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (unencrypted)")
     p.add_argument("--tls-client-ca", default=None,
                    help="PEM CA bundle: mutual TLS, clients must present a certificate it signed")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port); with --workers, "
+                        "one endpoint for all workers")
+    p.add_argument("--log-format", choices=["text", "json"], default=None,
+                   help="json: one JSON object per line (time, level, logger, message, request fields)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("recommend", help="ask a running server for recommendations")
@@ -57,10 +62,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     from online.config import load_config
+    from online.logs import configure_logging
     from online.server import start_server
     from towers.errors import ConfigError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config(args.config, host=args.host, port=args.port,
                       feature_store="redis" if args.redis_url else args.feature_store,
                       batching__max_batch_size=args.max_batch_size, batching__max_wait_ms=args.max_wait_ms,
@@ -69,7 +74,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       workers__drain_grace_s=args.drain_grace_s, transport=args.transport, tls__cert=args.tls_cert,
                       tls__key=args.tls_key, tls__client_ca=args.tls_client_ca,
                       flags_file=str(args.flags) if args.flags is not None else None,
-                      max_resident_mb=args.max_resident_mb)
+                      max_resident_mb=args.max_resident_mb, metrics_port=args.metrics_port,
+                      log_format=args.log_format)
+    configure_logging(level=logging.INFO, fmt=cfg.log_format)
     if args.redis_url:
         from dataclasses import replace
 
@@ -95,15 +102,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--bundle", f"{args.bundle} is not a bundle directory (no manifest.json)")
 
     async def main() -> None:
+        from online.metrics import start_exporter
+
         running = await start_server(cfg, registry=args.registry, bundle_path=args.bundle)
+        exporter = (start_exporter(running.service.metrics.registry, host=cfg.host, port=cfg.metrics_port)
+                    if cfg.metrics_port >= 0 else None)
         print(f"serving {running.service.model.version if running.service.model else '-'} on "
-              f"{cfg.host}:{running.port} ({cfg.feature_store} feature store)", flush=True)
+              f"{cfg.host}:{running.port} ({cfg.feature_store} feature store)"
+              + (f"; metrics on http://{cfg.host}:{exporter.port}/metrics" if exporter else ""), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await running.stop(grace=cfg.workers.drain_grace_s)
+        if exporter is not None:
+            exporter.close()
 
     asyncio.run(main())
     return 0

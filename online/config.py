@@ -97,6 +97,10 @@ class ServeConfig:
     # A file holding the admin bearer token (a mounted secret; env TWOTOWER_ADMIN_TOKEN also works).
     # Required when admin_host is not loopback (online.admin_auth); never put the token itself here.
     admin_token_file: str = ""
+    # Prometheus /metrics over plain HTTP on ``host``: -1 none (and no metrics collected), 0 a free
+    # port. With workers, the supervisor serves every worker's values on it (online.metrics).
+    metrics_port: int = -1
+    log_format: str = "text"  # text | json (one JSON object per line: online.logs)
     search_threads: int = 2
     # FAISS uses BLAS for exact search only from this many queries at once. The wheel's
     # default (128000) means never; batches of >= 20 queries are much faster with BLAS,
@@ -148,6 +152,8 @@ class ServeConfig:
             ("max_resident_mb", self.max_resident_mb >= 0, "must be >= 0 (0: no limit)"),
             ("max_shadow_inflight", self.max_shadow_inflight >= 0, "must be >= 0 (0: shadows never run)"),
             ("assignment_cache", self.assignment_cache >= 0, "must be >= 0"),
+            ("metrics_port", -1 <= self.metrics_port <= 65535, "must be -1 (none), 0 (a free port) or a port"),
+            ("log_format", self.log_format in ("text", "json"), "must be 'text' or 'json'"),
         ]
         for name, ok, msg in checks:
             if not ok:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from towers.errors import FeatureStoreError, Unsupported
+from towers.errors import FeatureStoreError, FeatureStoreTimeout, Unsupported
 from towers.store_format import (
     EVENT_TYPES,
     STREAM_MAXLEN,
@@ -231,7 +231,7 @@ class RedisFeatureStore:
         if not done:
             task.cancel()
             task.add_done_callback(_consume)
-            raise FeatureStoreError(f"redis {what} timed out after {timeout * 1000:.1f} ms")
+            raise FeatureStoreTimeout(f"redis {what} timed out after {timeout * 1000:.1f} ms")
         try:
             return list(task.result())
         except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as e:

@@ -73,6 +73,7 @@ class RegistryWatcher:
                 self.state.rejected += 1
                 self._rejected_version = version
                 self.service.reject(version)
+                self.service.metrics.rejected()
                 log.error("rejected %s, still serving %s: %s", version, self.state.version or "nothing", e)
                 return False
             old = self.state.version
@@ -81,6 +82,7 @@ class RegistryWatcher:
             self.state.swaps += 1
             self.state.loaded_at = time.time()
             self._rejected_version = ""
+            self.service.metrics.swapped()
             log.info("swapped %s -> %s in %.2f s", old or "nothing", version, time.perf_counter() - t0)
             return True
 

@@ -25,6 +25,7 @@ from online.config import ServeConfig
 from online.degradation import RUNGS
 from online.feature_store import FeatureStore, InMemoryFeatureStore, open_redis_store
 from online.hotswap import RegistryWatcher
+from online.metrics import error_fields
 from online.proto import recommender_pb2 as pb
 from online.proto import recommender_pb2_grpc as pb_grpc
 from online.request import RecResult, parse_events, parse_recommend
@@ -78,10 +79,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(self, service: RecommendService) -> None:
         self.service = service
 
-    async def _fail(self, context: grpc.aio.ServicerContext, e: BaseException) -> Any:
+    async def _fail(self, context: grpc.aio.ServicerContext, e: BaseException, request: Any = None) -> Any:
         code = status_of(e)
+        self.service.metrics.rpc_failed(code)
         if code == grpc.StatusCode.INTERNAL:
-            log.exception("internal error", exc_info=e)
+            log.exception("internal error", exc_info=e, extra=error_fields(self.service, request))
         await context.abort(code, str(e))
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -89,7 +91,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             req = parse_recommend(request, self.service.cfg, time_remaining=context.time_remaining())
             return to_proto(await self.service.recommend(req))
         except Exception as e:
-            return await self._fail(context, e)
+            return await self._fail(context, e, request)
 
     async def RecordEvents(self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -113,10 +115,11 @@ class SyncRecommenderServicer(pb_grpc.RecommenderServicer):
         context.add_callback(fut.cancel)  # the client went away: drop the request from its batch
         return fut.result()
 
-    def _fail(self, context: grpc.ServicerContext, e: BaseException) -> Any:
+    def _fail(self, context: grpc.ServicerContext, e: BaseException, request: Any = None) -> Any:
         code = status_of(e)
+        self.service.metrics.rpc_failed(code)
         if code == grpc.StatusCode.INTERNAL:
-            log.exception("internal error", exc_info=e)
+            log.exception("internal error", exc_info=e, extra=error_fields(self.service, request))
         context.abort(code, str(e))
 
     def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> Any:
@@ -124,7 +127,7 @@ class SyncRecommenderServicer(pb_grpc.RecommenderServicer):
             req = parse_recommend(request, self.service.cfg, time_remaining=context.time_remaining())
             return to_proto(self._call(lambda: self.service.recommend(req), context))
         except Exception as e:
-            return self._fail(context, e)
+            return self._fail(context, e, request)
 
     def RecordEvents(self, request: pb.RecordEventsRequest, context: grpc.ServicerContext) -> Any:
         try:
@@ -190,6 +193,7 @@ class RunningServer:
     restore: list[Callable[[], None]] = field(default_factory=list)  # process-wide settings to put back
 
     async def set_serving(self) -> None:
+        self.service.metrics.set_serving(True)
         for name in ("", SERVICE_NAME):
             await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
 
@@ -199,6 +203,7 @@ class RunningServer:
             await self.watcher.stop()
         if self.router is not None:
             await self.router.stop()
+        self.service.metrics.set_serving(False)
         await _maybe_await(self.health.enter_graceful_shutdown())
         stopped = self.server.stop(grace)
         if isinstance(stopped, threading.Event):  # the sync transport: wait off the event loop

@@ -29,9 +29,9 @@ from online.config import ServeConfig
 from online.degradation import BATCH, EMBEDDING_FROM_BUNDLE, FULL, NO_SESSION, POPULARITY, RUNGS, Ladder
 from online.feature_store import Event, FeatureStore, UserFeatures
 from online.impressions import ImpressionLog
+from online.metrics import ServingMetrics
 from online.request import RecRequest, RecResult
 from online.settings import DEFAULT_SETTINGS, BatchSettings
-from online.stats import ServingStats
 from towers import bundle as bundle_mod
 from towers.errors import FeatureStoreError, NotReady, Unsupported
 from towers.ranking import (
@@ -92,7 +92,7 @@ class RecommendService:
         self.batcher: Batcher[RecRequest, RecResult] = Batcher(self._handle, max_batch_size=b.max_batch_size,
                                                            max_wait_ms=b.max_wait_ms, gap_ms=b.gap_ms,
                                                            max_inflight=b.max_inflight_batches)
-        self.stats = ServingStats()
+        self.metrics = ServingMetrics(enabled=cfg.metrics_port >= 0, load=self.batcher)
         self.impressions = ImpressionLog(store, rate=cfg.impression_sample_rate)
         self._active: Counter[str] = Counter()  # batches running per model version
         self._candidates: set[str] = set()  # prepared, not yet installed or rejected: never dropped
@@ -105,7 +105,7 @@ class RecommendService:
     @property
     def requests_served(self) -> int:
         """Recommend calls answered (the supervisor recycles on it)."""
-        return self.stats.total()
+        return self.metrics.served
 
     # -- lifecycle ------------------------------------------------------------
     async def prepare(self, model: LoadedModel) -> None:
@@ -127,6 +127,7 @@ class RecommendService:
         self.model = model
         self._candidates.discard(model.version)
         self.forget_unused()
+        self.metrics.installed(model.version, self.cfg.variant)
         # The bundle's objects live as long as the model: move them out of the cyclic GC's
         # reach, so a full collection under load does not walk millions of vocabulary entries.
         # freeze() is O(1) (no collection on the event loop during a swap); frozen objects are
@@ -185,7 +186,6 @@ class RecommendService:
         if self.model is None:
             raise NotReady("no model loaded yet")
         res = await self.batcher.submit(req, deadline=req.client_deadline)
-        self.stats.observe(res)
         self.impressions.offer(req, res)
         return res
 
@@ -196,7 +196,11 @@ class RecommendService:
             raise Unsupported("RecordEvents needs a shared feature store when serving with several workers "
                               "(serve with --redis-url)")
         # Acknowledged means stored: a store failure here is an error to the caller, not a silent drop.
-        return await self.store.record(events, timeout=self.cfg.redis.socket_timeout_ms / 1000.0 * 5)
+        try:
+            return await self.store.record(events, timeout=self.cfg.redis.socket_timeout_ms / 1000.0 * 5)
+        except FeatureStoreError as e:
+            self.metrics.store_failed("record", e)
+            raise
 
     # -- the batch handler ----------------------------------------------------
     async def _handle(self, reqs: Sequence[RecRequest], queue_s: Sequence[float]) -> list[RecResult | BaseException]:
@@ -204,8 +208,11 @@ class RecommendService:
         if model is None:
             return [NotReady("no model loaded yet")] * len(reqs)
         if self.router is not None:  # groups the batch by (version, settings): one version per group
-            return await self.router.handle(model, reqs, queue_s)
-        return await self.run_batch(model, reqs, queue_s)
+            results = await self.router.handle(model, reqs, queue_s)
+        else:
+            results = await self.run_batch(model, reqs, queue_s)
+        self.metrics.observe_batch(results)  # once per batch; warmup and shadows (run_batch directly) are not
+        return results
 
     async def run_batch(self, model: LoadedModel, reqs: Sequence[RecRequest], queue_s: Sequence[float], *,
                         settings: BatchSettings = DEFAULT_SETTINGS) -> list[RecResult | BaseException]:
@@ -246,6 +253,7 @@ class RecommendService:
                                                dim=model.bundle.dim, n_recent=model.bundle.combiner.max_session,
                                                timeout=timeout)
             except FeatureStoreError as e:
+                self.metrics.store_failed("fetch", e)
                 ladder.feature_store_failed(online, str(e))
         t1 = time.monotonic()
 
@@ -369,6 +377,7 @@ class RecommendService:
                        max(reqs[i].deadline for i in idx.tolist()) - time.monotonic())
             recs = await self.store.batch_recs(model.version, users, timeout=max(left, 0.0005))
         except FeatureStoreError as e:
+            self.metrics.store_failed("batch_recs", e)
             error = str(e)
             b = model.bundle
             recs = [None if r < 0 or b.recs_items is None or b.recs_scores is None

@@ -31,6 +31,8 @@ from typing import Any
 # Deliberately no grpc / online.server import at module level: spawned workers import
 # this module to find their entry point, and the supervisor must stay gRPC-free.
 from online.config import ServeConfig, WorkersConfig
+from online.logs import configure_logging
+from online.metrics import mark_dead
 from towers.errors import ConfigError, TwoTowerError
 
 log = logging.getLogger("twotower.supervisor")
@@ -49,7 +51,7 @@ def _worker_main(cfg: ServeConfig, registry: Path, ready: Connection, served: Sy
     # Ctrl-C reaches the whole process group; only the supervisor acts on it (it then
     # SIGTERMs each worker), so a worker never dies mid-request from a terminal's SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    configure_logging(level=log_level, fmt=cfg.log_format, text_format=LOG_FORMAT)
     import asyncio
 
     from online.server import start_server
@@ -71,6 +73,7 @@ def _worker_main(cfg: ServeConfig, registry: Path, ready: Connection, served: Sy
         log.info("worker serving on port %d", running.port)
         while not stop.is_set():
             served.value = running.service.requests_served - baseline
+            running.service.metrics.sample()  # multiprocess gauges: queue depth, batches in flight
             if os.getppid() != parent_pid:  # orphaned (supervisor SIGKILLed): do not serve forever
                 log.warning("supervisor %d is gone; draining", parent_pid)
                 break
@@ -80,6 +83,7 @@ def _worker_main(cfg: ServeConfig, registry: Path, ready: Connection, served: Sy
         log.info("draining (grace %.1f s) after %d requests", grace, running.service.requests_served - baseline)
         # stop(): health NOT_SERVING, refuse new RPCs, let in-flight ones finish within grace.
         await running.stop(grace=grace)
+        running.service.metrics.flush()  # the drain's last batches, into the multiprocess files
 
     asyncio.run(serve())
 
@@ -202,6 +206,11 @@ class Supervisor:
         """Live workers not asked to exit (N, or N+1 while a replacement warms up)."""
         with self._lock:
             return [w.pid for w in sorted(self._workers, key=lambda w: w.slot) if not w.requested]
+
+    def slots(self) -> list[tuple[int, int]]:
+        """(slot, pid) of every live worker, draining ones included (per-worker metrics)."""
+        with self._lock:
+            return [(w.slot, w.pid) for w in self._workers if w.proc.exitcode is None]
 
     def served(self) -> dict[int, int]:
         """Requests served per worker pid, as last reported (warmup excluded)."""
@@ -327,6 +336,7 @@ class Supervisor:
         for w in [w for w in self._workers if w.proc.exitcode is not None]:
             self._workers.remove(w)
             w.proc.join()
+            mark_dead(w.pid)  # its live gauges (serving, version) leave the sums; its counters stay
             w.ready_conn.close()
             code = w.proc.exitcode
             if w.requested:
@@ -409,6 +419,7 @@ def run_supervisor(cfg: ServeConfig, registry: Path, *, startup_timeout_s: float
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     sup = Supervisor(cfg, registry)
+    exporter = start_supervisor_exporter(sup) if cfg.metrics_port >= 0 else None  # before any worker spawns
     sup.start()
     try:
         deadline = time.monotonic() + startup_timeout_s
@@ -418,9 +429,44 @@ def run_supervisor(cfg: ServeConfig, registry: Path, *, startup_timeout_s: float
                                     "see the worker log above)")
         if not stop.is_set():
             print(f"serving {registry_mod.current_version(registry)} on {sup.target} with "
-                  f"{cfg.workers.workers} workers ({cfg.feature_store} feature store)", flush=True)
+                  f"{cfg.workers.workers} workers ({cfg.feature_store} feature store)"
+                  + (f"; metrics on http://{cfg.host}:{exporter.port}/metrics" if exporter else ""), flush=True)
         while not stop.wait(1.0):
             pass
     finally:
         sup.stop()
+        if exporter is not None:
+            exporter.close()
     return 0
+
+
+@dataclass
+class _SupervisorExporter:
+    exporter: Any
+    path: Path
+    created: bool
+
+    @property
+    def port(self) -> int:
+        return int(self.exporter.port)
+
+    def close(self) -> None:
+        from online.metrics import cleanup_multiprocess_dir
+
+        self.exporter.close()
+        cleanup_multiprocess_dir(self.path, created=self.created)
+
+
+def start_supervisor_exporter(sup: Supervisor) -> _SupervisorExporter:
+    """One /metrics for the pod: prometheus_client's multiprocess mode (deploy/README.md says
+    why). The directory is set in the environment the workers are spawned with."""
+    from online.metrics import cleanup_multiprocess_dir, prepare_multiprocess_dir, start_exporter, supervisor_registry
+
+    path, created = prepare_multiprocess_dir()
+    try:
+        exporter = start_exporter(supervisor_registry(path, workers=sup.slots, stats=sup.snapshot),
+                                  host=sup.cfg.host, port=sup.cfg.metrics_port)
+    except BaseException:
+        cleanup_multiprocess_dir(path, created=created)
+        raise
+    return _SupervisorExporter(exporter, path, created)

@@ -31,7 +31,7 @@ def loaded(served_registry: Path, redis_proc) -> tuple[Path, object]:  # type: i
 
 
 def _cfg(url: str):  # type: ignore[no-untyped-def]
-    cfg = load_config(port=0, feature_store="redis")
+    cfg = load_config(port=0, feature_store="redis", metrics_port=0)  # metrics collected (no exporter in-process)
     return replace(cfg, redis=RedisConfig(url=url, prefix="tt-test", socket_timeout_ms=50.0))
 
 
@@ -111,9 +111,19 @@ def test_redis_hung_then_back_degrades_then_recovers(redis_server) -> None:  # t
             proc.signal(signal.SIGCONT)
         recovered = [c.recommend("9").rung for _ in range(20)]
         assert recovered[-1] == pb.RUNG_FULL  # no restart needed
-    stats = srv.running.service.stats  # what a metrics exporter reads
-    assert stats.rung_counts()["no_session"] >= 5 and stats.reasons["feature store"] >= 5
-    assert sum(stats.histograms["total"]) == stats.total()
+    metrics = srv.running.service.metrics
+
+    async def flushed() -> None:  # the local histogram counts, into the exported values (on the loop)
+        metrics.flush()
+
+    srv.call(flushed())
+    get = metrics.registry.get_sample_value  # what /metrics serves
+    version = srv.running.service.model.version
+    labels = {"variant": "control", "version": version}
+    assert get("twotower_request_latency_seconds_count", {"rung": "no_session", **labels}) >= 5
+    assert get("twotower_degraded_responses_total", {"rung": "no_session", "reason": "feature store"}) >= 5
+    assert get("twotower_feature_store_errors_total", {"op": "fetch", "kind": "timeout"}) >= 5
+    assert get("twotower_stage_latency_seconds_count", {"stage": "total", "variant": "control"}) == metrics.served
 
 
 def test_redis_killed_then_restarted_recovers(redis_server) -> None:  # type: ignore[no-untyped-def]

@@ -92,9 +92,11 @@ def supervise(served_registry: Path) -> Iterator[Callable[..., Supervisor]]:
 
 
 def test_all_workers_recycled_under_load_without_failed_rpcs(supervise: Callable[..., Supervisor]) -> None:
-    sup = supervise(max_age_s=3.0)
+    sup = supervise(max_age_s=5.0)
     original = set(sup.pids())
-    assert len(original) == 2
+    # Two workers, or three if the first one's replacement is already starting (on busy cores
+    # the second worker can come up more than max_age_s after the first).
+    assert len(original) in (2, 3)
     load = Load(sup.target)
     try:
         wait_for(lambda: not original & set(sup.pids()) and sup.stats.recycles >= 2, 60,

@@ -44,6 +44,10 @@ class FeatureStoreError(TwoTowerError):
     """The online feature store failed or timed out; serving degrades on it."""
 
 
+class FeatureStoreTimeout(FeatureStoreError):
+    """A feature store call did not answer within its budget (counted apart from failures)."""
+
+
 class NotReady(TwoTowerError):
     """No bundle is loaded yet; maps to UNAVAILABLE."""
 
