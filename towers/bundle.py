@@ -201,9 +201,14 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def content_id(man: Mapping[str, Any]) -> str:
-    """What serving depends on: every file's checksum and the index's search settings
-    (nprobe, efSearch live in the manifest, not in index.faiss)."""
-    what = {"files": {n: f["sha256"] for n, f in man["files"].items()}, "index": man.get("index", {}).get("spec")}
+    """What serving depends on: every file's checksum, the index's search settings
+    (nprobe, efSearch, k_factor live in the manifest, not in index.faiss) and, once a bundle
+    has one, the feature store's user-embedding encoding (dtype + int8 scale): re-encoding a
+    version's users is a new version, never a silent change under the same Redis keys."""
+    what: dict[str, Any] = {"files": {n: f["sha256"] for n, f in man["files"].items()},
+                            "index": man.get("index", {}).get("spec")}
+    if (ue := man.get("quant", {}).get("user_embeddings")) is not None:  # absent: the id old bundles had
+        what["user_embeddings"] = ue
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
