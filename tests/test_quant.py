@@ -56,7 +56,7 @@ def test_quantized_indexes_find_the_brute_force_neighbours(spec: IndexSpec) -> N
     loaded = faiss_index.from_bytes(faiss_index.to_bytes(index), spec)
     model = RankModel(combiner=None, item_emb=items, user_emb=items[:1], index=loaded,  # type: ignore[arg-type]
                       popularity=np.arange(len(items)))
-    scores, rows = search(model, queries, 100)
+    _, rows = search(model, queries, 100)
     recall = brute_recall(rows, items, queries, 100)
     assert recall >= 0.85, f"{spec.label()}: recall@100 {recall:.3f}"
     assert (rows >= 0).all()
@@ -210,7 +210,8 @@ def test_publish_gate_refuses_a_degraded_quantized_trained_bundle(trained_bundle
     e2e = end_to_end(b, cache_dir=data_dir, index=index, spec=spec)
     assert e2e["recall@20"]["quantized"] < 0.99 * e2e["recall@20"]["float32"]  # measured, through rank()
     entry = {"spec": spec.to_dict(), "ann_recall@100": 0.5}
-    bundle_mod.update_bundle(bdir, {"index.faiss": faiss_index.to_bytes(index)}, {"index": entry, "quant": {"e2e": e2e}})
+    bundle_mod.update_bundle(bdir, {"index.faiss": faiss_index.to_bytes(index)},
+                             {"index": entry, "quant": {"e2e": e2e}})
     with pytest.raises(BundleError, match=r"quantized Recall@20 0\.\d{4} is more than 1% below float32's") as err:
         registry_mod.publish(bdir, reg)
     assert f"{e2e['recall@20']['float32']:.4f}" in str(err.value) and "threshold" in str(err.value)

@@ -14,6 +14,14 @@ Layout (``manifest.json`` lists every other file with its sha256)::
     recs_items.npy        (n_users, K) int32 precomputed top-K item rows, -1 padded (batch path)
     recs_scores.npy       (n_users, K) float32
     titles.json           item id → display title (optional)
+    index_tune.json       the index tuner's report: every setting measured, the Pareto front, the choice
+    index_pareto.png      its plot (recall@100 vs µs/query)
+
+The manifest records each array's dtype and shape (``arrays``), the index spec with its
+measured recall@100 and declared target (``index``), and for quantized serving paths
+``quant``: ``user_embeddings`` (the feature store's dtype; for int8 the calibrated
+per-dimension scale and its tag) and ``e2e`` (Recall@20 of the quantized path vs float32,
+which ``publish`` gates on).
 
 A bundle directory is written to a temporary sibling and renamed into place;
 updates (index rebuild, batch scoring) rewrite a file and then the manifest,

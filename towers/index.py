@@ -325,6 +325,23 @@ def build_with_recall(
     return index, spec, recall
 
 
+GPU_TYPES = ("flat", "ivf", "sq8", "ivfpq")  # kinds faiss-gpu can clone (no 4-bit fast-scan, no HNSW)
+
+
+def to_gpu(index: faiss.Index, spec: IndexSpec, *, device: int = 0) -> tuple[Any, bool]:
+    """(index, on_gpu): a GPU clone of ``index`` when ``faiss.get_num_gpus() > 0`` and the kind
+    has a GPU implementation, else the CPU index unchanged (the default build, and what CI
+    runs). Search parameters are set on the clone from the spec, as at load."""
+    if faiss.get_num_gpus() == 0 or spec.type not in GPU_TYPES or spec.refine or spec.opq:
+        return index, False
+    res = faiss.StandardGpuResources()
+    gpu = faiss.index_cpu_to_gpu(res, device, index)
+    gpu.referenced_resources = res  # type: ignore[attr-defined]  # keep the resources alive with the index
+    if spec.type in IVF_TYPES:
+        faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", float(spec.nprobe))
+    return gpu, True
+
+
 def index_bytes(index: faiss.Index) -> int:
     """Serialized size: what the index costs in memory and on disk (codes, ids, graph, codebooks)."""
     return int(faiss.serialize_index(index).size)
