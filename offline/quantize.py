@@ -101,12 +101,17 @@ def serving_model(b: Bundle, *, index: Any = None, user_dtype: str = "float32",
                      index=b.index if index is None else index, popularity=b.popularity)
 
 
-def recall20(b: Bundle, model: RankModel, *, cache_dir: Path) -> dict[str, float]:
-    """Test and validation Recall@20 through ``towers.ranking.rank`` (DESIGN §6)."""
+def recall20(b: Bundle, model: RankModel, *, cache_dir: Path | None, dataset: Any = None) -> dict[str, float]:
+    """Test and validation Recall@20 through ``towers.ranking.rank`` (DESIGN §6); the bundle's
+    dataset is reloaded from ``cache_dir`` unless given."""
     from offline.datasets import load_dataset, temporal_split
     from offline.evaluate import eval_set, metrics_from_ranks, model_ranks
 
-    split = temporal_split(load_dataset(b.manifest["dataset"], cache_dir=cache_dir).interactions)
+    if dataset is None:
+        if cache_dir is None:
+            raise ValueError("recall20 needs the dataset or its cache_dir")
+        dataset = load_dataset(b.manifest["dataset"], cache_dir=cache_dir)
+    split = temporal_split(dataset.interactions)
     out = {}
     for which in ("test", "valid"):
         es = eval_set(split, b.features, max_session=b.combiner.max_session, which=which)
@@ -114,8 +119,8 @@ def recall20(b: Bundle, model: RankModel, *, cache_dir: Path) -> dict[str, float
     return out
 
 
-def end_to_end(b: Bundle, *, cache_dir: Path, index: Any = None, spec: faiss_index.IndexSpec | None = None,
-               user_dtype: str | None = None, scale: np.ndarray | None = None) -> dict[str, Any]:
+def end_to_end(b: Bundle, *, cache_dir: Path | None, index: Any = None, spec: faiss_index.IndexSpec | None = None,
+               user_dtype: str | None = None, scale: np.ndarray | None = None, dataset: Any = None) -> dict[str, Any]:
     """Recall@20 of the quantized serving path vs the same bundle in float32 with exact search:
     the record the publish gate reads (``quant.e2e``). It names the index and user dtype it
     was measured for, so a later change makes it stale rather than silently reused."""
@@ -123,8 +128,9 @@ def end_to_end(b: Bundle, *, cache_dir: Path, index: Any = None, spec: faiss_ind
     user_dtype = user_dtype or str(b.manifest.get("quant", {}).get("user_embeddings", {}).get("dtype", "float32"))
     scale = scale if scale is not None else b.user_scale
     exact = faiss_index.build(np.asarray(b.item_emb, dtype=np.float32), faiss_index.IndexSpec("flat"))
-    ref = recall20(b, serving_model(b, index=exact), cache_dir=cache_dir)
-    got = recall20(b, serving_model(b, index=index, user_dtype=user_dtype, scale=scale), cache_dir=cache_dir)
+    ref = recall20(b, serving_model(b, index=exact), cache_dir=cache_dir, dataset=dataset)
+    got = recall20(b, serving_model(b, index=index, user_dtype=user_dtype, scale=scale), cache_dir=cache_dir,
+                   dataset=dataset)
     drop = (ref["test"] - got["test"]) / ref["test"] if ref["test"] > 0 else 0.0
     return {"recall@20": {"float32": ref["test"], "quantized": got["test"]},
             "valid_recall@20": {"float32": ref["valid"], "quantized": got["valid"]},
