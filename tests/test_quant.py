@@ -253,3 +253,22 @@ def test_int8_towers_keep_the_recommendations(trained_bundle: Path) -> None:
     rep = int8_embedding_report(trained_bundle, n_users=5000, batch=2048, log=lambda *_: None)
     assert rep["top100_overlap"] >= 0.9  # measured overlap of exact top-100 lists, int8 vs float32 towers
     assert rep["users_per_s"]["int8"] > 0 and rep["users_per_s"]["float32"] > 0
+
+
+def test_quality_gate_reads_the_manifest_and_names_what_is_stale() -> None:
+    spec = IndexSpec("sq8", nlist=16, nprobe=4)
+    man = {"version": "v1", "dataset": "ml-100k", "files": {"towers.npz": {}},
+           "index": {"spec": spec.to_dict(), "ann_recall@100": 0.97, "recall_target": 0.95},
+           "quant": {"e2e": {"recall@20": {"float32": 0.3457, "quantized": 0.3440}, "index": spec.label(),
+                             "user_dtype": "float32"}}}
+    registry_mod.quality_gate(man)  # -0.5%: within the 1% bound
+    other = {**man, "index": {**man["index"], "spec": IndexSpec("sq8", nlist=16, nprobe=2).to_dict()}}
+    with pytest.raises(BundleError, match=r"measured for index IVF16,SQ8 nprobe=4.*serves index IVF16,SQ8 nprobe=2"):
+        registry_mod.quality_gate(other)
+    int8 = {**man, "quant": {**man["quant"], "user_embeddings": {"dtype": "int8"}}}
+    with pytest.raises(BundleError, match=r"user embeddings float32, but the bundle serves .* user embeddings int8"):
+        registry_mod.quality_gate(int8)
+    synthetic = {**man, "dataset": "synthetic-embeddings:1x1", "quant": {}}
+    registry_mod.quality_gate(synthetic)  # no end-to-end metric to protect; the recall target still applies
+    with pytest.raises(BundleError, match=r"recall@100 0\.9000 is below its declared target 0\.9500"):
+        registry_mod.quality_gate({**synthetic, "index": {**man["index"], "ann_recall@100": 0.9}})
