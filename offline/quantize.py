@@ -265,9 +265,15 @@ def int8_towers(model: Any) -> Any:
     """A dynamically quantized copy of the towers: Linear weights int8 with per-output-channel
     scales, activations quantized per batch from their observed range."""
     import copy
+    import warnings
 
     import torch
     from torch import nn
 
-    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear: qconfig}, dtype=torch.qint8)
+    with warnings.catch_warnings():
+        # torch 2.13 marks torch.ao.quantization deprecated in favour of torchao (not installed
+        # here); the eager dynamic path still works and is what this step uses.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_channel.*")
+        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear: qconfig}, dtype=torch.qint8)

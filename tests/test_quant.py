@@ -272,3 +272,18 @@ def test_quality_gate_reads_the_manifest_and_names_what_is_stale() -> None:
     registry_mod.quality_gate(synthetic)  # no end-to-end metric to protect; the recall target still applies
     with pytest.raises(BundleError, match=r"recall@100 0\.9000 is below its declared target 0\.9500"):
         registry_mod.quality_gate({**synthetic, "index": {**man["index"], "ann_recall@100": 0.9}})
+
+
+def test_index_build_auto_runs_the_tuner(synth_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from offline import index_tune
+    from offline.index_build import rebuild_index
+
+    entry = rebuild_index(synth_bundle, kind="auto", recall_target=0.9, log=lambda *_: None)
+    man = bundle_mod.verify(synth_bundle)
+    assert entry == man["index"] and entry["tuned"] and entry["ann_recall@100"] >= 0.9
+    assert "index_tune.json" in man["files"]
+    # Nothing reaches the target (4-bit codes without a refine never reach 1.0): an error, no change.
+    monkeypatch.setattr(index_tune, "DEFAULT_TYPES", ("ivfpqfs-raw",))
+    with pytest.raises(BundleError, match="no setting reaches recall@100 >= 1"):
+        rebuild_index(synth_bundle, kind="auto", recall_target=1.0, log=lambda *_: None)
+    assert bundle_mod.read_manifest(synth_bundle)["version"] == man["version"]
