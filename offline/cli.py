@@ -1,4 +1,4 @@
-"""Offline subcommands: train, evaluate, verify, index build, publish, batch-score, synth-bundle."""
+"""Offline subcommands: train, evaluate, verify, index build/tune, quantize, publish, batch-score, synth-bundle."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from towers.cliargs import default_data_dir, existing_dir, positive_int
 from towers.errors import ConfigError
+from towers.index import INDEX_TYPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     p.add_argument("--epochs", type=positive_int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq", "sq8"])
+    p.add_argument("--index", default="auto", choices=list(INDEX_TYPES))
     p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_train)
@@ -35,15 +36,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     isub = p.add_subparsers(dest="index_command", required=True, parser_class=type(p))
     b = isub.add_parser("build", help="rebuild a bundle's FAISS index and measure its recall@100")
     b.add_argument("--bundle", required=True, type=existing_dir)
-    b.add_argument("--type", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq", "sq8"])
+    b.add_argument("--type", default="auto", choices=list(INDEX_TYPES))
     b.add_argument("--recall-target", type=float, default=0.95)
+    b.add_argument("--data-dir", type=Path, default=Path(default_data_dir()),
+                   help="dataset cache (trained bundles: calibration queries and the end-to-end check)")
     b.set_defaults(func=cmd_index_build)
+    t = isub.add_parser("tune", help="sweep index types/params on calibration queries; install the cheapest "
+                                     "setting that meets the recall target (Pareto report + plot in the bundle)")
+    t.add_argument("--bundle", required=True, type=existing_dir)
+    t.add_argument("--recall-target", type=float, default=0.95)
+    t.add_argument("--batch-size", type=positive_int, default=64)
+    t.add_argument("--types", default=None, help="comma-separated families (default: "
+                   "flat,ivf,sq8,ivfpqfs,ivfpqfs-sq4,ivfpqfs-opq,hnswsq8; also ivfpqfs-raw,ivfpqfs-rflat,hnsw,ivfpq)")
+    t.add_argument("--queries", type=positive_int, default=1000, help="calibration queries")
+    t.add_argument("--max-bytes-per-item", type=float, default=None, help="memory bound for the choice")
+    t.add_argument("--dry-run", action="store_true", help="report only; leave the bundle unchanged")
+    t.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
+    t.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    t.set_defaults(func=cmd_index_tune)
+
+    p = sub.add_parser("quantize", help="calibrate int8 user embeddings for the feature store (and measure "
+                                        "Recall@20 per dtype); --towers-report: int8 towers users/s and overlap")
+    p.add_argument("--bundle", required=True, type=existing_dir)
+    p.add_argument("--user-dtype", default="int8", choices=["int8", "float16", "float32"],
+                   help="what `publish --redis` stores for this bundle")
+    p.add_argument("--towers-report", action="store_true",
+                   help="also time the user tower float32 vs dynamic int8 and compare top-100 lists")
+    p.add_argument("--report-users", type=positive_int, default=1_000_000)
+    p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("publish", help="install a verified bundle into a registry and flip CURRENT")
     p.add_argument("bundle", type=existing_dir)
     p.add_argument("--registry", required=True, type=Path)
     p.add_argument("--redis", dest="redis_url", default=None,
                    help="load user embeddings and precomputed recs into this Redis before the flip")
+    p.add_argument("--redis-dtype", default=None, choices=["float32", "float16", "int8"],
+                   help="user-embedding encoding in Redis (default: what the bundle declares, else float32)")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("batch-score", help="precompute top-K per user into the bundle (the batch path)")
@@ -57,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--users", type=positive_int, required=True)
     p.add_argument("--dim", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq", "sq8"])
+    p.add_argument("--index", default="auto", choices=list(INDEX_TYPES))
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_synth_bundle)
 
@@ -103,7 +133,33 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.recall_target <= 1.0:
         raise ConfigError("--recall-target", "must be in (0, 1]")
-    rebuild_index(args.bundle, kind=args.type, recall_target=args.recall_target)
+    rebuild_index(args.bundle, kind=args.type, recall_target=args.recall_target, cache_dir=args.data_dir)
+    return 0
+
+
+def cmd_index_tune(args: argparse.Namespace) -> int:
+    from offline.index_tune import format_pareto, tune_index
+
+    types = [t.strip() for t in args.types.split(",") if t.strip()] if args.types else None
+    report = tune_index(args.bundle, recall_target=args.recall_target, batch_size=args.batch_size, types=types,
+                        cache_dir=args.data_dir, n_queries=args.queries, max_bytes_per_item=args.max_bytes_per_item,
+                        write=not args.dry_run, log=(lambda *_: None) if args.json else print)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_pareto(report))
+    return 0 if report["chosen"] is not None else 1
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from offline.quantize import calibrate_user_embeddings, int8_embedding_report
+
+    log = (lambda *_: None) if args.json else print
+    report = calibrate_user_embeddings(args.bundle, cache_dir=args.data_dir, dtype=args.user_dtype, log=log)
+    if args.towers_report:
+        report["int8_towers"] = int8_embedding_report(args.bundle, n_users=args.report_users, log=log)
+    if args.json:
+        print(json.dumps(report))
     return 0
 
 
@@ -132,7 +188,7 @@ def cmd_synth_bundle(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from offline.publish import publish
 
-    version = publish(args.bundle, registry=args.registry, redis_url=args.redis_url)
+    version = publish(args.bundle, registry=args.registry, redis_url=args.redis_url, redis_dtype=args.redis_dtype)
     print(f"published {version}: {args.registry}/CURRENT -> {version}")
     return 0
 

@@ -194,6 +194,11 @@ def train(
         "metrics": metrics, "train_seconds": round(train_s, 1), "epochs_run": len(history),
     }
     bundle_mod.write_bundle(out, files, manifest)
+    if spec.quantized:  # the figure publish gates on: this index vs exact search, same bundle
+        from offline.quantize import end_to_end
+
+        e2e = end_to_end(bundle_mod.load(out), cache_dir=None, dataset=ds)
+        bundle_mod.update_bundle(out, {}, {"quant": {"e2e": e2e}})  # same content, same version
     return bundle_mod.verify(out)
 
 

@@ -14,6 +14,14 @@ Layout (``manifest.json`` lists every other file with its sha256)::
     recs_items.npy        (n_users, K) int32 precomputed top-K item rows, -1 padded (batch path)
     recs_scores.npy       (n_users, K) float32
     titles.json           item id → display title (optional)
+    index_tune.json       the index tuner's report: every setting measured, the Pareto front, the choice
+    index_pareto.png      its plot (recall@100 vs µs/query)
+
+The manifest records each array's dtype and shape (``arrays``), the index spec with its
+measured recall@100 and declared target (``index``), and for quantized serving paths
+``quant``: ``user_embeddings`` (the feature store's dtype; for int8 the calibrated
+per-dimension scale and its tag) and ``e2e`` (Recall@20 of the quantized path vs float32,
+which ``publish`` gates on).
 
 A bundle directory is written to a temporary sibling and renamed into place;
 updates (index rebuild, batch scoring) rewrite a file and then the manifest,
@@ -117,6 +125,22 @@ def encode_file(name: str, value: Any) -> bytes:
     raise TypeError(f"cannot encode bundle file {name}")
 
 
+def array_meta(name: str, value: Any) -> dict[str, Any] | None:
+    """dtype and shape of an ``.npy`` file (the manifest's ``arrays``), so readers know what a
+    file holds (float32 embeddings, int codes) without opening it."""
+    if not name.endswith(".npy") or not hasattr(value, "dtype"):
+        return None
+    return {"dtype": str(np.asarray(value).dtype), "shape": [int(x) for x in np.shape(value)]}
+
+
+def _arrays(files: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    out = dict(old or {})
+    for name, value in files.items():
+        if (meta := array_meta(name, value)) is not None:
+            out[name] = meta
+    return out
+
+
 def write_bundle(out: Path, files: Mapping[str, Any], manifest: dict[str, Any]) -> str:
     """Write a new bundle directory atomically; returns its version id.
 
@@ -142,6 +166,7 @@ def write_bundle(out: Path, files: Mapping[str, Any], manifest: dict[str, Any]) 
             (tmp / name).write_bytes(data)
         man = dict(manifest)
         man.update(format=FORMAT, version=version, created=now.isoformat(), git_sha=git_sha(),
+                   arrays=_arrays(files, man.get("arrays")),
                    files={n: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)} for n, d in blobs.items()})
         man["content_id"] = content_id(man)
         (tmp / MANIFEST).write_text(json.dumps(man, indent=2, sort_keys=True))
@@ -184,9 +209,14 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def content_id(man: Mapping[str, Any]) -> str:
-    """What serving depends on: every file's checksum and the index's search settings
-    (nprobe, efSearch live in the manifest, not in index.faiss)."""
-    what = {"files": {n: f["sha256"] for n, f in man["files"].items()}, "index": man.get("index", {}).get("spec")}
+    """What serving depends on: every file's checksum, the index's search settings
+    (nprobe, efSearch, k_factor live in the manifest, not in index.faiss) and, once a bundle
+    has one, the feature store's user-embedding encoding (dtype + int8 scale): re-encoding a
+    version's users is a new version, never a silent change under the same Redis keys."""
+    what: dict[str, Any] = {"files": {n: f["sha256"] for n, f in man["files"].items()},
+                            "index": man.get("index", {}).get("spec")}
+    if (ue := man.get("quant", {}).get("user_embeddings")) is not None:  # absent: the id old bundles had
+        what["user_embeddings"] = ue
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -204,6 +234,7 @@ def update_bundle(path: Path, files: Mapping[str, Any], manifest_updates: Mappin
         data = encode_file(name, value)
         atomic_write_bytes(path / name, data)
         man["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    man["arrays"] = _arrays(files, man.get("arrays"))
     man.update(manifest_updates)
     content = content_id(man)
     if content != man.get("content_id"):
@@ -305,6 +336,7 @@ class Bundle:
     recs_items: np.ndarray | None
     recs_scores: np.ndarray | None
     titles: dict[str, str]
+    user_scale: np.ndarray | None = None  # int8 per-dimension scale of the feature store's user embeddings
 
     @property
     def version(self) -> str:
@@ -334,6 +366,7 @@ def load(path: Path, *, verify_checksums: bool = True) -> Bundle:
     spec = faiss_index.IndexSpec.from_dict(man["index"]["spec"])
     idx = faiss_index.from_bytes((path / "index.faiss").read_bytes(), spec)
     has_recs = "recs_items.npy" in man["files"]
+    user_scale = _user_scale(path, man)
     titles: dict[str, str] = {}
     if "titles.json" in man["files"]:
         titles = json.loads((path / "titles.json").read_text())
@@ -345,5 +378,24 @@ def load(path: Path, *, verify_checksums: bool = True) -> Bundle:
         index=idx, index_spec=spec,
         recs_items=_load_npy(path / "recs_items.npy", mmap=True) if has_recs else None,
         recs_scores=_load_npy(path / "recs_scores.npy", mmap=True) if has_recs else None,
-        titles=titles,
+        titles=titles, user_scale=user_scale,
     )
+
+
+def _user_scale(path: Path, man: dict[str, Any]) -> np.ndarray | None:
+    """An int8 version's user-embedding scale, registered with the store decoder so a worker
+    that loads this version can read its int8 values from Redis (store_format)."""
+    entry = man.get("quant", {}).get("user_embeddings")
+    if not entry or entry.get("dtype") != "int8":
+        return None
+    from towers.quant import calibration_from_manifest
+    from towers.store_format import register_int8_scale
+
+    try:
+        scale = calibration_from_manifest(entry)
+    except (KeyError, ValueError, TypeError) as e:
+        raise BundleError(f"{path}: manifest quant.user_embeddings: {e}") from e
+    if scale.shape != (man["shapes"]["dim"],):
+        raise BundleError(f"{path}: int8 scale has shape {scale.shape}, expected ({man['shapes']['dim']},)")
+    register_int8_scale(scale)
+    return scale

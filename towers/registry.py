@@ -11,6 +11,14 @@ pointer naming the live one.
 Publishing copies the bundle in, verifies the copy, renames it into place and
 only then switches ``CURRENT`` (write tmp, fsync, ``os.replace``, fsync dir),
 so a crash at any point leaves ``CURRENT`` on a complete bundle.
+
+Quality gates (:func:`quality_gate`, before anything is copied): a bundle is refused when
+its index's recall@100 is below the target it declares (``index.recall_target``), or, for
+trained bundles that serve through a quantized path (a lossy index, or int8/float16 user
+embeddings), when that path's end-to-end Recall@20 (``quant.e2e``, measured through
+``towers.ranking`` by ``index tune``/``index build``/``quantize``) is more than 1% (relative)
+below the same bundle in float32, when that figure is missing, or when it was measured
+for another index or dtype than the bundle now has. The gate reads the manifest only.
 """
 
 from __future__ import annotations
@@ -22,9 +30,11 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from towers import bundle as bundle_mod
 from towers import bundle_paths
+from towers import index as faiss_index
 from towers.errors import BundleError, RegistryError
 
 POINTER = "CURRENT"
@@ -91,11 +101,45 @@ def install(bundle_dir: Path, registry: Path, *, fault: FaultHook = _noop) -> st
         return _install(bundle_dir, registry, fault)
 
 
+MAX_E2E_RELATIVE_DROP = 0.01
+
+
+def quality_gate(man: dict[str, Any]) -> None:
+    """Raise ``BundleError`` naming the figure and the threshold when a bundle falls short."""
+    version = man.get("version", "?")
+    idx = man.get("index", {})
+    target, recall = idx.get("recall_target"), idx.get("ann_recall@100")
+    if target is not None and recall is not None and float(recall) < float(target):
+        raise BundleError(f"refusing to publish {version}: index recall@100 {float(recall):.4f} is below its "
+                          f"declared target {float(target):.4f}")
+    spec = faiss_index.IndexSpec.from_dict(idx.get("spec", {"type": "flat"}))
+    quant = man.get("quant", {})
+    user_dtype = str(quant.get("user_embeddings", {}).get("dtype", "float32"))
+    trained = "towers.npz" in man.get("files", {}) and not str(man.get("dataset", "")).startswith("synthetic")
+    if not trained or not (spec.quantized or user_dtype != "float32"):
+        return
+    e2e = quant.get("e2e")
+    path = f"index {spec.label()}, user embeddings {user_dtype}"
+    if not e2e:
+        raise BundleError(f"refusing to publish {version}: quantized serving path ({path}) has no end-to-end "
+                          "Recall@20 check; run `twotower index tune` or `twotower quantize` on it")
+    if e2e.get("index") != spec.label() or e2e.get("user_dtype", "float32") != user_dtype:
+        raise BundleError(f"refusing to publish {version}: the end-to-end Recall@20 check was measured for "
+                          f"index {e2e.get('index')}, user embeddings {e2e.get('user_dtype')}, but the bundle "
+                          f"serves {path}; measure it again")
+    ref, got = float(e2e["recall@20"]["float32"]), float(e2e["recall@20"]["quantized"])
+    floor = ref * (1.0 - MAX_E2E_RELATIVE_DROP)
+    if got < floor:
+        raise BundleError(f"refusing to publish {version}: quantized Recall@20 {got:.4f} is more than "
+                          f"{MAX_E2E_RELATIVE_DROP:.0%} below float32's {ref:.4f} (threshold {floor:.4f}; {path})")
+
+
 def _install(bundle_dir: Path, registry: Path, fault: FaultHook) -> str:
     try:
         man = bundle_mod.verify(bundle_dir)
     except BundleError as e:
         raise BundleError(f"refusing to publish: {e}") from e
+    quality_gate(man)
     version = str(man["version"])
     registry.mkdir(parents=True, exist_ok=True)
     for stale in registry.glob(".incoming-*"):
