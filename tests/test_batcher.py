@@ -50,17 +50,15 @@ def test_idle_request_is_dispatched_alone_and_at_once() -> None:
 
     async def main() -> None:
         rec = Recorder()
-        now = [0.0]
         b: Batcher[int, int] = Batcher(rec, max_batch_size=64, max_wait_ms=60_000,  # a wait that must not apply
-                                       gap_ms=60_000, clock=lambda: now[0])
+                                       gap_ms=60_000)
         rec.gate.clear()
         first = asyncio.ensure_future(b.submit(7))
         await ticks()
         assert rec.entered.is_set() and rec.batches == [[7]]  # nothing in flight: no lingering for batchmates
         rec.gate.set()
         assert await first == 70
-        # Idle again once that batch is done and max_wait has passed: the next one goes at once too.
-        now[0] += 61.0
+        # Idle again once that batch is done (not merely finishing): the next one goes at once too.
         rec.entered.clear()
         rec.gate.clear()
         second = asyncio.ensure_future(b.submit(8))
@@ -73,18 +71,21 @@ def test_idle_request_is_dispatched_alone_and_at_once() -> None:
     run(main())
 
 
-def test_right_after_a_batch_the_next_one_waits_only_for_the_gap() -> None:
-    """Under load (the previous batch finished less than max_wait ago) the dispatcher takes
-    batchmates as they come and closes the batch once none arrived for gap_ms: here max_wait
-    is an hour, so only the gap can close it."""
+def test_while_a_batch_runs_the_next_one_closes_on_the_gap() -> None:
+    """Under load (a batch in flight) the dispatcher takes batchmates as they come and closes
+    the batch once none arrived for gap_ms: here max_wait is an hour, so only the gap can."""
 
     async def main() -> None:
         rec = Recorder()
-        b: Batcher[int, int] = Batcher(rec, max_batch_size=64, max_wait_ms=3_600_000, gap_ms=1.0)
-        assert await b.submit(1) == 10
-        second = asyncio.ensure_future(b.submit(2))
-        third = asyncio.ensure_future(b.submit(3))  # arrives within the gap: same batch
-        assert await asyncio.wait_for(asyncio.gather(second, third), timeout=30) == [20, 30]
+        b: Batcher[int, int] = Batcher(rec, max_batch_size=64, max_wait_ms=3_600_000, gap_ms=1.0, max_inflight=2)
+        rec.gate.clear()
+        first = asyncio.ensure_future(b.submit(1))
+        await rec.entered.wait()  # batch [1] holds the gate: a batch is in flight
+        rest = [asyncio.ensure_future(b.submit(i)) for i in (2, 3)]
+        while len(rec.batches) < 2:  # [2, 3] dispatched on the gap, not after an hour
+            await asyncio.sleep(0.001)
+        rec.gate.set()
+        assert await asyncio.wait_for(asyncio.gather(first, *rest), timeout=30) == [10, 20, 30]
         assert rec.batches == [[1], [2, 3]]
         await b.stop()
 
