@@ -215,6 +215,12 @@ def test_the_configmap_is_a_valid_serve_config(overlay: str, tmp_path: Path) -> 
                       port=int(args[args.index("--port") + 1]))
     check_admin_ports(cfg)  # the workers' admin ports clear the serving port
     assert check_admin_exposure(cfg, environ={}) is None  # admin on loopback: no token needed
+    # The A/B flags file the Deployment serves with is in the same ConfigMap and is valid.
+    from towers.flags import load_flags
+
+    assert args[args.index("--flags") + 1] == "/etc/twotower/flags.yaml"
+    (flags := tmp_path / "flags.yaml").write_text(one(objs, "ConfigMap")["data"]["flags.yaml"])
+    assert load_flags(flags).experiments == []
 
 
 # --- Compose ---------------------------------------------------------------------------------
