@@ -110,12 +110,6 @@ class ServeConfig:
     # ``search_threads``; on 2 cores, OpenMP teams spin-wait between calls and stole the CPU
     # the event loop needed: single-query p50 went from ~2 ms to ~13 ms at 2 threads (bench).
     search_omp_threads: int = 1
-    # A search whose recent average took less than this runs on the event loop itself instead
-    # of a search thread. Off by default: inline batches never overlap, so batches stayed small
-    # under load (mean 1.5-2 at c=64 with Redis) and throughput fell ~35% (bench paths and an
-    # A/B in one run: 1,016 QPS inline vs 1,551 with search threads). It helps only a single
-    # caller on a tiny catalog.
-    inline_search_ms: float = 0.0
     # gRPC transport: "aio" (grpc.aio, handlers on the event loop) or "sync" (grpc.server with
     # ``sync_threads`` pool threads, each waiting for the service on the event loop). Measured
     # with the real handler in the benchmark's ``paths`` scenario; the default is the faster.
@@ -146,7 +140,6 @@ class ServeConfig:
             ("max_events_per_call", 1 <= self.max_events_per_call <= 16384, "must be in 1..16384"),
             ("max_event_skew_s", self.max_event_skew_s >= 0, "must be >= 0"),
             ("search_omp_threads", self.search_omp_threads >= 1, "must be >= 1"),
-            ("inline_search_ms", self.inline_search_ms >= 0, "must be >= 0"),
             ("transport", self.transport in ("aio", "sync"), "must be 'aio' or 'sync'"),
             ("impression_sample_rate", 0.0 <= self.impression_sample_rate <= 1.0, "must be in [0, 1]"),
             ("redis.stream_maxlen", self.redis.stream_maxlen >= 1, "must be >= 1"),

@@ -260,10 +260,6 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
     # (in-process servers in tests and the demo share the interpreter with other code).
     old_blas = faiss.cvar.distance_compute_blas_threshold
     faiss.cvar.distance_compute_blas_threshold = cfg.search_blas_threshold
-    # OpenMP's thread count is per thread: cheap searches run inline on this (the event loop's)
-    # thread, which must not spin up a team either (see ServeConfig.search_omp_threads).
-    old_omp = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(cfg.search_omp_threads)
     options = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -289,8 +285,7 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
         await _maybe_await(health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
     running = RunningServer(server, service, health_servicer, -1)
     # gc.unfreeze: the service freezes its model's objects on install (see RecommendService.install).
-    running.restore += [lambda: setattr(faiss.cvar, "distance_compute_blas_threshold", old_blas), gc.unfreeze,
-                        lambda: faiss.omp_set_num_threads(old_omp)]
+    running.restore += [lambda: setattr(faiss.cvar, "distance_compute_blas_threshold", old_blas), gc.unfreeze]
 
     async def bind() -> None:
         running.port = _add_port(server, f"{cfg.host}:{cfg.port}", credentials)
