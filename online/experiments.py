@@ -35,7 +35,6 @@ The pieces (``serve --flags FILE``):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import hashlib
 import logging
@@ -44,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from online.polling import Poller
 from online.request import RecRequest, RecResult, budget_deadline
 from online.service import LoadedModel, RecommendService
 from online.settings import DEFAULT_SETTINGS, BatchSettings, batch_settings
@@ -230,7 +230,7 @@ class Router:
         self._shadow_inflight = 0
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()  # one reload at a time
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Poller(self.reload, every_s=poll_s, name="flags-watcher", log=log)
 
     # -- reload ----------------------------------------------------------------------------
     async def reload(self, *, force: bool = False) -> bool:
@@ -311,27 +311,14 @@ class Router:
 
     # -- polling ---------------------------------------------------------------------------
     def start(self) -> None:
-        if self.poll_s > 0 and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._poll(), name="flags-watcher")
+        self._poller.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._poller.stop()
         for t in list(self._shadow_tasks):
             t.cancel()
         if self._shadow_tasks:
             await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_s)
-            try:
-                await self.reload()
-            except Exception:  # the watcher must outlive any one bad file
-                log.exception("flags check failed")
 
     def status(self) -> dict[str, object]:
         """Fields of the admin ``StatusResponse``."""

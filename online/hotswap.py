@@ -12,13 +12,13 @@ any step is rejected and logged, and the old version keeps serving. Polling
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from online.polling import Poller
 from online.service import LoadedModel, RecommendService
 from towers import registry as registry_mod
 from towers.errors import TwoTowerError
@@ -44,7 +44,7 @@ class RegistryWatcher:
         self.poll_s = poll_s
         self.state = SwapState()
         self._lock = asyncio.Lock()  # one load at a time
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Poller(self.check, every_s=poll_s, name="registry-watcher", log=log)
         self._rejected_version = ""
 
     async def load(self, version: str) -> bool:
@@ -101,23 +101,10 @@ class RegistryWatcher:
         return await self.load(version)
 
     def start(self) -> None:
-        if self.poll_s > 0 and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._poll(), name="registry-watcher")
+        self._poller.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_s)
-            try:
-                await self.check()
-            except Exception:  # the watcher must outlive any one bad candidate
-                log.exception("registry check failed")
+        await self._poller.stop()
 
     def status(self) -> dict[str, object]:
         s = self.state
