@@ -94,7 +94,7 @@ def server(registry: Path, *, batch_size: int, redis_url: str | None = None, con
             cfg_file.unlink(missing_ok=True)
 
 
-def _trivial_main(port: int) -> None:
+def trivial_main(port: int) -> None:
     """A Recommender whose handler returns a fixed 10-item response: the gRPC ceiling."""
     import asyncio
 
@@ -127,7 +127,10 @@ def _trivial_main(port: int) -> None:
 @contextmanager
 def trivial_server() -> Iterator[ServerProc]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.procs", "trivial", str(port)])
+    # -c, not -m bench.procs: the package's __init__ imports this module first, and runpy then
+    # warns that it runs a second copy of it.
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from bench.procs import trivial_main; "
+                             "trivial_main(int(sys.argv[1]))", str(port)])
     try:
         ready = wait_serving(f"127.0.0.1:{port}", 60, proc)
         yield ServerProc(f"127.0.0.1:{port}", ready, proc.pid)
@@ -162,8 +165,3 @@ class RedisProcess:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "trivial":
-        _trivial_main(int(sys.argv[2]))

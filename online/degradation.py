@@ -95,11 +95,10 @@ class Ladder:
         return np.flatnonzero(served)
 
     def popularity(self, idx: np.ndarray) -> None:
-        """The last rung, for whatever nothing else answered."""
-        self.rung[idx] = np.maximum(self.rung[idx], POPULARITY)
-        for i in idx.tolist():
-            if COLD_START not in self.reasons.get(i, ()):
-                self.reasons.setdefault(i, []).append(NOTHING_PRECOMPUTED)
+        """The last rung, for whatever nothing else answered. Requests already sent here (cold
+        start, a rung the experiment leaves out) said why; the rest fell off the batch rung."""
+        fell = idx[self.rung[idx] < POPULARITY]
+        self._down(fell, POPULARITY, NOTHING_PRECOMPUTED)
         self.source[idx] = ranking.POPULARITY
 
     def reasons_of(self, i: int) -> list[str]:
