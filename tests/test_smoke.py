@@ -158,6 +158,9 @@ def test_the_compose_deployment_runs_as_plain_processes(deployment: Deployment, 
         wait_for("serve healthcheck (SERVING over TLS)",
                  lambda: subprocess.run(probe, capture_output=True, cwd=ROOT).returncode == 0, 180, proc, err)
         url = f"http://127.0.0.1:{d.metrics_port}/metrics"
+        # The healthcheck passes once one worker serves (they share the port); the other may
+        # still be warming up. Both must report SERVING before the first scrape is judged.
+        wait_for("both workers SERVING", lambda: total(scrape(url), "twotower_serving") == 2, 180, proc, err)
         workers = exercise(d, url, scrape(url), pki, err)
     finally:
         proc.send_signal(signal.SIGTERM)
