@@ -15,17 +15,24 @@ _EXPORTS = {
     "batch_score_bundle": "offline.batch_score", "batch_topk": "offline.batch_score",
     "seen_rows": "offline.batch_score", "load_dataset": "offline.datasets", "temporal_split": "offline.datasets",
     "make_synthetic_bundle": "offline.synth", "rebuild_index": "offline.index_build", "publish": "offline.publish",
+    "InteractionRows": "offline.interactions", "InteractionStore": "offline.interactions",
+    "RefreshLock": "offline.run_lock", "RunDir": "offline.run_steps", "run_schedule": "offline.schedule",
 }
-__all__ = ["TrainConfig", "batch_score_bundle", "batch_topk", "eval_set", "evaluate_bundle", "evaluate_model",
-           "format_table", "load_dataset", "make_synthetic_bundle", "publish", "rebuild_index", "seen_rows",
-           "temporal_split", "train"]
+__all__ = ["InteractionRows", "InteractionStore", "RefreshLock", "RunDir", "TrainConfig", "batch_score_bundle",
+           "batch_topk", "eval_set", "evaluate_bundle", "evaluate_model", "format_table", "load_dataset",
+           "make_synthetic_bundle", "publish", "rebuild_index", "run_schedule", "seen_rows", "temporal_split",
+           "train"]
 
 if TYPE_CHECKING:
     from offline.batch_score import batch_score_bundle, batch_topk, seen_rows
     from offline.datasets import load_dataset, temporal_split
     from offline.evaluate import eval_set, evaluate_bundle, evaluate_model, format_table
     from offline.index_build import rebuild_index
+    from offline.interactions import InteractionRows, InteractionStore
     from offline.publish import publish
+    from offline.run_lock import RefreshLock
+    from offline.run_steps import RunDir
+    from offline.schedule import run_schedule
     from offline.synth import make_synthetic_bundle
     from offline.train import TrainConfig, train
 

@@ -54,3 +54,20 @@ class NotReady(TwoTowerError):
 
 class Unsupported(TwoTowerError):
     """A valid request this deployment cannot honour; maps to FAILED_PRECONDITION."""
+
+
+class LockError(TwoTowerError):
+    """A distributed run lock (``offline.run_lock``) could not be taken or was not kept."""
+
+
+class LockHeld(LockError):
+    """Another owner holds the lock; ``holder`` names it (host:pid:nonce) so an operator can find it."""
+
+    def __init__(self, key: str, holder: str, message: str = "") -> None:
+        super().__init__(message or f"lock {key!r} is held by {holder!r}")
+        self.key = key
+        self.holder = holder
+
+
+class LockLost(LockError):
+    """The lock this process held expired or was taken over: it must not publish."""
