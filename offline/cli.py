@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from towers.cliargs import default_data_dir, existing_dir, positive_int
 from towers.errors import ConfigError
@@ -90,6 +91,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", default="auto", choices=list(INDEX_TYPES))
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_synth_bundle)
+
+    p = sub.add_parser("refresh", help="the nightly loop: consume new events, re-embed (or warm-start train), "
+                                       "index, batch-score, gate against CURRENT, publish, acknowledge")
+    p.add_argument("--registry", required=True, type=Path)
+    p.add_argument("--redis-url", required=True, help="the Redis the servers write events to (and serve from)")
+    p.add_argument("--prefix", default="tt", help="the serve config's redis.prefix")
+    p.add_argument("--mode", default="embed", choices=["embed", "train"])
+    p.add_argument("--engine", default="local", choices=["local", "ray"], help="ray: not built yet (refused)")
+    p.add_argument("--run-dir", type=Path, default=None, help="where run directories go (default: REGISTRY/../runs)")
+    p.add_argument("--resume", type=existing_dir, default=None, help="continue a crashed run (its directory)")
+    p.add_argument("--store", type=Path, default=None,
+                   help="the interaction store (Parquet by day; default: DATA_DIR/interactions)")
+    p.add_argument("--holdout-hours", type=float, default=24.0, help="the gate's window: the newest events")
+    p.add_argument("--max-drop", type=float, default=0.01,
+                   help="gate: largest relative Recall@20 drop vs CURRENT that still publishes")
+    p.add_argument("--gate-min-users", type=positive_int, default=50,
+                   help="fewer holdout users than this: publish ungated (the comparison would be noise)")
+    p.add_argument("--epochs", type=positive_int, default=3, help="train mode: warm-start epochs")
+    p.add_argument("--grace-s", type=float, default=3600.0, help="keep retired versions' Redis keys this long")
+    p.add_argument("--flags", type=Path, default=None, help="an A/B flags file: versions it pins keep their keys")
+    p.add_argument("--schedule", default=None, help='run as a scheduler, e.g. "0 3 * * *" (cron, local time)')
+    p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
+    p.add_argument("--json", action="store_true", help="print the run report as JSON")
+    p.set_defaults(func=cmd_refresh)
 
 
 
@@ -190,6 +215,51 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
     version = publish(args.bundle, registry=args.registry, redis_url=args.redis_url, redis_dtype=args.redis_dtype)
     print(f"published {version}: {args.registry}/CURRENT -> {version}")
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from offline.refresh import RefreshConfig, refresh
+
+    if args.holdout_hours <= 0:
+        raise ConfigError("--holdout-hours", "must be positive")
+    if args.flags is not None and not args.flags.is_file():
+        raise ConfigError("--flags", f"file not found: {args.flags}")
+    if args.resume is not None and args.schedule is not None:
+        raise ConfigError("--resume", "resumes one run; it cannot be combined with --schedule")
+    cfg = RefreshConfig(registry=args.registry, redis_url=args.redis_url, prefix=args.prefix, mode=args.mode,
+                        engine=args.engine, run_root=args.run_dir or args.registry.resolve().parent / "runs",
+                        store_root=args.store or args.data_dir / "interactions", data_dir=args.data_dir,
+                        holdout_s=int(args.holdout_hours * 3600), max_drop=args.max_drop, train_epochs=args.epochs,
+                        gate_min_users=args.gate_min_users,
+                        grace_s=int(args.grace_s), flags=args.flags)
+    log = (lambda *_: None) if args.json else print
+
+    def once() -> dict[str, Any]:
+        report = refresh(cfg, resume=args.resume, log=log)
+        steps = {s["name"]: s["result"] for s in report["steps"]}
+        if args.json:
+            print(json.dumps(report))
+        elif "publish" in steps:
+            pub = steps["publish"]
+            print(f"refresh {report['run_id']}: " + (f"published {pub['version']}" if pub["published"]
+                                                     else f"not published: {pub['why']}"))
+        return report
+
+    if args.schedule is None:
+        once()
+        return 0
+    import signal
+    import threading
+
+    from offline.schedule import run_schedule, validate_cron
+
+    validate_cron(args.schedule)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"refresh scheduler: {args.schedule!r}; reports in {cfg.run_root / 'schedule'}")
+    run_schedule(cron=args.schedule, job=once, stop=stop, report_dir=cfg.run_root / "schedule")
     return 0
 
 

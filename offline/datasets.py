@@ -190,6 +190,32 @@ def load_grouplens(directory: Path) -> Dataset:
     return Dataset(directory.name, inter, users, _items(rows))
 
 
+def write_grouplens(ds: Dataset, directory: Path, *, keep_users: set[str] | None = None) -> Path:
+    """Write ``ds`` in GroupLens' layout (what ``load_grouplens`` reads): the replay's
+    "everything known before DATE" dataset. ``keep_users``: the users listed in ``u.user``
+    (default: all); the others stay unknown to a pipeline fitted on it, i.e. new users later."""
+    directory.mkdir(parents=True, exist_ok=True)
+    i = ds.interactions
+    (directory / "u.data").write_text("".join(
+        f"{u}\t{it}\t{int(r)}\t{int(t)}\n" for u, it, r, t in zip(i.user.tolist(), i.item.tolist(),
+                                                                  i.rating.tolist(), i.timestamp.tolist(),
+                                                                  strict=True)), encoding="latin-1")
+    us = ds.users
+    (directory / "u.user").write_text("".join(
+        f"{u}|{a}|{g}|{o}|{z}\n" for u, a, g, o, z in zip(us.user.tolist(), us.age.tolist(), us.gender.tolist(),
+                                                          us.occupation.tolist(), us.zip.tolist(), strict=True)
+        if keep_users is None or u in keep_users), encoding="latin-1")
+    genres = sorted({g for gs in ds.items.genres for g in gs}) or ["unknown"]
+    (directory / "u.genre").write_text("".join(f"{g}|{n}\n" for n, g in enumerate(genres)), encoding="latin-1")
+    lines = []
+    for it, title, year, gs in zip(ds.items.item.tolist(), ds.items.title.tolist(), ds.items.year.tolist(),
+                                   ds.items.genres, strict=True):
+        date = f"01-Jan-{year}" if year >= 0 else ""
+        lines.append("|".join([it, title, date, "", "", *("1" if g in gs else "0" for g in genres)]) + "\n")
+    (directory / "u.item").write_text("".join(lines), encoding="latin-1")
+    return directory
+
+
 def load_dataset(name: str, *, cache_dir: Path) -> Dataset:
     """``ml-100k`` (recbole wheel), a GroupLens directory path, or ``synthetic:USERSxITEMS[:SEED]``."""
     if name == "ml-100k":

@@ -9,7 +9,8 @@ from towers import registry as registry_mod
 
 
 def publish(bundle_dir: Path, *, registry: Path, redis_url: str | None = None,
-            fault: registry_mod.FaultHook | None = None, redis_dtype: str | None = None) -> str:
+            fault: registry_mod.FaultHook | None = None, redis_dtype: str | None = None,
+            redis_prefix: str = "tt") -> str:
     """Copy + verify (and gate: ``towers.registry.quality_gate``) into the registry; with
     ``redis_url``, load the version's user embeddings (``redis_dtype``, default the bundle's
     declared dtype) and precomputed recs into Redis before the pointer flips."""
@@ -18,7 +19,8 @@ def publish(bundle_dir: Path, *, registry: Path, redis_url: str | None = None,
         from towers.redis_load import load_bundle_into_redis
 
         def before(version: str) -> None:
-            load_bundle_into_redis(registry / version, redis_url=redis_url, dtype=redis_dtype)
+            load_bundle_into_redis(registry / version, redis_url=redis_url, dtype=redis_dtype, prefix=redis_prefix,
+                                   progress=False)
 
     kwargs = {"fault": fault} if fault is not None else {}
     return registry_mod.publish(bundle_dir, registry, before_switch=before, **kwargs)

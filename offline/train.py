@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from offline.datasets import Dataset, Split, temporal_split
+from offline.datasets import Dataset, Interactions, Split, temporal_split
 from offline.evaluate import eval_set, evaluate_model, item_counts, metrics_from_ranks
 from towers import bundle as bundle_mod
 from towers import index as faiss_index
@@ -47,22 +47,52 @@ def fit_pipeline(ds: Dataset) -> FeaturePipeline:
     items = {i: (int(y), list(g)) for i, y, g in zip(ds.items.item.tolist(), ds.items.year.tolist(), ds.items.genres,
                                                      strict=True)}
     return FeaturePipeline.fit(user_ids=set(users) | set(ds.interactions.user.tolist()),
-                               item_ids=set(items) | set(ds.interactions.item.tolist()), users=users, items=items)
+                               item_ids=set(items) | set(ds.interactions.item.tolist()), users=users, items=items,
+                               titles=ds.titles())
 
 
-def training_examples(split: Split, fp: FeaturePipeline, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(user rows (E,), target rows (E,), sessions (E, n) most recent first, -1 padded)."""
-    users = fp.user_vocab.positions(split.train.user)
-    items = fp.item_vocab.positions(split.train.item)
+def _lagged(users: np.ndarray, items: np.ndarray, n: int) -> np.ndarray:
+    """(E, n): for each row of a per-user time-ordered log, the ``n`` items before it, most
+    recent first, -1 padded (never crossing into another user's rows)."""
     e = len(users)
-    sess = np.full((e, n), -1, dtype=np.int64)
-    new_user = np.r_[True, users[1:] != users[:-1]]
-    start = np.maximum.accumulate(np.where(new_user, np.arange(e), 0))
+    out = np.full((e, n), -1, dtype=np.int64)
+    new_user = np.r_[True, users[1:] != users[:-1]] if e else np.zeros(0, bool)
+    start = np.maximum.accumulate(np.where(new_user, np.arange(e), 0)) if e else np.zeros(0, np.int64)
     for lag in range(1, n + 1):
         src = np.arange(e) - lag
         ok = src >= start
-        sess[ok, lag - 1] = items[src[ok]]
-    return users, items, sess
+        out[ok, lag - 1] = items[src[ok]]
+    return out
+
+
+def training_examples(split: Split, fp: FeaturePipeline, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user rows (E,), target rows (E,), history (E, n) most recent first, -1 padded): the
+    ``n`` items before each target; its first ``max_session`` columns are the session."""
+    users = fp.user_vocab.positions(split.train.user)
+    items = fp.item_vocab.positions(split.train.item)
+    return users, items, _lagged(users, items, n)
+
+
+def user_histories(fp: FeaturePipeline, log: Interactions, n: int) -> np.ndarray:
+    """(n_users, n) item rows of each user's last ``n`` interactions in ``log``, most recent
+    first, -1 padded: what the user tower reads at embedding time. ``log`` must be in time
+    order within each user (``temporal_split``'s parts and the interaction store are).
+    Unknown users and items are skipped."""
+    out = np.full((fp.n_users, n), -1, dtype=np.int64)
+    users = fp.user_vocab.positions(log.user)
+    items = fp.item_vocab.positions(log.item)
+    keep = (users >= 0) & (items >= 0)
+    users, items = users[keep], items[keep]
+    if n == 0 or len(users) == 0:
+        return out
+    order = np.argsort(users, kind="stable")  # groups users, keeps each one's time order
+    users, items = users[order], items[order]
+    last = np.r_[users[1:] != users[:-1], True]
+    ends = np.flatnonzero(last)  # each user's last row
+    pos_from_end = np.repeat(ends, np.diff(np.r_[-1, ends])) - np.arange(len(users))
+    take = pos_from_end < n
+    out[users[take], pos_from_end[take]] = items[take]
+    return out
 
 
 def _plot(history: list[dict[str, float]], path: Path) -> None:
@@ -86,7 +116,8 @@ def _validate(model: TwoTower, fp: FeaturePipeline, split: Split, cfg: ModelConf
     """Validation Recall@20 with exact scoring (flat index over fresh embeddings)."""
     from offline.evaluate import model_ranks
 
-    item_emb, user_emb = embed_items(model, fp), embed_users(model, fp)
+    item_emb = embed_items(model, fp)
+    user_emb = embed_users(model, fp, user_histories(fp, split.train, cfg.history_len), item_emb=item_emb)
     rm = RankModel(combiner=model.combiner.export(), item_emb=item_emb, user_emb=user_emb,
                    index=faiss_index.build(item_emb, faiss_index.IndexSpec("flat")), popularity=np.zeros(0, np.int64))
     es = eval_set(split, fp, max_session=cfg.max_session, which="valid")
@@ -94,21 +125,28 @@ def _validate(model: TwoTower, fp: FeaturePipeline, split: Split, cfg: ModelConf
 
 
 def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True,
-                split: Split | None = None) -> tuple[TwoTower, FeaturePipeline, Split, list[dict[str, float]]]:
-    """Fit the pipeline and train; returns the best model by validation Recall@20."""
+                split: Split | None = None, fp: FeaturePipeline | None = None,
+                init: dict[str, np.ndarray] | None = None) -> tuple[TwoTower, FeaturePipeline, Split,
+                                                                    list[dict[str, float]]]:
+    """Fit the pipeline (or use ``fp``) and train; returns the best model by validation
+    Recall@20. ``init``: weights to start from (a warm start: the refresh's ``train`` mode
+    passes the serving version's towers and its pipeline, extended with new users/items)."""
     torch.manual_seed(train_cfg.seed)
     torch.set_num_threads(train_cfg.threads)
     split = split or temporal_split(ds.interactions)
-    fp = fit_pipeline(ds)
+    fp = fp or fit_pipeline(ds)
     model = TwoTower(model_cfg, fp)
-    users, targets, sess = training_examples(split, fp, model_cfg.max_session)
+    if init is not None:
+        model.load_arrays(init)
+    n_sess = model_cfg.max_session
+    users, targets, hist = training_examples(split, fp, max(n_sess, model_cfg.history_len))
     uf = to_tensors(fp.user_features(fp.user_vocab.values))
     itf = to_tensors(fp.item_features(fp.item_vocab.values))
     counts = item_counts([split.train], fp).astype(np.float64)
     log_q = torch.from_numpy(np.log(np.maximum(counts, 1.0) / counts.sum()).astype(np.float32))
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     gen = torch.Generator().manual_seed(train_cfg.seed)
-    t_users, t_targets, t_sess = torch.from_numpy(users), torch.from_numpy(targets), torch.from_numpy(sess)
+    t_users, t_targets, t_hist = torch.from_numpy(users), torch.from_numpy(targets), torch.from_numpy(hist)
     history: list[dict[str, float]] = []
     best, best_state, bad = -1.0, model.state_dict(), 0
     bar = tqdm(range(1, train_cfg.epochs + 1), desc="train", disable=not progress, unit="epoch")
@@ -118,15 +156,21 @@ def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         total, batches = 0.0, 0
         for lo in range(0, len(perm), train_cfg.batch_size):
             idx = perm[lo:lo + train_cfg.batch_size]
-            b_users, b_targets, b_sess = t_users[idx], t_targets[idx], t_sess[idx]
-            mask = b_sess >= 0
-            # Run the item tower once over the batch's distinct items (targets + sessions).
-            uniq, inv = torch.unique(torch.cat([b_targets, b_sess.clamp(min=0).reshape(-1)]), return_inverse=True)
+            b_users, b_targets, b_hist = t_users[idx], t_targets[idx], t_hist[idx]
+            mask = b_hist >= 0
+            # Run the item tower once over the batch's distinct items (targets + histories,
+            # which hold the sessions): (B + B*L) rows gathered from at most n_items.
+            uniq, inv = torch.unique(torch.cat([b_targets, b_hist.clamp(min=0).reshape(-1)]), return_inverse=True)
             emb = model.item_tower({k: v[uniq] for k, v in itf.items()})
             pos = emb[inv[: len(idx)]]
-            s_emb = emb[inv[len(idx):]].reshape(len(idx), -1, emb.shape[1]) * mask[..., None]
-            u = model.user_tower({k: v[b_users] for k, v in uf.items()})
-            q = model.combiner(u, torch.ones(len(idx), dtype=torch.bool), s_emb, mask)
+            h_emb = emb[inv[len(idx):]].reshape(len(idx), -1, emb.shape[1]) * mask[..., None]
+            s_emb, s_mask = h_emb[:, :n_sess], mask[:, :n_sess]
+            if model_cfg.history_len > 0:
+                L = model_cfg.history_len
+                u = model.user_tower({k: v[b_users] for k, v in uf.items()}, h_emb[:, :L], mask[:, :L])
+            else:
+                u = model.user_tower({k: v[b_users] for k, v in uf.items()})
+            q = model.combiner(u, torch.ones(len(idx), dtype=torch.bool), s_emb, s_mask)
             logits = q @ pos.T / model_cfg.temperature
             if model_cfg.logq:
                 logits = logits - log_q[b_targets][None, :]
@@ -170,7 +214,8 @@ def train(
     ds = dataset
     model, fp, split, history = train_model(ds, model_cfg=model_cfg, train_cfg=train_cfg, progress=progress)
     train_s = time.perf_counter() - t0
-    item_emb, user_emb = embed_items(model, fp), embed_users(model, fp)
+    item_emb = embed_items(model, fp)
+    user_emb = embed_users(model, fp, user_histories(fp, split.train, model_cfg.history_len), item_emb=item_emb)
     index, spec, recall = faiss_index.build_with_recall(item_emb, index_type, seed=train_cfg.seed)
     popularity = np.argsort(-item_counts([split.train], fp), kind="stable").astype(np.int64)
     combiner = model.combiner.export()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from towers.combiner import CombinerParams
-from towers.features import FeaturePipeline
+from towers.features import TITLE_BUCKETS, FeaturePipeline
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,14 @@ class ModelConfig:
     temperature: float = 0.07
     logq: bool = True  # subtract log sampling probability from in-batch logits (Yi et al. 2019)
     user_id_dropout: float = 0.3  # train-time: zero the user id embedding, so the session has to carry signal
+    # The user tower reads the user's long-term history: the item tower's embeddings of the
+    # last ``history_len`` items before the embedding time, pooled. 0: features (and id) only.
+    # A refresh re-embeds users from new history without retraining.
+    history_len: int = 50
+    user_id: bool = True  # the user id embedding (off: a user is their features + history)
+    item_id: bool = True  # the item id embedding (off: an item is its content features)
+    title_tokens: bool = True  # the item tower reads hashed title words (new items embed by content)
+    item_id_dropout: float = 0.0  # train-time: zero item ids so content carries signal for new items
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -37,47 +45,86 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        # Bundles from before the history tower have none of its fields: they meant "off".
+        legacy = {"history_len": 0, "title_tokens": False} if "history_len" not in d else {}
+        return cls(**{**legacy, **{k: v for k, v in d.items() if k in known}})
 
 
 def _mlp(inp: int, cfg: ModelConfig) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inp, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.dim))
 
 
+def _dropout_rows(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    if not training or p <= 0:
+        return x
+    return x * (torch.rand(x.shape[0], 1) >= p).to(x.dtype)
+
+
 class UserTower(nn.Module):
     def __init__(self, cfg: ModelConfig, fp: FeaturePipeline) -> None:
         super().__init__()
         self.cfg = cfg
-        self.user = nn.Embedding(fp.user_vocab.size, cfg.id_dim)
+        self.user = nn.Embedding(fp.user_vocab.size, cfg.id_dim) if cfg.user_id else None
         self.age = nn.Embedding(fp.n_age_buckets, cfg.side_dim)
         self.gender = nn.Embedding(fp.gender_vocab.size, cfg.side_dim)
         self.occupation = nn.Embedding(fp.occupation_vocab.size, cfg.side_dim)
         self.zip = nn.Embedding(fp.zip_vocab.size, cfg.side_dim)
-        self.mlp = _mlp(cfg.id_dim + 4 * cfg.side_dim, cfg)
-        nn.init.normal_(self.user.weight, std=0.05)
+        width = cfg.id_dim * cfg.user_id + 4 * cfg.side_dim
+        if cfg.history_len > 0:
+            # Attention pooling over the history (recency bias + content score), beside a plain
+            # mean; both (B, dim) go into the MLP with a log-length feature.
+            self.hist_pos = nn.Parameter(-0.02 * torch.arange(cfg.history_len, dtype=torch.float32))
+            self.hist_att = nn.Linear(cfg.dim, 1, bias=False)
+            width += 2 * cfg.dim + 1
+        self.mlp = _mlp(width, cfg)
+        if self.user is not None:
+            nn.init.normal_(self.user.weight, std=0.05)
 
-    def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        uid = self.user(f["user"])
-        if self.training and self.cfg.user_id_dropout > 0:
-            keep = (torch.rand(uid.shape[0], 1) >= self.cfg.user_id_dropout).to(uid.dtype)
-            uid = uid * keep
-        x = torch.cat([uid, self.age(f["age"]), self.gender(f["gender"]), self.occupation(f["occupation"]),
-                       self.zip(f["zip"])], dim=1)
-        return F.normalize(self.mlp(x), dim=1)
+    def forward(self, f: dict[str, torch.Tensor], hist: torch.Tensor | None = None,
+                hist_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``hist``: (B, L, dim) item-tower embeddings of the history, most recent first;
+        ``hist_mask``: (B, L) bool. Required when the config reads history (an empty mask row
+        is a user with no history)."""
+        parts = [self.age(f["age"]), self.gender(f["gender"]), self.occupation(f["occupation"]), self.zip(f["zip"])]
+        if self.user is not None:
+            parts.insert(0, _dropout_rows(self.user(f["user"]), self.cfg.user_id_dropout, self.training))
+        if self.cfg.history_len > 0:
+            if hist is None or hist_mask is None:
+                raise ValueError("this user tower reads history: pass hist and hist_mask")
+            n = hist.shape[1]
+            m = hist_mask.to(hist.dtype)
+            count = m.sum(dim=1, keepdim=True)
+            mean = (hist * m[..., None]).sum(dim=1) / count.clamp(min=1.0)
+            logits = self.hist_pos[:n][None, :] + self.hist_att(hist).squeeze(-1)
+            logits = logits.masked_fill(~hist_mask, -1e9)
+            att = torch.einsum("bl,bld->bd", torch.softmax(logits, dim=1) * m, hist)
+            parts += [mean, att, torch.log1p(count) / 4.0]
+        return F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=1)
 
 
 class ItemTower(nn.Module):
     def __init__(self, cfg: ModelConfig, fp: FeaturePipeline) -> None:
         super().__init__()
-        self.item = nn.Embedding(fp.item_vocab.size, cfg.id_dim)
+        self.cfg = cfg
+        self.item = nn.Embedding(fp.item_vocab.size, cfg.id_dim) if cfg.item_id else None
         self.year = nn.Embedding(fp.n_year_buckets, cfg.side_dim)
         self.genres = nn.Linear(max(len(fp.genre_vocab), 1), cfg.side_dim * 2, bias=False)
-        self.mlp = _mlp(cfg.id_dim + 3 * cfg.side_dim, cfg)
-        nn.init.normal_(self.item.weight, std=0.05)
+        self.title = nn.EmbeddingBag(TITLE_BUCKETS + 1, cfg.side_dim * 2, mode="sum", padding_idx=0) \
+            if cfg.title_tokens else None
+        self.mlp = _mlp(cfg.id_dim * cfg.item_id + 3 * cfg.side_dim + 2 * cfg.side_dim * cfg.title_tokens, cfg)
+        if self.item is not None:
+            nn.init.normal_(self.item.weight, std=0.05)
 
     def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = torch.cat([self.item(f["item"]), self.year(f["year"]), self.genres(f["genres"])], dim=1)
-        return F.normalize(self.mlp(x), dim=1)
+        parts = [self.year(f["year"]), self.genres(f["genres"])]
+        if self.item is not None:
+            parts.insert(0, _dropout_rows(self.item(f["item"]), self.cfg.item_id_dropout, self.training))
+        if self.title is not None:
+            tok = f["title"]
+            # Mean over the real words (padding rows contribute zero, the count excludes them).
+            n = (tok > 0).sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
+            parts.append(self.title(tok) / n)
+        return F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=1)
 
 
 class SessionCombiner(nn.Module):
@@ -135,6 +182,13 @@ class TwoTower(nn.Module):
         self.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
 
 
+def model_from_arrays(cfg: ModelConfig, fp: FeaturePipeline, arrays: dict[str, np.ndarray]) -> TwoTower:
+    """The towers a bundle's ``towers.npz`` holds, in eval mode (the config is the manifest's)."""
+    model = TwoTower(cfg, fp)
+    model.load_arrays(arrays)
+    return model.eval()
+
+
 def to_tensors(f: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in f.items()}
 
@@ -148,10 +202,38 @@ def embed_items(model: TwoTower, fp: FeaturePipeline, batch: int = 65536) -> np.
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, model.cfg.dim), np.float32)
 
 
+def history_inputs(item_emb: torch.Tensor, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, dim) embeddings and (B, L) mask of history item rows ``hist`` (-1 padded)."""
+    mask = hist >= 0
+    return item_emb[hist.clamp(min=0)] * mask[..., None].to(item_emb.dtype), mask
+
+
 @torch.no_grad()
-def embed_users(model: TwoTower, fp: FeaturePipeline, batch: int = 65536) -> np.ndarray:
-    """User embeddings for every user row, (n_users, dim) float32."""
+def embed_users(model: TwoTower, fp: FeaturePipeline, histories: np.ndarray | None = None, *,
+                rows: np.ndarray | None = None, item_emb: np.ndarray | None = None,
+                batch: int = 16384) -> np.ndarray:
+    """User embeddings, (n, dim) float32, for user rows ``rows`` (default: every row).
+
+    ``histories``: (n, L') item rows per user, most recent first, -1 padded (the first
+    ``history_len`` columns are read); None = no history for anyone. ``item_emb``: the item
+    tower's embeddings of every catalog row, computed here when not given."""
     model.eval()
-    ids = fp.user_vocab.values
-    out = [model.user_tower(to_tensors(fp.user_features(ids[i:i + batch]))).numpy() for i in range(0, len(ids), batch)]
+    rows = np.arange(fp.n_users) if rows is None else np.asarray(rows, dtype=np.int64)
+    ids = [fp.user_vocab.values[r] for r in rows.tolist()]
+    L = model.cfg.history_len
+    items_t = torch.from_numpy(item_emb if item_emb is not None else embed_items(model, fp)) if L > 0 else None
+    if L > 0 and histories is not None and len(histories) != len(rows):
+        raise ValueError(f"histories has {len(histories)} rows for {len(rows)} users")
+    out = []
+    for i in range(0, len(ids), batch):
+        f = to_tensors(fp.user_features(ids[i:i + batch]))
+        if items_t is None:
+            out.append(model.user_tower(f).numpy())
+            continue
+        h = np.full((len(ids[i:i + batch]), L), -1, np.int64)
+        if histories is not None:
+            part = histories[i:i + batch, :L]
+            h[:, :part.shape[1]] = part
+        emb, mask = history_inputs(items_t, torch.from_numpy(h))
+        out.append(model.user_tower(f, emb, mask).numpy())
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, model.cfg.dim), np.float32)

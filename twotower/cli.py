@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from bench import fuzz as bench_fuzz
+from bench import replay as bench_replay
 from bench import run as bench_run
 from offline import cli as offline_cli
 from online import ab_cli
@@ -29,7 +30,7 @@ def _register_ab(sub: argparse._SubParsersAction) -> None:
 
 
 REGISTRARS = (offline_cli.register, online_cli.register, online_admin.register, _register_ab, bench_run.register,
-              bench_fuzz.register, demo.register)
+              bench_fuzz.register, bench_replay.register, demo.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,230 @@
+"""``twotower replay``: the living loop's proof, on a dataset's own timeline.
+
+Train on the interactions before ``--train-until``; serve that version (a real ``twotower
+serve`` on a throwaway Redis); then, day by day, for every interaction of the day in time
+order, ask the server for the user's recommendations (the session comes from Redis exactly
+as the server reads it) and score the interaction's item against the served list, then send
+the interaction through ``RecordEvents``. At each simulated night an arm refreshes:
+
+- ``never``: the trained version serves every day;
+- ``embed``: ``refresh --mode embed`` (users re-embedded from their new history);
+- ``train``: ``refresh --mode train`` (a warm start on everything so far, then re-embedding).
+
+Every arm sees the same events in the same order. Writes ``replay.json`` (per arm and day:
+Recall@20, NDCG@10, events, the version served, the refresh's gate and seconds, failed RPCs,
+responses whose version was neither the old nor the new one) and ``replay.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from towers.cliargs import default_data_dir, positive_int
+from towers.errors import ConfigError
+
+# The jobs (training, refresh: torch) and the client are imported by the functions that run
+# them: the CLI front imports this module for its parser, and ``twotower serve`` never loads torch.
+
+ARMS = ("never", "embed", "train")
+K = 50
+
+
+def _day_start(date: str) -> int:
+    try:
+        d = dt.datetime.fromisoformat(date)
+    except ValueError as e:
+        raise ConfigError("--train-until", f"{date!r} is not an ISO date (YYYY-MM-DD)") from e
+    return int((d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)).timestamp())
+
+
+def base_bundle(ds: Any, *, cut: int, work: Path, epochs: int, seed: int = 0) -> Path:
+    """The version trained on everything before ``cut`` (cached in ``work``): its dataset is a
+    GroupLens directory of those interactions, and only users seen before ``cut`` have a
+    profile, so later users arrive as new users."""
+    from offline.datasets import load_dataset, write_grouplens
+    from offline.train import TrainConfig, train
+
+    out = work / f"base-{cut}-e{epochs}-s{seed}"
+    if (out / "manifest.json").is_file():
+        return out
+    i = ds.interactions
+    before = i.take(np.flatnonzero(i.timestamp < cut))
+    data = write_grouplens(replace(ds, interactions=before), work / f"data-{cut}", keep_users=set(before.user.tolist()))
+    train(dataset=load_dataset(str(data), cache_dir=work), dataset_spec=str(data), out=out,
+          train_cfg=TrainConfig(epochs=epochs, patience=3, seed=seed))
+    return out
+
+
+def _served_rank(resp: Any, item: str) -> int:
+    items = list(resp.item_ids)
+    return items.index(item) if item in items else K
+
+
+def _wait_version(client: Any, user: str, version: str, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if client.recommend(user, k=1).model_version == version:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the server did not switch to {version} within {timeout:.0f} s")
+
+
+def run_arm(arm: str, *, bundle: Path, days: list[list[tuple[str, str, int]]], redis_url: str, work: Path,
+            data_dir: Path, train_epochs: int, progress: bool) -> list[dict[str, Any]]:
+    import grpc
+    from tqdm import tqdm
+
+    from bench.procs import server
+    from offline.publish import publish
+    from offline.refresh import RefreshConfig, refresh
+    from online.client import RecommenderClient
+    from towers import registry as registry_mod
+
+    root = work / f"arm-{arm}"
+    shutil.rmtree(root, ignore_errors=True)
+    registry = root / "registry"
+    prefix = f"replay-{arm}"
+    publish(bundle, registry=registry, redis_url=redis_url, redis_prefix=prefix)
+    cfg = RefreshConfig(registry=registry, redis_url=redis_url, run_root=root / "runs", store_root=root / "store",
+                        data_dir=data_dir, prefix=prefix, mode=arm if arm != "never" else "embed",
+                        train_epochs=train_epochs, holdout_s=86_400, grace_s=86_400)
+    config = {"feature_store": "redis", "redis": {"url": redis_url, "prefix": prefix}, "registry_poll_s": 0.2}
+    out: list[dict[str, Any]] = []
+    with server(registry, batch_size=32, redis_url=redis_url, config=config) as srv, \
+            RecommenderClient(srv.target, timeout=5.0) as client:
+        for d, events in enumerate(days):
+            version = str(registry_mod.current_version(registry))
+            ranks, failed, foreign = [], 0, 0
+            for user, item, ts in tqdm(events, desc=f"{arm} day {d + 1}", unit="event", disable=not progress,
+                                       leave=False):
+                try:
+                    resp = client.recommend(user, k=K)
+                    foreign += resp.model_version != version
+                    ranks.append(_served_rank(resp, item))
+                    client.record_events([(user, item, "click", ts)])
+                except grpc.RpcError:
+                    failed += 1
+            r = np.array(ranks)
+            row: dict[str, Any] = {
+                "day": d + 1, "events": len(events), "version": version,
+                "recall@20": float(np.mean(r < 20)) if len(r) else 0.0,
+                "ndcg@10": float(np.mean(np.where(r < 10, 1.0 / np.log2(r + 2.0), 0.0))) if len(r) else 0.0,
+                "failed_rpcs": failed, "responses_from_another_version": foreign}
+            if arm != "never" and d < len(days) - 1:  # the night after the day
+                t0 = time.perf_counter()
+                report = refresh(cfg, progress=False, log=lambda _m: None)
+                steps = {s["name"]: s["result"] for s in report["steps"]}
+                pub = steps.get("publish", {})
+                row["refresh"] = {"seconds": round(time.perf_counter() - t0, 2), "published": pub.get("published"),
+                                  "gate": steps.get("evaluate", {}).get("why"),
+                                  "users_embedded": steps.get("candidate", {}).get("users_embedded")}
+                if pub.get("published"):
+                    _wait_version(client, events[-1][0] if events else "0", str(pub["version"]))
+            out.append(row)
+    return out
+
+
+def replay(*, dataset: str = "ml-100k", train_until: str, n_days: int, out: Path, data_dir: Path,
+           arms: tuple[str, ...] = ARMS, epochs: int = 10, train_epochs: int = 2, progress: bool = True,
+           log: Any = print) -> dict[str, Any]:
+    """Run every arm over the same ``n_days`` after ``train_until``; write JSON + PNG in ``out``."""
+    from bench.procs import RedisProcess
+    from offline.datasets import load_dataset
+
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        raise ConfigError("--arms", f"unknown arm(s) {', '.join(bad)}; choose from {', '.join(ARMS)}")
+    ds = load_dataset(dataset, cache_dir=data_dir)
+    cut = _day_start(train_until)
+    i = ds.interactions
+    if not (i.timestamp < cut).any() or not (i.timestamp >= cut).any():
+        raise ConfigError("--train-until", f"{train_until}: the dataset has no interactions on one side of it")
+    order = np.lexsort((i.item, i.user, i.timestamp))
+    days: list[list[tuple[str, str, int]]] = []
+    for d in range(n_days):
+        lo, hi = cut + d * 86_400, cut + (d + 1) * 86_400
+        sel = order[(i.timestamp[order] >= lo) & (i.timestamp[order] < hi)]
+        days.append(list(zip(i.user[sel].tolist(), i.item[sel].tolist(), i.timestamp[sel].tolist(), strict=True)))
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    log(f"replay: training on {int((i.timestamp < cut).sum()):,} interactions before {train_until}; "
+        f"{n_days} days of {sum(map(len, days)):,} events follow")
+    bundle = base_bundle(ds, cut=cut, work=work, epochs=epochs)
+    redis = RedisProcess(work)
+    results: dict[str, Any] = {}
+    try:
+        for arm in arms:
+            t0 = time.perf_counter()
+            results[arm] = run_arm(arm, bundle=bundle, days=days, redis_url=redis.url, work=work,
+                                   data_dir=data_dir, train_epochs=train_epochs, progress=progress)
+            log(f"replay arm {arm}: " + ", ".join(f"d{r['day']} {r['recall@20']:.3f}" for r in results[arm])
+                + f" ({time.perf_counter() - t0:.0f} s)")
+    finally:
+        redis.stop()
+    summary = {arm: {m: _weighted(rows, m) for m in ("recall@20", "ndcg@10")} | {
+        "failed_rpcs": sum(r["failed_rpcs"] for r in rows),
+        "responses_from_another_version": sum(r["responses_from_another_version"] for r in rows)}
+        for arm, rows in results.items()}
+    report = {"dataset": dataset, "train_until": train_until, "days": n_days, "epochs": epochs,
+              "train_epochs": train_epochs, "k_served": K, "arms": results, "summary": summary}
+    (out / "replay.json").write_text(json.dumps(report, indent=1))
+    _plot(report, out / "replay.png")
+    return report
+
+
+def _weighted(rows: list[dict[str, Any]], metric: str) -> float:
+    n = sum(r["events"] for r in rows)
+    return sum(r[metric] * r["events"] for r in rows) / n if n else 0.0
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("recall@20", "ndcg@10"), strict=True):
+        for arm, rows in report["arms"].items():
+            ax.plot([r["day"] for r in rows], [r[metric] for r in rows], marker="o",
+                    label=f"{arm} ({report['summary'][arm][metric]:.3f})")
+        ax.set(title=f"served {metric} per day after {report['train_until']}", xlabel="day", ylabel=metric)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="replay a dataset's timeline through a live server with nightly refreshes "
+                                      "(arms: never, embed, train); JSON + PNG")
+    p.add_argument("--dataset", default="ml-100k")
+    p.add_argument("--train-until", required=True, help="ISO date: train on interactions before it")
+    p.add_argument("--days", type=positive_int, default=7)
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs of the base training")
+    p.add_argument("--train-epochs", type=positive_int, default=2, help="warm-start epochs of the train arm")
+    p.add_argument("--out", type=Path, default=Path("bench/results/replay"))
+    p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
+    p.set_defaults(func=cmd_replay)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    report = replay(dataset=args.dataset, train_until=args.train_until, n_days=args.days, out=args.out,
+                    data_dir=args.data_dir, arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
+                    epochs=args.epochs, train_epochs=args.train_epochs)
+    for arm, s in report["summary"].items():
+        print(f"{arm:6s} Recall@20 {s['recall@20']:.4f}  NDCG@10 {s['ndcg@10']:.4f}  "
+              f"failed RPCs {s['failed_rpcs']}  responses from another version {s['responses_from_another_version']}")
+    print(f"written: {args.out / 'replay.json'}, {args.out / 'replay.png'}")
+    return 0

@@ -1,0 +1,470 @@
+"""``twotower refresh``: the nightly loop that keeps a model alive.
+
+One run, each step checkpointed in the run directory (``offline.run_steps``), so that
+``--resume RUN`` continues after a crash and never repeats a step whose effect is out:
+
+1. ``read``      new events from the event stream (consumer group; pending entries of an
+                 earlier, crashed run first), saved in the run dir;
+2. ``merge``     into the interaction store (Parquet by day; repeats by event identity are
+                 stored once, so a replay stores nothing twice);
+3. ``candidate`` a new bundle from CURRENT's towers. Modes:
+                 - ``embed``: re-embed the users with new events and every new user from their
+                   history (the user tower reads it), append new items that have features;
+                 - ``train``: warm-start the towers on the store's interactions before the
+                   holdout window for a few epochs, then re-embed every user and item;
+4. ``index``     rebuild the FAISS index (same type and search settings as CURRENT) when the
+                 item embeddings changed;
+5. ``batch_score`` the precomputed top-K per user;
+6. ``evaluate``  candidate vs CURRENT on the holdout window (the most recent ``holdout_s`` of
+                 the new events; next-item target per user, served inputs before the window),
+                 and the gate: the candidate's Recall@20 may drop at most ``max_drop`` relative;
+7. ``publish``   (gate passed, lock still ours) install, load the version's keys into Redis,
+                 flip CURRENT;
+8. ``ack``       ``XACK`` the consumed entries: after publish, so a crash replays them;
+9. ``gc``        delete Redis keys of versions retired more than ``grace_s`` ago, never
+                 CURRENT's nor a version a flags file pins.
+
+Two refreshes never overlap: the run holds a Redis lock (``offline.run_lock``) and checks it
+right before publishing. A run with no new events says so and publishes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from offline.evaluate import MAX_K, EvalSet, metrics_from_ranks, model_ranks
+from offline.event_log import EventLog
+from offline.interactions import InteractionRows, InteractionStore
+from offline.run_lock import RefreshLock
+from offline.run_steps import RunDir, write_json_atomic
+from towers import bundle as bundle_mod
+from towers import index as faiss_index
+from towers import registry as registry_mod
+from towers.errors import ConfigError, DataError, FeatureStoreError, RegistryError
+from towers.features import FeaturePipeline
+from towers.ranking import RankModel
+from towers.store_format import Event, RedisKeys
+
+MODES = ("embed", "train")
+ENGINES = ("local",)
+STEPS = ("read", "merge", "candidate", "index", "batch_score", "evaluate", "publish", "ack", "gc")
+RETIRED_FILE = ".retired.json"  # in the registry: version -> unix time it stopped being CURRENT
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefreshConfig:
+    registry: Path  # the bundle registry CURRENT is read from and the candidate published to
+    redis_url: str  # the event stream, the lock, and where the new version's keys are loaded
+    run_root: Path  # a directory per run (checkpoints, the candidate bundle, the report)
+    store_root: Path  # the interaction store (Parquet partitioned by day)
+    data_dir: Path  # dataset cache: seeds an empty store with CURRENT's training dataset
+    mode: str = "embed"  # embed | train (see the module docstring)
+    engine: str = "local"
+    prefix: str = "tt"  # Redis key prefix (the server's)
+    group: str = "refresh"  # consumer group on the event stream
+    consumer: str = "refresh"  # one name: a later run finds a crashed run's pending entries
+    holdout_s: int = 86_400  # the gate's window: the newest events within this many seconds
+    max_drop: float = 0.01  # gate: candidate Recall@20 >= CURRENT's * (1 - max_drop)
+    # Below this many holdout users the comparison is noise (one hit in 20 users is 5%): the
+    # candidate publishes ungated, and the report says so.
+    gate_min_users: int = 50
+    train_epochs: int = 3  # train mode: warm-start epochs
+    batch_k: int = 100  # precomputed recs per user
+    grace_s: int = 3_600  # keep a retired version's Redis keys this long (servers still swapping)
+    flags: Path | None = None  # versions a running experiment pins keep their keys
+    lock_ttl_ms: int = 60_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError("--mode", f"{self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.engine not in ENGINES:
+            raise ConfigError("--engine", f"{self.engine!r}: only {', '.join(ENGINES)} is built (ray is not)")
+        if not 0 <= self.max_drop < 1:
+            raise ConfigError("--max-drop", f"{self.max_drop}: must be in [0, 1)")
+        if self.holdout_s <= 0:
+            raise ConfigError("--holdout-s", f"{self.holdout_s}: must be positive")
+
+
+Fault = Callable[[str], None]
+
+
+def _no_fault(_: str) -> None:
+    pass
+
+
+def refresh(cfg: RefreshConfig, *, resume: Path | None = None, fault: Fault = _no_fault,
+            progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) one refresh; returns its report (also ``RUN/report.json``).
+
+    ``fault(point)`` is a test hook called after each step's checkpoint (``after:<step>``)."""
+    from tqdm import tqdm
+
+    current = registry_mod.current_version(cfg.registry)
+    if current is None:
+        raise RegistryError(f"{cfg.registry}: no CURRENT version to refresh")
+    run = RunDir.open(resume) if resume is not None else RunDir.create(
+        cfg.run_root, params={**{k: str(v) for k, v in asdict(cfg).items()}, "parent": current})
+    parent = str(run.params.get("parent", current))
+    lock = RefreshLock(redis_url=cfg.redis_url, key=f"{cfg.prefix}:refresh:lock", ttl_ms=cfg.lock_ttl_ms)
+    lock.acquire()
+    try:
+        job = _Job(cfg, run, parent, lock, log)
+        bar = tqdm(STEPS, desc=f"refresh {run.run_id}", unit="step", disable=not progress)
+        for step in bar:
+            bar.set_postfix_str(step)
+            result = run.run_step(step, getattr(job, step))
+            fault(f"after:{step}")
+            if step == "read" and result["events"] == 0 and result["entries"] == 0:
+                log("refresh: no new events; nothing to publish")
+                break
+    finally:
+        lock.release()
+        lock.close()
+    report = {**run.report(), "run_dir": str(run.path), "mode": cfg.mode, "parent": parent}
+    write_json_atomic(run.path / "report.json", report)
+    return report
+
+
+class _Job:
+    """The steps of one run; each returns a JSON-able dict (its checkpoint)."""
+
+    def __init__(self, cfg: RefreshConfig, run: RunDir, parent: str, lock: RefreshLock,
+                 log: Callable[[str], None]) -> None:
+        self.cfg, self.run, self.parent, self.lock, self.log = cfg, run, parent, lock, log
+        self.store = InteractionStore(cfg.store_root)
+        self.cand_dir = run.path / "candidate"
+
+    def _result(self, step: str) -> dict[str, Any]:
+        got = self.run.result(step)
+        if got is None:
+            raise DataError(f"{self.run.path}: step {step!r} has no checkpoint")
+        return got
+
+    # -- 1-2: events in -------------------------------------------------------------------------
+
+    def _events_log(self) -> EventLog:
+        return EventLog(redis_url=self.cfg.redis_url, prefix=self.cfg.prefix)
+
+    def read(self) -> dict[str, Any]:
+        ev = self._events_log()
+        try:
+            ev.ensure_group(self.cfg.group)
+            ids: list[str] = []
+            events: list[Event] = []
+            dead = 0
+            for pending in (True, False):  # a crashed run's delivered-unacked entries, then new ones
+                while True:
+                    batch = ev.read(group=self.cfg.group, consumer=self.cfg.consumer, pending=pending)
+                    dead += batch.dead
+                    if not batch.ids:
+                        break
+                    ids += batch.ids
+                    events += batch.events
+                    if pending:
+                        break  # the pending list is read whole at once (count covers it)
+        finally:
+            ev.close()
+        unique = list(dict.fromkeys(events))  # identity repeats across reads
+        write_json_atomic(self.run.path / "events.json", {
+            "ids": ids, "events": [[e.user_id, e.item_id, e.type, e.timestamp] for e in unique]})
+        return {"entries": len(ids), "events": len(unique), "dead": dead}
+
+    def _new_events(self) -> InteractionRows:
+        data = json.loads((self.run.path / "events.json").read_text())
+        return InteractionRows.from_events([Event(u, i, t, int(ts)) for u, i, t, ts in data["events"]])
+
+    def merge(self) -> dict[str, Any]:
+        seeded = 0
+        if len(self.store) == 0:
+            # An empty store starts from what CURRENT was trained on (its history at training time).
+            from offline.datasets import load_dataset
+
+            man = bundle_mod.read_manifest(self.cfg.registry / self.parent)
+            ds = load_dataset(str(man["dataset"]), cache_dir=self.cfg.data_dir)
+            seeded = self.store.append(InteractionRows.from_interactions(ds.interactions))
+        new = self.store.append(self._new_events())
+        return {"seeded": seeded, "stored": new, "store_rows": len(self.store)}
+
+    # -- 3-5: the candidate bundle --------------------------------------------------------------
+
+    def _holdout_start(self) -> int:
+        ts = self._new_events().timestamp
+        return int(ts.max()) - self.cfg.holdout_s + 1 if len(ts) else 0
+
+    def candidate(self) -> dict[str, Any]:
+        from offline.train import user_histories
+        from towers.model import ModelConfig, embed_items, embed_users, model_from_arrays
+
+        parent = bundle_mod.load(self.cfg.registry / self.parent)
+        man = parent.manifest
+        if "towers.npz" not in man["files"]:
+            raise DataError(f"{self.parent}: no towers (a synthetic bundle cannot be refreshed)")
+        cfg_m = ModelConfig.from_dict(man["model_config"])
+        if cfg_m.history_len == 0 and self.cfg.mode == "embed":
+            raise DataError(f"{self.parent}: its user tower reads no history, so re-embedding changes nothing; "
+                            "retrain it (twotower train) or refresh with --mode train")
+        log_rows = self.store.read()
+        new = self._new_events()
+        fp0 = parent.features
+        # New items join the catalog only when the item tower can embed them (they have features).
+        new_items = [i for i in dict.fromkeys(new.item.tolist())
+                     if fp0.item_vocab.known(i) < 0 and i in fp0.item_rows]
+        waiting = len({i for i in new.item.tolist() if fp0.item_vocab.known(i) < 0}) - len(new_items)
+        new_users = [u for u in dict.fromkeys(new.user.tolist()) if fp0.user_vocab.known(u) < 0]
+        fp = fp0.extended(user_ids=new_users, item_ids=new_items)
+        with np.load(parent.path / "towers.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        history: list[dict[str, float]] = []
+        if self.cfg.mode == "train":
+            model, history = self._warm_start(fp, cfg_m, arrays, log_rows)
+            arrays = model.state_arrays()
+        else:
+            model = model_from_arrays(cfg_m, fp, arrays)
+        item_emb = embed_items(model, fp)
+        if self.cfg.mode == "embed":
+            # The towers did not change: old items keep their rows bit for bit.
+            item_emb[:fp0.n_items] = parent.item_emb
+        hist = user_histories(fp, log_rows.to_interactions(), cfg_m.history_len)
+        if self.cfg.mode == "train":
+            affected = np.arange(fp.n_users)
+            user_emb = embed_users(model, fp, hist, item_emb=item_emb)
+        else:
+            touched = {fp.user_vocab.known(u) for u in new.user.tolist()}
+            affected = np.array(sorted(touched), dtype=np.int64)
+            user_emb = np.zeros((fp.n_users, cfg_m.dim), np.float32)
+            user_emb[:fp0.n_users] = parent.user_emb
+            if len(affected):
+                user_emb[affected] = embed_users(model, fp, hist[affected], rows=affected, item_emb=item_emb)
+        counts = np.bincount(fp.item_vocab.positions(log_rows.item)[fp.item_vocab.positions(log_rows.item) >= 0],
+                             minlength=fp.n_items)
+        popularity = np.argsort(-counts, kind="stable").astype(np.int64)
+        files: dict[str, Any] = {
+            "features.json": fp.dumps(), "combiner.npz": parent.combiner.arrays() if self.cfg.mode == "embed"
+            else model.combiner.export().arrays(), "towers.npz": arrays, "item_embeddings.npy": item_emb,
+            "user_embeddings.npy": user_emb, "popularity.npy": popularity,
+            "index.faiss": (parent.path / "index.faiss").read_bytes(),
+        }
+        if "titles.json" in man["files"]:
+            files["titles.json"] = parent.titles
+        if history:
+            files["history.json"] = history
+        keep = ("dataset", "model_config", "train_config", "index")
+        manifest = {k: man[k] for k in keep if k in man}
+        manifest["shapes"] = {"n_items": fp.n_items, "n_users": fp.n_users, "dim": cfg_m.dim}
+        manifest["refresh"] = {"run_id": self.run.run_id, "mode": self.cfg.mode, "parent": self.parent,
+                               "new_users": len(new_users), "new_items": len(new_items),
+                               "items_waiting_for_features": waiting, "users_embedded": len(affected)}
+        version = bundle_mod.write_bundle(self.cand_dir, files, manifest)
+        self.log(f"refresh: candidate {version} ({self.cfg.mode}): {len(affected):,} users embedded, "
+                 f"{len(new_users):,} new users, {len(new_items):,} new items ({waiting} without features)")
+        return {"version": version, **manifest["refresh"], "items_changed": self.cfg.mode == "train" or
+                bool(new_items)}
+
+    def _warm_start(self, fp: FeaturePipeline, cfg_m: Any, arrays: dict[str, np.ndarray],
+                    log_rows: InteractionRows) -> tuple[Any, list[dict[str, float]]]:
+        from offline.datasets import Dataset, ItemFeatures, UserFeatures, temporal_split
+        from offline.train import TrainConfig, train_model
+
+        # Train on what happened before the holdout window, so the gate's figures are honest.
+        before = log_rows.take(np.flatnonzero(log_rows.timestamp < self._holdout_start())).to_interactions()
+        empty = np.array([], dtype=str)
+        ds = Dataset("refresh", before, UserFeatures(empty, np.array([], np.int32), empty, empty, empty),
+                     ItemFeatures(empty, empty, np.array([], np.int32), []))
+        tc = TrainConfig(epochs=self.cfg.train_epochs, patience=self.cfg.train_epochs, seed=self.cfg.seed)
+        model, _, _, history = train_model(ds, model_cfg=cfg_m, train_cfg=tc, progress=False,
+                                           split=temporal_split(before), fp=fp, init=arrays)
+        return model, history
+
+    def index(self) -> dict[str, Any]:
+        changed = bool(self._result("candidate")["items_changed"])
+        if not changed:
+            return {"rebuilt": False, "version": bundle_mod.read_manifest(self.cand_dir)["version"]}
+        man = bundle_mod.read_manifest(self.cand_dir)
+        # The same index type and tuned settings (nlist, nprobe, efSearch, refine) as CURRENT's,
+        # trained on the new embeddings; its recall is measured again (the publish gate reads it).
+        spec = faiss_index.IndexSpec.from_dict(man["index"]["spec"])
+        emb = np.load(self.cand_dir / "item_embeddings.npy", allow_pickle=False)
+        index = faiss_index.build(emb, spec, seed=self.cfg.seed)
+        recall = faiss_index.ann_recall(index, emb, faiss_index.sample_queries(emb, seed=self.cfg.seed))
+        entry = {**man["index"], "ann_recall@100": recall}
+        new = bundle_mod.update_bundle(self.cand_dir, {"index.faiss": faiss_index.to_bytes(index)}, {"index": entry})
+        return {"rebuilt": True, "ann_recall@100": recall, "version": new["version"]}
+
+    def batch_score(self) -> dict[str, Any]:
+        from offline.batch_score import batch_score_bundle
+
+        b = bundle_mod.load(self.cand_dir, verify_checksums=False)
+        rows = self.store.read()
+        users = b.features.user_vocab.positions(rows.user)
+        items = b.features.item_vocab.positions(rows.item)
+        seen: list[list[int]] = [[] for _ in range(len(b.features.user_vocab))]
+        for u, i in zip(users.tolist(), items.tolist(), strict=True):
+            if u >= 0 and i >= 0:
+                seen[u].append(i)
+        man = batch_score_bundle(self.cand_dir, k=self.cfg.batch_k, seen=seen, progress=False)
+        return {"version": man["version"], "k": man["batch"]["k"]}
+
+    # -- 6-9: gate, publish, acknowledge, clean up ----------------------------------------------
+
+    def evaluate(self) -> dict[str, Any]:
+        """Leave-last-out over the new events: each user whose last new event falls in the
+        holdout window is scored on it, with everything before it as known (the candidate
+        embeds the user from that history; CURRENT serves what it has). So the gate measures
+        what the refresh adds (the earlier new events in the user's embedding) without
+        letting the candidate see the target."""
+        t0 = self._holdout_start()
+        cand = bundle_mod.load(self.cand_dir)
+        cur = bundle_mod.load(self.cfg.registry / self.parent)
+        rows = self.store.read()  # per user in time order
+        new = {e for e in self._new_events().identities() if e[3] >= t0}
+        last: dict[str, int] = {}
+        for j, ident in enumerate(rows.identities()):
+            if ident in new:
+                last[ident[0]] = j
+        users = sorted(last)
+        if not users:
+            return {"holdout_users": 0, "passed": True, "why": "no holdout events: nothing to compare"}
+        cutoff = np.array([last.get(u, -1) for u in rows.user.tolist()])
+        before = rows.take(np.flatnonzero(np.arange(len(rows)) < cutoff))  # each holdout user's rows before
+        targets = {u: str(rows.item[j]) for u, j in last.items()}
+        m_cand = _holdout_metrics(cand, before, targets, users, user_vectors=_embed_at(cand, before, users))
+        m_cur = _holdout_metrics(cur, before, targets, users, user_vectors=None)
+        floor = m_cur["recall@20"] * (1.0 - self.cfg.max_drop)
+        gated = len(users) >= self.cfg.gate_min_users
+        passed = m_cand["recall@20"] >= floor or not gated
+        why = (f"candidate Recall@20 {m_cand['recall@20']:.4f} vs CURRENT {m_cur['recall@20']:.4f} "
+               f"(floor {floor:.4f}, max drop {self.cfg.max_drop:.0%}) on {len(users)} holdout users")
+        if not gated:
+            why += f"; not gated: fewer than {self.cfg.gate_min_users} users is too few to tell"
+        self.log(f"refresh gate: {'pass' if passed else 'REFUSED'}: {why}")
+        return {"holdout_users": len(users), "holdout_start": t0, "candidate": m_cand, "current": m_cur,
+                "floor": floor, "gated": gated, "passed": bool(passed), "why": why}
+
+    def publish(self) -> dict[str, Any]:
+        gate = self._result("evaluate")
+        if not gate["passed"]:
+            return {"published": False, "why": gate["why"]}
+        from offline.publish import publish
+
+        self.lock.check()  # a holder that lost the lock never publishes
+        old = registry_mod.current_version(self.cfg.registry)
+        version = publish(self.cand_dir, registry=self.cfg.registry, redis_url=self.cfg.redis_url,
+                          redis_prefix=self.cfg.prefix)
+        if old is not None and old != version:
+            _mark_retired(self.cfg.registry, old)
+        return {"published": True, "version": version, "replaced": old}
+
+    def ack(self) -> dict[str, Any]:
+        ids = json.loads((self.run.path / "events.json").read_text())["ids"]
+        ev = self._events_log()
+        try:
+            n = 0
+            for lo in range(0, len(ids), 10_000):
+                n += ev.ack(group=self.cfg.group, ids=ids[lo:lo + 10_000])
+        finally:
+            ev.close()
+        return {"acked": n, "entries": len(ids)}
+
+    def gc(self) -> dict[str, Any]:
+        return {"deleted": collect_garbage(registry=self.cfg.registry, redis_url=self.cfg.redis_url,
+                                           prefix=self.cfg.prefix, grace_s=self.cfg.grace_s, flags=self.cfg.flags)}
+
+
+def _embed_at(b: bundle_mod.Bundle, before: InteractionRows, users: list[str]) -> np.ndarray:
+    """Users' embeddings from ``b``'s towers and their history in ``before``."""
+    from offline.train import user_histories
+    from towers.model import ModelConfig, embed_users, model_from_arrays
+
+    cfg_m = ModelConfig.from_dict(b.manifest["model_config"])
+    with np.load(b.path / "towers.npz", allow_pickle=False) as z:
+        model = model_from_arrays(cfg_m, b.features, {k: z[k] for k in z.files})
+    rows = b.features.user_vocab.positions(users)
+    hist = user_histories(b.features, before.to_interactions(), cfg_m.history_len)
+    safe = np.maximum(rows, 0)
+    vecs = embed_users(model, b.features, hist[safe], rows=safe, item_emb=np.asarray(b.item_emb))
+    vecs[rows < 0] = 0.0
+    return vecs
+
+
+def _holdout_metrics(b: bundle_mod.Bundle, before: InteractionRows, targets: dict[str, str], users: list[str], *,
+                     user_vectors: np.ndarray | None) -> dict[str, Any]:
+    """Next-item metrics of the holdout users as ``b`` would serve them at the window's start:
+    session = their last items before it, every earlier item excluded (DESIGN §6's rules)."""
+    fp = b.features
+    per_user: dict[str, list[int]] = {}
+    for u, r in zip(before.user.tolist(), fp.item_vocab.positions(before.item).tolist(), strict=True):
+        if r >= 0:
+            per_user.setdefault(u, []).append(r)  # the store reads back in time order per user
+    n = b.combiner.max_session
+    rows = fp.user_vocab.positions(users)
+    es = EvalSet(np.array(users), rows, [list(dict.fromkeys(per_user.get(u, [])[::-1]))[:n] for u in users],
+                 [per_user.get(u, []) for u in users], fp.item_vocab.positions([targets[u] for u in users]),
+                 np.ones(len(users), bool))
+    model = RankModel.from_bundle(b)
+    if user_vectors is not None:
+        full = np.zeros((len(users), b.dim), np.float32)
+        full[:] = user_vectors
+        # Rank with these vectors as the users' rows: one row per holdout user, in order.
+        model = replace(model, user_emb=full)
+        es = replace(es, user_rows=np.where(rows >= 0, np.arange(len(users)), -1))
+    m = metrics_from_ranks(model_ranks(model, es))
+    m["max_k"] = MAX_K
+    return m
+
+
+def _mark_retired(registry: Path, version: str) -> None:
+    path = registry / RETIRED_FILE
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault(version, time.time())
+    write_json_atomic(path, data)
+
+
+def collect_garbage(*, registry: Path, redis_url: str, prefix: str, grace_s: float, flags: Path | None = None,
+                    now: float | None = None) -> list[str]:
+    """Delete the Redis keys of versions retired more than ``grace_s`` ago; never CURRENT's,
+    nor a version pinned by a running experiment in ``flags``. A version with keys but no
+    retirement record is recorded as retired now (its grace starts). Returns deleted versions."""
+    from towers.redis_load import sync_client
+
+    now = time.time() if now is None else now
+    current = registry_mod.current_version(registry)
+    pinned: set[str] = set()
+    if flags is not None:
+        from towers.flags import load_flags
+
+        pinned = set(load_flags(flags).pinned_versions())
+    path = registry / RETIRED_FILE
+    retired: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+    keys = RedisKeys(prefix)
+    r = sync_client(redis_url, socket_timeout=30)
+    deleted: list[str] = []
+    try:
+        import redis
+
+        try:
+            head, tail = f"{prefix}:v:", ":ready"
+            live = {k.decode()[len(head):-len(tail)] for k in r.scan_iter(match=f"{head}*{tail}", count=1000)}
+            for version in sorted(live - {current} - pinned):
+                since = retired.setdefault(version, now)
+                if now - since < grace_s:
+                    continue
+                batch = [k for k in r.scan_iter(match=f"{prefix}:v:{version}:*", count=5000)]
+                for lo in range(0, len(batch), 5000):
+                    r.unlink(*batch[lo:lo + 5000])
+                r.unlink(keys.ready(version))
+                deleted.append(version)
+                retired.pop(version, None)
+        except (redis.RedisError, OSError) as e:
+            raise FeatureStoreError(f"refresh gc on {redis_url} failed: {type(e).__name__}: {e}") from e
+    finally:
+        r.close()
+    write_json_atomic(path, retired)
+    return deleted

@@ -1,0 +1,259 @@
+"""The nightly refresh (offline/refresh.py) against a real Redis (a throwaway server), a real
+registry and a real (short) training run on a slice of ML-100k: events in the stream become
+a new published version; crashes at every step boundary resume to the same end state; the
+gate and the lock keep bad or concurrent candidates out."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from offline.datasets import Dataset, Interactions, write_grouplens
+from offline.interactions import InteractionStore
+from offline.publish import publish
+from offline.refresh import STEPS, RefreshConfig, collect_garbage, refresh
+from offline.train import TrainConfig, train
+from towers import bundle as bundle_mod
+from towers import registry as registry_mod
+from towers.errors import ConfigError, FeatureStoreError, LockHeld, LockLost
+from towers.model import ModelConfig
+from towers.store_format import Event, RedisKeys, event_fields
+
+pytestmark = pytest.mark.slow
+
+
+class World:
+    """A base bundle trained on events before a cut, and the events after it."""
+
+    def __init__(self, root: Path, ds: Dataset) -> None:
+        i = ds.interactions
+        users = sorted(set(i.user.tolist()), key=int)[:300]
+        sub = i.take(np.flatnonzero(np.isin(i.user, users)))
+        cut = int(np.quantile(sub.timestamp, 0.9))
+        before = sub.take(np.flatnonzero(sub.timestamp < cut))
+        after = sub.take(np.flatnonzero(sub.timestamp >= cut))
+        after = after.take(np.argsort(after.timestamp, kind="stable")[:400])
+        self.dataset_dir = write_grouplens(replace(ds, interactions=before), root / "ml-slice",
+                                           keep_users=set(before.user.tolist()))
+        self.bundle = root / "base"
+        from offline.datasets import load_dataset
+
+        train(dataset=load_dataset(str(self.dataset_dir), cache_dir=root), dataset_spec=str(self.dataset_dir),
+              out=self.bundle, model_cfg=ModelConfig(history_len=20),
+              train_cfg=TrainConfig(epochs=2, patience=2, threads=1), progress=False)
+        self.events = [Event(u, it, "click", int(t)) for u, it, t in
+                       zip(after.user.tolist(), after.item.tolist(), after.timestamp.tolist(), strict=True)]
+        self.new_users = {e.user_id for e in self.events} - set(before.user.tolist())
+        self.after: Interactions = after
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, ml100k: Dataset) -> World:
+    return World(tmp_path_factory.mktemp("refresh-world"), ml100k)
+
+
+class Setup:
+    def __init__(self, root: Path, world: World, url: str, prefix: str) -> None:
+        self.registry = root / "registry"
+        self.url, self.prefix, self.world = url, prefix, world
+        publish(world.bundle, registry=self.registry, redis_url=url, redis_prefix=prefix)
+        self.r = redis.Redis.from_url(url)
+        self.keys = RedisKeys(prefix)
+        self.cfg = RefreshConfig(registry=self.registry, redis_url=url, run_root=root / "runs",
+                                 store_root=root / "store", data_dir=root, prefix=prefix, grace_s=0,
+                                 holdout_s=30 * 86_400, gate_min_users=1)
+
+    def send(self, events: list[Event]) -> None:
+        for e in events:
+            self.r.xadd(self.keys.events(), event_fields(e))  # type: ignore[arg-type]
+
+    def state(self) -> dict[str, Any]:
+        """What a refresh leaves behind, with version ids replaced by content (ids carry a time)."""
+        cur = registry_mod.current_version(self.registry)
+        assert cur is not None
+        man = bundle_mod.read_manifest(self.registry / cur)
+        files = {n: f["sha256"] for n, f in man["files"].items()}
+        keys = sorted(k.decode().replace(cur, "CUR").removeprefix(self.prefix)
+                      for k in self.r.scan_iter(match=f"{self.prefix}:v:*"))
+        groups = self.r.xinfo_groups(self.keys.events())
+        return {"files": files, "keys": keys, "pending": [g["pending"] for g in groups],
+                "store": len(InteractionStore(self.cfg.store_root)),
+                "values": {k: self.r.get(self.prefix + k.replace("CUR", cur)) for k in keys if ":ue:" in k}}
+
+
+@pytest.fixture
+def setup(tmp_path: Path, world: World, redis_proc: Any) -> Setup:
+    return Setup(tmp_path, world, redis_proc.url, "rt")
+
+
+def test_an_embed_refresh_publishes_fresh_user_embeddings_and_acknowledges_the_events(setup: Setup) -> None:
+    s, w = setup, setup.world
+    base = registry_mod.current_version(s.registry)
+    s.send(w.events)
+    s.send(w.events[:50])  # a retried batch: the same events again
+    report = refresh(s.cfg, progress=False, log=lambda _m: None)
+    steps = {st["name"]: st["result"] for st in report["steps"]}
+    assert [st["name"] for st in report["steps"]] == list(STEPS)
+    assert steps["read"]["events"] == len(set(w.events))
+    assert steps["merge"]["stored"] == len(set(w.events))  # the retry stored nothing twice
+    assert steps["publish"]["published"], steps["evaluate"]["why"]
+    cur = registry_mod.current_version(s.registry)
+    assert cur != base and cur == steps["publish"]["version"]
+    old, new = bundle_mod.load(s.registry / str(base)), bundle_mod.load(s.registry / str(cur))
+    touched = {e.user_id for e in w.events}
+    # Every new user has an embedding (in the bundle and in Redis); users without events keep theirs.
+    for u in w.new_users:
+        assert new.features.user_vocab.known(u) >= 0
+        assert s.r.get(s.keys.user_embedding(str(cur), u)) is not None
+    quiet = [u for u in old.features.user_vocab.values if u not in touched]
+    rows_old, rows_new = old.features.user_vocab.positions(quiet), new.features.user_vocab.positions(quiet)
+    np.testing.assert_array_equal(np.asarray(new.user_emb)[rows_new], np.asarray(old.user_emb)[rows_old])
+    active = [u for u in touched if old.features.user_vocab.known(u) >= 0]
+    diff = np.abs(np.asarray(new.user_emb)[new.features.user_vocab.positions(active)]
+                  - np.asarray(old.user_emb)[old.features.user_vocab.positions(active)]).max(axis=1)
+    assert (diff > 1e-6).mean() > 0.9  # their history grew, so their embedding moved
+    np.testing.assert_array_equal(new.item_emb, old.item_emb)  # same towers, same items
+    assert s.state()["pending"] == [0]
+    # Nothing new: says so, publishes nothing.
+    again = refresh(s.cfg, progress=False, log=lambda _m: None)
+    assert [st["name"] for st in again["steps"]] == ["read"]
+    assert registry_mod.current_version(s.registry) == cur
+
+
+def test_a_crash_at_every_step_boundary_resumes_to_the_uninterrupted_end_state(tmp_path: Path, world: World,
+                                                                               redis_proc: Any) -> None:
+    ref = Setup(tmp_path / "ref", world, redis_proc.url, "ref")
+    ref.send(world.events)
+    refresh(ref.cfg, progress=False, log=lambda _m: None)
+    expected = ref.state()
+    for n, step in enumerate(STEPS[:-1]):
+        s = Setup(tmp_path / f"crash{n}", world, redis_proc.url, f"c{n}")
+        s.send(world.events)
+
+        def crash(point: str, at: str = f"after:{step}") -> None:
+            if point == at:
+                raise KeyboardInterrupt(point)
+
+        with pytest.raises(KeyboardInterrupt):
+            refresh(s.cfg, fault=crash, progress=False, log=lambda _m: None)
+        (run,) = list(s.cfg.run_root.iterdir())
+        refresh(s.cfg, resume=run, progress=False, log=lambda _m: None)
+        got = s.state()
+        assert got == expected, f"crash after {step}"
+
+
+def test_the_gate_refuses_a_worse_candidate_and_nothing_changes(setup: Setup) -> None:
+    s, w = setup, setup.world
+    base = registry_mod.current_version(s.registry)
+    s.send(w.events)
+
+    def sabotage(point: str) -> None:
+        if point == "after:candidate":  # turn the candidate's user vectors around
+            run = next(s.cfg.run_root.iterdir())
+            with np.load(run / "candidate" / "towers.npz") as z:
+                arrays = {k: z[k] for k in z.files}
+            for k in ("user_tower.mlp.3.weight", "user_tower.mlp.3.bias"):
+                arrays[k] = -arrays[k]
+            bundle_mod.update_bundle(run / "candidate", {"towers.npz": arrays}, {})
+
+    report = refresh(s.cfg, fault=sabotage, progress=False, log=lambda _m: None)
+    steps = {st["name"]: st["result"] for st in report["steps"]}
+    assert not steps["evaluate"]["passed"], steps["evaluate"]
+    assert steps["evaluate"]["candidate"]["recall@20"] < steps["evaluate"]["floor"]
+    assert "Recall@20" in steps["publish"]["why"] and not steps["publish"]["published"]
+    assert registry_mod.current_version(s.registry) == base
+
+
+def test_two_refreshes_never_overlap_and_a_lost_lock_never_publishes(setup: Setup) -> None:
+    from offline.run_lock import RefreshLock
+
+    s, w = setup, setup.world
+    base = registry_mod.current_version(s.registry)
+    s.send(w.events)
+    other = RefreshLock(redis_url=s.url, key=f"{s.prefix}:refresh:lock")
+    other.acquire()
+    with pytest.raises(LockHeld):
+        refresh(s.cfg, progress=False, log=lambda _m: None)
+    other.release()
+    assert registry_mod.current_version(s.registry) == base
+
+    def steal(point: str) -> None:
+        if point == "after:evaluate":  # the lease expired and another job took it
+            s.r.set(f"{s.prefix}:refresh:lock", "someone-else")
+
+    with pytest.raises(LockLost):
+        refresh(s.cfg, fault=steal, progress=False, log=lambda _m: None)
+    assert registry_mod.current_version(s.registry) == base
+    assert s.state()["pending"] == [len(w.events)]  # nothing acknowledged
+    s.r.delete(f"{s.prefix}:refresh:lock")
+    runs = sorted(p for p in s.cfg.run_root.iterdir() if p.is_dir())
+    report = refresh(s.cfg, resume=runs[-1], progress=False, log=lambda _m: None)
+    assert {st["name"]: st["result"] for st in report["steps"]}["publish"]["published"]
+    assert s.state()["pending"] == [0]
+
+
+def test_old_versions_lose_their_keys_after_the_grace_never_current_or_pinned(setup: Setup, tmp_path: Path) -> None:
+    s, w = setup, setup.world
+    base = str(registry_mod.current_version(s.registry))
+    s.send(w.events[:200])
+    refresh(replace(s.cfg, grace_s=10_000), progress=False, log=lambda _m: None)
+    first = str(registry_mod.current_version(s.registry))
+    assert s.r.exists(s.keys.ready(base))  # within its grace: kept
+    flags = tmp_path / "flags.yaml"
+    flags.write_text(f"""experiments:
+  - name: keep
+    salt: s
+    status: running
+    allocation: 1.0
+    variants:
+      - {{name: control, weight: 0.5, version: CURRENT}}
+      - {{name: old, weight: 0.5, version: {base}}}
+""")
+    s.send(w.events[200:])
+    refresh(replace(s.cfg, flags=flags), progress=False, log=lambda _m: None)
+    second = str(registry_mod.current_version(s.registry))
+    assert second not in (base, first)
+    assert s.r.exists(s.keys.ready(base))  # pinned by a running experiment
+    assert not s.r.exists(s.keys.ready(first)) and not list(s.r.scan_iter(match=f"{s.prefix}:v:{first}:*"))
+    assert s.r.exists(s.keys.ready(second))
+    assert collect_garbage(registry=s.registry, redis_url=s.url, prefix=s.prefix, grace_s=0) == [base]
+    assert s.r.exists(s.keys.ready(second))
+
+
+def test_a_train_refresh_warm_starts_the_towers_and_rebuilds_the_index(setup: Setup) -> None:
+    s, w = setup, setup.world
+    base = registry_mod.current_version(s.registry)
+    s.send(w.events)
+    report = refresh(replace(s.cfg, mode="train", train_epochs=1, max_drop=0.5), progress=False,
+                     log=lambda _m: None)
+    steps = {st["name"]: st["result"] for st in report["steps"]}
+    assert steps["index"]["rebuilt"] and steps["candidate"]["users_embedded"] > 0
+    assert steps["publish"]["published"], steps["evaluate"]["why"]
+    old = bundle_mod.load(s.registry / str(base))
+    new = bundle_mod.load(s.registry / str(registry_mod.current_version(s.registry)))
+    assert not np.allclose(new.item_emb, old.item_emb)
+    assert json.loads((new.path / "history.json").read_text())  # the warm start's epochs
+
+
+def test_bad_input_is_a_clear_error_and_publishes_nothing(setup: Setup, tmp_path: Path) -> None:
+    s = setup
+    base = registry_mod.current_version(s.registry)
+    with pytest.raises(ConfigError, match="--mode"):
+        replace(s.cfg, mode="nightly")
+    with pytest.raises(ConfigError, match="--engine"):
+        replace(s.cfg, engine="spark")
+    with pytest.raises(FeatureStoreError):
+        refresh(replace(s.cfg, redis_url="redis://127.0.0.1:1/0"), progress=False, log=lambda _m: None)
+    empty = tmp_path / "empty-registry"
+    empty.mkdir()
+    with pytest.raises(Exception, match="no CURRENT"):
+        refresh(replace(s.cfg, registry=empty), progress=False, log=lambda _m: None)
+    assert registry_mod.current_version(s.registry) == base
+    shutil.rmtree(empty)
