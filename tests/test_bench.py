@@ -81,3 +81,42 @@ def test_paths_summary_pairs_each_run_with_the_trivial_run_beside_it() -> None:
     assert s["paths: x aio QPS / trivial QPS at c=64"] == [0.75, 0.8]
     assert s["paths: x aio server CPU per call / trivial's"] == [1.5, 1.5]
     assert s["paths: x aio open-loop p99 / trivial's at 700/s"] == [3.0]
+
+
+def test_ab_resident_reports_both_versions_and_the_refused_limit(tmp_path: Path) -> None:
+    """The A/B memory benchmark on tiny bundles: real servers, the 50/50 arms both answer,
+    and a limit below two versions is refused at start and on reload while the old flags
+    serve on (structure and outcomes only: no sizes or times are asserted)."""
+    from bench.ab_resident import measure
+
+    res = measure(tmp_path, items=2000, users=300, index_type="flat", load_s=0.3, concurrency=4)
+    s = res["summary"]
+    v0, v1 = res["versions"]
+    assert s["both_versions_answered"] and s["errors_two"] == 0
+    assert res["two"]["status"]["resident_versions"] == sorted([v0, v1])
+    assert 0 < s["resident_bytes"] <= s["max_resident_mb"] * (1 << 20)
+    assert res["none"]["status"]["resident_bytes"] == 0  # no flags file: the router counts nothing
+    assert s["limit_below_need_refused_at_start"] is True
+    assert s["limit_below_need_refused_on_reload"] is True and s["old_flags_kept_serving"] is True
+    assert "max_resident_mb" in res["limited"]["status_after"]["flags_error"]
+    for key in ("rss_mb_none", "rss_mb_two", "rss_mb_limited_after_refusal"):
+        assert s[key] > 0
+
+
+def test_ab_shadow_switches_the_shadow_on_and_off(tmp_path: Path) -> None:
+    """The shadow benchmark on tiny bundles, one short round: the flags switch really turns the
+    shadow on and off (its counters move only in shadow runs) and every response comes from
+    CURRENT; the summary pairs the runs of each round (no latency is asserted)."""
+    from bench.ab_shadow import MODES, measure
+
+    res = measure(tmp_path, items=2000, users=300, index_type="flat", rounds=1, seconds=0.5, peak_reps=1,
+                  peak_seconds=0.5, concurrency=4, out_png=tmp_path / "s.png")
+    s = res["summary"]
+    assert s["responses_from_current_only"] and s["failed_rpcs"] == dict.fromkeys(MODES, 0)
+    for row in res["runs"]:
+        moved = row["shadow"]["sampled"]
+        assert (moved > 0) if row["mode"] == "shadow" else (moved == 0), row
+        # A shadow batch still running when the status was read is sampled but not yet counted.
+        assert row["shadow"]["sampled"] >= row["shadow"]["scored"] + row["shadow"]["dropped"] + row["shadow"]["errors"]
+    assert len(s["per_round_p99_ratio"]) == 1 and set(s["median_of_rounds_ms"]) == set(MODES)
+    assert (tmp_path / "s.png").is_file()
