@@ -121,7 +121,7 @@ class ServeConfig:
     # Bound on the bundles kept resident for the flags (CURRENT plus every pinned version,
     # counted by their files' bytes in the manifest); a flags file over it is refused. 0: none.
     max_resident_mb: float = 0.0
-    max_shadow_inflight: int = 2  # shadow batches running at once; more are dropped (and counted)
+    max_shadow_inflight: int = 1  # shadow batches running at once; more are dropped (and counted)
     assignment_cache: int = 100_000  # users whose assignment is remembered (per flags file)
 
     def validate(self) -> ServeConfig:

@@ -23,6 +23,14 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
         (["publish", "/no/such/bundle", "--registry", "r"], "bundle: directory not found"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["train"], "the following arguments are required: --out"),
+        (["refresh", "--registry", "r", "--redis-url", "redis://x", "--mode", "nightly"], "--mode: invalid choice"),
+        (["refresh", "--registry", "r", "--redis-url", "redis://x", "--engine", "ray"],
+         "--engine: 'ray': only local is built"),
+        (["refresh", "--registry", "r", "--redis-url", "redis://x", "--schedule", "0 3 * *"], "--schedule"),
+        (["refresh", "--registry", "r", "--redis-url", "redis://x", "--flags", "/no/flags.yaml"],
+         "--flags: file not found"),
+        (["replay", "--train-until", "yesterday"], "--train-until: 'yesterday' is not an ISO date"),
+        (["replay", "--train-until", "1998-01-01", "--arms", "never,weekly"], "--arms: unknown arm(s) weekly"),
     ],
 )
 def test_bad_flags_and_paths(args: list[str], needle: str) -> None:
