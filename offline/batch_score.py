@@ -22,18 +22,20 @@ from towers.ranking import QueryBatch, RankModel, rank
 
 
 def batch_topk(model: RankModel, *, k: int, seen: Sequence[Sequence[int]] | None = None, chunk: int = 4096,
-               progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(n_users, k) int32 item rows (-1 padded) and float32 scores of every user's
-    ``towers.ranking.rank`` with no session, excluding ``seen[u]``: exactly what the
-    server's user-only path would rank."""
-    n = len(model.user_emb)
+               progress: bool = True, users: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) int32 item rows (-1 padded) and float32 scores of each user's
+    ``towers.ranking.rank`` with no session, excluding ``seen[j]`` (aligned with the users):
+    exactly what the server's user-only path would rank. ``users``: these user rows only
+    (a refresh re-scores the users it re-embedded); default every user."""
+    users = np.arange(len(model.user_emb)) if users is None else np.asarray(users, dtype=np.int64)
+    n = len(users)
     rows_out = np.full((n, k), -1, dtype=np.int32)
     scores_out = np.zeros((n, k), dtype=np.float32)
     with faiss_index.offline_blas():
         for lo in tqdm(range(0, n, chunk), desc="batch-score", unit="chunk", disable=not progress):
             hi = min(n, lo + chunk)
             excludes: Sequence[Sequence[int]] = seen[lo:hi] if seen is not None else [()] * (hi - lo)
-            qb = QueryBatch.from_lists(model, user_rows=np.arange(lo, hi), sessions=[()] * (hi - lo),
+            qb = QueryBatch.from_lists(model, user_rows=users[lo:hi], sessions=[()] * (hi - lo),
                                        excludes=excludes, k=k)
             ranked = rank(model, qb)
             rows_out[lo:hi] = ranked.rows

@@ -228,21 +228,27 @@ class _Job:
             arrays = model.state_arrays()
         else:
             model = model_from_arrays(cfg_m, fp, arrays)
-        item_emb = embed_items(model, fp)
-        if self.cfg.mode == "embed":
-            # The towers did not change: old items keep their rows bit for bit.
-            item_emb[:fp0.n_items] = parent.item_emb
-        hist = user_histories(fp, log_rows.to_interactions(), cfg_m.history_len)
         if self.cfg.mode == "train":
+            item_emb = embed_items(model, fp)
             affected = np.arange(fp.n_users)
+            hist = user_histories(fp, log_rows.to_interactions(), cfg_m.history_len)
             user_emb = embed_users(model, fp, hist, item_emb=item_emb)
         else:
+            # The towers did not change: old items and untouched users keep their rows bit for
+            # bit, and only new items and users with new events go through the towers (at a
+            # million users a refresh touches a few percent of them).
+            item_emb = np.empty((fp.n_items, cfg_m.dim), np.float32)
+            item_emb[:fp0.n_items] = parent.item_emb
+            item_emb[fp0.n_items:] = embed_items(model, fp, ids=new_items)
             touched = {fp.user_vocab.known(u) for u in new.user.tolist()}
             affected = np.array(sorted(touched), dtype=np.int64)
-            user_emb = np.zeros((fp.n_users, cfg_m.dim), np.float32)
+            user_emb = np.empty((fp.n_users, cfg_m.dim), np.float32)
             user_emb[:fp0.n_users] = parent.user_emb
             if len(affected):
-                user_emb[affected] = embed_users(model, fp, hist[affected], rows=affected, item_emb=item_emb)
+                mine = np.isin(log_rows.user, np.array(sorted(set(new.user.tolist()))))
+                hist = user_histories(fp, log_rows.take(np.flatnonzero(mine)).to_interactions(), cfg_m.history_len,
+                                      users=affected)
+                user_emb[affected] = embed_users(model, fp, hist, rows=affected, item_emb=item_emb)
         counts = np.bincount(fp.item_vocab.positions(log_rows.item)[fp.item_vocab.positions(log_rows.item) >= 0],
                              minlength=fp.n_items)
         popularity = np.argsort(-counts, kind="stable").astype(np.int64)
@@ -265,6 +271,7 @@ class _Job:
         version = bundle_mod.write_bundle(self.cand_dir, files, manifest)
         self.log(f"refresh: candidate {version} ({self.cfg.mode}): {len(affected):,} users embedded, "
                  f"{len(new_users):,} new users, {len(new_items):,} new items ({waiting} without features)")
+        write_json_atomic(self.run.path / "affected.json", {"users": affected.tolist()})
         return {"version": version, **manifest["refresh"], "items_changed": self.cfg.mode == "train" or
                 bool(new_items)}
 
@@ -299,18 +306,39 @@ class _Job:
         return {"rebuilt": True, "ann_recall@100": recall, "version": new["version"]}
 
     def batch_score(self) -> dict[str, Any]:
-        from offline.batch_score import batch_score_bundle
+        """Top-K per user, excluding what the user interacted with. ``embed`` re-scores only
+        the users it re-embedded when nothing else moved (same items, parent has recs of the
+        same K); everyone else's rows are the parent's."""
+        from offline.batch_score import batch_topk
+        from towers.ranking import RankModel as Model
 
         b = bundle_mod.load(self.cand_dir, verify_checksums=False)
+        parent = bundle_mod.load(self.cfg.registry / self.parent, verify_checksums=False)
+        k = min(self.cfg.batch_k, len(b.item_ids))
+        partial = (self.cfg.mode == "embed" and not self._result("candidate")["items_changed"]
+                   and parent.recs_items is not None and parent.recs_items.shape[1] == k)
+        users = (np.array(json.loads((self.run.path / "affected.json").read_text())["users"], dtype=np.int64)
+                 if partial else np.arange(len(b.features.user_vocab)))
         rows = self.store.read()
-        users = b.features.user_vocab.positions(rows.user)
-        items = b.features.item_vocab.positions(rows.item)
-        seen: list[list[int]] = [[] for _ in range(len(b.features.user_vocab))]
-        for u, i in zip(users.tolist(), items.tolist(), strict=True):
-            if u >= 0 and i >= 0:
-                seen[u].append(i)
-        man = batch_score_bundle(self.cand_dir, k=self.cfg.batch_k, seen=seen, progress=False)
-        return {"version": man["version"], "k": man["batch"]["k"]}
+        mine = rows.take(np.flatnonzero(np.isin(rows.user, [b.features.user_vocab.values[u] for u in users.tolist()])))
+        slot = {int(u): j for j, u in enumerate(users.tolist())}
+        seen: list[list[int]] = [[] for _ in range(len(users))]
+        for u, i in zip(b.features.user_vocab.positions(mine.user).tolist(),
+                        b.features.item_vocab.positions(mine.item).tolist(), strict=True):
+            if u in slot and i >= 0:
+                seen[slot[u]].append(i)
+        top, scores = batch_topk(Model.from_bundle(b), k=k, seen=seen, users=users, progress=False)
+        if partial:
+            assert parent.recs_items is not None and parent.recs_scores is not None
+            n_old = len(parent.features.user_vocab)
+            all_top = np.full((len(b.features.user_vocab), k), -1, np.int32)
+            all_scores = np.zeros((len(b.features.user_vocab), k), np.float32)
+            all_top[:n_old], all_scores[:n_old] = parent.recs_items, parent.recs_scores
+            all_top[users], all_scores[users] = top, scores
+            top, scores = all_top, all_scores
+        man = bundle_mod.update_bundle(self.cand_dir, {"recs_items.npy": top, "recs_scores.npy": scores},
+                                       {"batch": {"k": k}})
+        return {"version": man["version"], "k": k, "users_scored": len(users)}
 
     # -- 6-9: gate, publish, acknowledge, clean up ----------------------------------------------
 
@@ -387,10 +415,11 @@ def _embed_at(b: bundle_mod.Bundle, before: InteractionRows, users: list[str]) -
     with np.load(b.path / "towers.npz", allow_pickle=False) as z:
         model = model_from_arrays(cfg_m, b.features, {k: z[k] for k in z.files})
     rows = b.features.user_vocab.positions(users)
-    hist = user_histories(b.features, before.to_interactions(), cfg_m.history_len)
-    safe = np.maximum(rows, 0)
-    vecs = embed_users(model, b.features, hist[safe], rows=safe, item_emb=np.asarray(b.item_emb))
-    vecs[rows < 0] = 0.0
+    known = rows[rows >= 0]
+    vecs = np.zeros((len(users), cfg_m.dim), np.float32)  # an unknown user has no vector
+    if len(known):
+        hist = user_histories(b.features, before.to_interactions(), cfg_m.history_len, users=known)
+        vecs[rows >= 0] = embed_users(model, b.features, hist, rows=known, item_emb=np.asarray(b.item_emb))
     return vecs
 
 

@@ -73,25 +73,33 @@ def training_examples(split: Split, fp: FeaturePipeline, n: int) -> tuple[np.nda
     return users, items, _lagged(users, items, n)
 
 
-def user_histories(fp: FeaturePipeline, log: Interactions, n: int) -> np.ndarray:
-    """(n_users, n) item rows of each user's last ``n`` interactions in ``log``, most recent
-    first, -1 padded: what the user tower reads at embedding time. ``log`` must be in time
-    order within each user (``temporal_split``'s parts and the interaction store are).
-    Unknown users and items are skipped."""
-    out = np.full((fp.n_users, n), -1, dtype=np.int64)
-    users = fp.user_vocab.positions(log.user)
+def user_histories(fp: FeaturePipeline, log: Interactions, n: int, *,
+                   users: np.ndarray | None = None) -> np.ndarray:
+    """Each user's last ``n`` item rows in ``log``, most recent first, -1 padded: what the
+    user tower reads at embedding time. Shape (n_users, n), or (len(users), n) for the user
+    rows ``users`` (a refresh embeds only some: a million-row table would be 400 MB).
+    ``log`` must be in time order within each user (``temporal_split``'s parts and the
+    interaction store are). Unknown users and items are skipped."""
+    rows_of = fp.user_vocab.positions(log.user)
     items = fp.item_vocab.positions(log.item)
-    keep = (users >= 0) & (items >= 0)
-    users, items = users[keep], items[keep]
-    if n == 0 or len(users) == 0:
+    if users is None:
+        out_row = rows_of
+        out = np.full((fp.n_users, n), -1, dtype=np.int64)
+    else:
+        slot = {int(u): j for j, u in enumerate(np.asarray(users).tolist())}
+        out_row = np.fromiter((slot.get(int(u), -1) for u in rows_of.tolist()), dtype=np.int64, count=len(rows_of))
+        out = np.full((len(slot), n), -1, dtype=np.int64)
+    keep = (out_row >= 0) & (items >= 0)
+    out_row, items = out_row[keep], items[keep]
+    if n == 0 or len(out_row) == 0:
         return out
-    order = np.argsort(users, kind="stable")  # groups users, keeps each one's time order
-    users, items = users[order], items[order]
-    last = np.r_[users[1:] != users[:-1], True]
+    order = np.argsort(out_row, kind="stable")  # groups users, keeps each one's time order
+    out_row, items = out_row[order], items[order]
+    last = np.r_[out_row[1:] != out_row[:-1], True]
     ends = np.flatnonzero(last)  # each user's last row
-    pos_from_end = np.repeat(ends, np.diff(np.r_[-1, ends])) - np.arange(len(users))
+    pos_from_end = np.repeat(ends, np.diff(np.r_[-1, ends])) - np.arange(len(out_row))
     take = pos_from_end < n
-    out[users[take], pos_from_end[take]] = items[take]
+    out[out_row[take], pos_from_end[take]] = items[take]
     return out
 
 

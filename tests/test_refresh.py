@@ -48,10 +48,14 @@ class World:
         train(dataset=load_dataset(str(self.dataset_dir), cache_dir=root), dataset_spec=str(self.dataset_dir),
               out=self.bundle, model_cfg=ModelConfig(history_len=20),
               train_cfg=TrainConfig(epochs=2, patience=2, threads=1), progress=False)
+        from offline.batch_score import batch_score_bundle, seen_rows
+
+        batch_score_bundle(self.bundle, k=100, seen=seen_rows(self.bundle, cache_dir=root), progress=False)
         self.events = [Event(u, it, "click", int(t)) for u, it, t in
                        zip(after.user.tolist(), after.item.tolist(), after.timestamp.tolist(), strict=True)]
         self.new_users = {e.user_id for e in self.events} - set(before.user.tolist())
         self.after: Interactions = after
+        self.n_before = len(before)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +124,11 @@ def test_an_embed_refresh_publishes_fresh_user_embeddings_and_acknowledges_the_e
                   - np.asarray(old.user_emb)[old.features.user_vocab.positions(active)]).max(axis=1)
     assert (diff > 1e-6).mean() > 0.9  # their history grew, so their embedding moved
     np.testing.assert_array_equal(new.item_emb, old.item_emb)  # same towers, same items
+    # Precomputed recs: quiet users keep theirs; every re-embedded or new user was re-scored.
+    assert new.recs_items is not None and old.recs_items is not None
+    np.testing.assert_array_equal(np.asarray(new.recs_items)[rows_new], np.asarray(old.recs_items)[rows_old])
+    fresh = new.features.user_vocab.positions(sorted(w.new_users))
+    assert (np.asarray(new.recs_items)[fresh, 0] >= 0).all()
     assert s.state()["pending"] == [0]
     # Nothing new: says so, publishes nothing.
     again = refresh(s.cfg, progress=False, log=lambda _m: None)
@@ -133,6 +142,8 @@ def test_a_crash_at_every_step_boundary_resumes_to_the_uninterrupted_end_state(t
     ref.send(world.events)
     refresh(ref.cfg, progress=False, log=lambda _m: None)
     expected = ref.state()
+    # Counted: every event stored once (none lost, none twice), none left pending.
+    assert expected["store"] == world.n_before + len(set(world.events)) and expected["pending"] == [0]
     for n, step in enumerate(STEPS[:-1]):
         s = Setup(tmp_path / f"crash{n}", world, redis_proc.url, f"c{n}")
         s.send(world.events)

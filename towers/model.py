@@ -194,10 +194,11 @@ def to_tensors(f: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def embed_items(model: TwoTower, fp: FeaturePipeline, batch: int = 65536) -> np.ndarray:
-    """Item embeddings for every catalog row, (n_items, dim) float32."""
+def embed_items(model: TwoTower, fp: FeaturePipeline, batch: int = 65536,
+                ids: list[str] | None = None) -> np.ndarray:
+    """Item embeddings, (n, dim) float32, for ``ids`` (default: every catalog row, in order)."""
     model.eval()
-    ids = fp.item_vocab.values
+    ids = fp.item_vocab.values if ids is None else ids
     out = [model.item_tower(to_tensors(fp.item_features(ids[i:i + batch]))).numpy() for i in range(0, len(ids), batch)]
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, model.cfg.dim), np.float32)
 
