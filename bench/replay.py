@@ -36,6 +36,7 @@ from towers.errors import ConfigError
 
 ARMS = ("never", "embed", "train")
 K = 50
+WITH_USER_EMBEDDING = ("online", "user_only", "batch")  # response sources that used the user's vector
 
 
 def _day_start(date: str) -> int:
@@ -48,8 +49,8 @@ def _day_start(date: str) -> int:
 
 def base_bundle(ds: Any, *, cut: int, work: Path, epochs: int, seed: int = 0) -> Path:
     """The version trained on everything before ``cut`` (cached in ``work``): its dataset is a
-    GroupLens directory of those interactions, and only users seen before ``cut`` have a
-    profile, so later users arrive as new users."""
+    GroupLens directory of those interactions with every user's profile (known at sign-up);
+    only users with interactions before ``cut`` get a row, so later users arrive as new users."""
     from offline.datasets import load_dataset, write_grouplens
     from offline.train import TrainConfig, train
 
@@ -58,7 +59,7 @@ def base_bundle(ds: Any, *, cut: int, work: Path, epochs: int, seed: int = 0) ->
         return out
     i = ds.interactions
     before = i.take(np.flatnonzero(i.timestamp < cut))
-    data = write_grouplens(replace(ds, interactions=before), work / f"data-{cut}", keep_users=set(before.user.tolist()))
+    data = write_grouplens(replace(ds, interactions=before), work / f"data-{cut}")
     train(dataset=load_dataset(str(data), cache_dir=work), dataset_spec=str(data), out=out,
           train_cfg=TrainConfig(epochs=epochs, patience=3, seed=seed))
     return out
@@ -98,27 +99,36 @@ def run_arm(arm: str, *, bundle: Path, days: list[list[tuple[str, str, int]]], r
                         data_dir=data_dir, prefix=prefix, mode=arm if arm != "never" else "embed",
                         train_epochs=train_epochs, holdout_s=86_400, grace_s=86_400)
     config = {"feature_store": "redis", "redis": {"url": redis_url, "prefix": prefix}, "registry_poll_s": 0.2}
+    from towers.bundle import load
+
+    known = set(load(bundle, verify_checksums=False).features.user_vocab.values)
     out: list[dict[str, Any]] = []
     with server(registry, batch_size=32, redis_url=redis_url, config=config) as srv, \
             RecommenderClient(srv.target, timeout=5.0) as client:
         for d, events in enumerate(days):
             version = str(registry_mod.current_version(registry))
             ranks, failed, foreign = [], 0, 0
+            new_ranks, new_embedded = [], 0
             for user, item, ts in tqdm(events, desc=f"{arm} day {d + 1}", unit="event", disable=not progress,
                                        leave=False):
                 try:
                     resp = client.recommend(user, k=K)
                     foreign += resp.model_version != version
                     ranks.append(_served_rank(resp, item))
+                    if user not in known:  # arrived after training
+                        new_ranks.append(ranks[-1])
+                        new_embedded += resp.source in WITH_USER_EMBEDDING
                     client.record_events([(user, item, "click", ts)])
                 except grpc.RpcError:
                     failed += 1
-            r = np.array(ranks)
+            r, nr = np.array(ranks), np.array(new_ranks)
             row: dict[str, Any] = {
                 "day": d + 1, "events": len(events), "version": version,
                 "recall@20": float(np.mean(r < 20)) if len(r) else 0.0,
                 "ndcg@10": float(np.mean(np.where(r < 10, 1.0 / np.log2(r + 2.0), 0.0))) if len(r) else 0.0,
-                "failed_rpcs": failed, "responses_from_another_version": foreign}
+                "failed_rpcs": failed, "responses_from_another_version": foreign,
+                "new_user_events": len(nr), "new_user_recall@20": float(np.mean(nr < 20)) if len(nr) else None,
+                "new_user_served_with_embedding": new_embedded}
             if arm != "never" and d < len(days) - 1:  # the night after the day
                 t0 = time.perf_counter()
                 report = refresh(cfg, progress=False, log=lambda _m: None)
@@ -172,6 +182,9 @@ def replay(*, dataset: str = "ml-100k", train_until: str, n_days: int, out: Path
     finally:
         redis.stop()
     summary = {arm: {m: _weighted(rows, m) for m in ("recall@20", "ndcg@10")} | {
+        "new_user_events": sum(r["new_user_events"] for r in rows),
+        "new_user_recall@20": _weighted(rows, "new_user_recall@20", "new_user_events"),
+        "new_user_served_with_embedding": sum(r["new_user_served_with_embedding"] for r in rows),
         "failed_rpcs": sum(r["failed_rpcs"] for r in rows),
         "responses_from_another_version": sum(r["responses_from_another_version"] for r in rows)}
         for arm, rows in results.items()}
@@ -182,9 +195,9 @@ def replay(*, dataset: str = "ml-100k", train_until: str, n_days: int, out: Path
     return report
 
 
-def _weighted(rows: list[dict[str, Any]], metric: str) -> float:
-    n = sum(r["events"] for r in rows)
-    return sum(r[metric] * r["events"] for r in rows) / n if n else 0.0
+def _weighted(rows: list[dict[str, Any]], metric: str, weight: str = "events") -> float:
+    n = sum(r[weight] for r in rows if r[metric] is not None)
+    return sum(r[metric] * r[weight] for r in rows if r[metric] is not None) / n if n else 0.0
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -224,7 +237,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     data_dir=args.data_dir, arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
                     epochs=args.epochs, train_epochs=args.train_epochs)
     for arm, s in report["summary"].items():
-        print(f"{arm:6s} Recall@20 {s['recall@20']:.4f}  NDCG@10 {s['ndcg@10']:.4f}  "
-              f"failed RPCs {s['failed_rpcs']}  responses from another version {s['responses_from_another_version']}")
+        print(f"{arm:6s} Recall@20 {s['recall@20']:.4f}  NDCG@10 {s['ndcg@10']:.4f}  new users: Recall@20 "
+              f"{s['new_user_recall@20']:.4f}, {s['new_user_served_with_embedding']}/{s['new_user_events']} served "
+              f"with a user embedding  failed RPCs {s['failed_rpcs']}  responses from another version "
+              f"{s['responses_from_another_version']}")
     print(f"written: {args.out / 'replay.json'}, {args.out / 'replay.png'}")
     return 0

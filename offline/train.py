@@ -46,7 +46,9 @@ def fit_pipeline(ds: Dataset) -> FeaturePipeline:
         ds.users.zip.tolist(), strict=True)}
     items = {i: (int(y), list(g)) for i, y, g in zip(ds.items.item.tolist(), ds.items.year.tolist(), ds.items.genres,
                                                      strict=True)}
-    return FeaturePipeline.fit(user_ids=set(users) | set(ds.interactions.user.tolist()),
+    # Users get a row (and a trained id) only with interactions to learn from; a profile alone
+    # stays in user_rows, so that user arrives later as a new user with known features.
+    return FeaturePipeline.fit(user_ids=set(ds.interactions.user.tolist()),
                                item_ids=set(items) | set(ds.interactions.item.tolist()), users=users, items=items,
                                titles=ds.titles())
 
@@ -147,7 +149,8 @@ def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     if init is not None:
         model.load_arrays(init)
     n_sess = model_cfg.max_session
-    users, targets, hist = training_examples(split, fp, max(n_sess, model_cfg.history_len))
+    stale = model_cfg.history_staleness if model_cfg.history_len > 0 else 0
+    users, targets, hist = training_examples(split, fp, max(n_sess, model_cfg.history_len + stale))
     uf = to_tensors(fp.user_features(fp.user_vocab.values))
     itf = to_tensors(fp.item_features(fp.item_vocab.values))
     counts = item_counts([split.train], fp).astype(np.float64)
@@ -174,8 +177,13 @@ def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             h_emb = emb[inv[len(idx):]].reshape(len(idx), -1, emb.shape[1]) * mask[..., None]
             s_emb, s_mask = h_emb[:, :n_sess], mask[:, :n_sess]
             if model_cfg.history_len > 0:
+                # A served user embedding is as old as the last refresh, while the session is
+                # fresh: the user tower sees the history as of 0..stale interactions earlier.
                 L = model_cfg.history_len
-                u = model.user_tower({k: v[b_users] for k, v in uf.items()}, h_emb[:, :L], mask[:, :L])
+                lag = torch.randint(0, stale + 1, (len(idx), 1), generator=gen)
+                cols = lag + torch.arange(L)[None, :]
+                h_u = torch.gather(h_emb, 1, cols[..., None].expand(-1, -1, h_emb.shape[2]))
+                u = model.user_tower({k: v[b_users] for k, v in uf.items()}, h_u, torch.gather(mask, 1, cols))
             else:
                 u = model.user_tower({k: v[b_users] for k, v in uf.items()})
             q = model.combiner(u, torch.ones(len(idx), dtype=torch.bool), s_emb, s_mask)

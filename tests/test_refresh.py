@@ -72,7 +72,8 @@ class Setup:
         self.keys = RedisKeys(prefix)
         self.cfg = RefreshConfig(registry=self.registry, redis_url=url, run_root=root / "runs",
                                  store_root=root / "store", data_dir=root, prefix=prefix, grace_s=0,
-                                 holdout_s=30 * 86_400, gate_min_users=1)
+                                 holdout_s=30 * 86_400, gate_min_users=10**9)
+        # ^ ungated: these tests are about the pipeline; the gate's test turns it on.
 
     def send(self, events: list[Event]) -> None:
         for e in events:
@@ -108,6 +109,9 @@ def test_an_embed_refresh_publishes_fresh_user_embeddings_and_acknowledges_the_e
     assert steps["read"]["events"] == len(set(w.events))
     assert steps["merge"]["stored"] == len(set(w.events))  # the retry stored nothing twice
     assert steps["publish"]["published"], steps["evaluate"]["why"]
+    # Too few holdout users for the configured minimum: measured, published ungated, and said so.
+    assert not steps["evaluate"]["gated"] and "not gated" in steps["evaluate"]["why"]
+    assert steps["evaluate"]["holdout_users"] > 0 and "recall@20" in steps["evaluate"]["candidate"]
     cur = registry_mod.current_version(s.registry)
     assert cur != base and cur == steps["publish"]["version"]
     old, new = bundle_mod.load(s.registry / str(base)), bundle_mod.load(s.registry / str(cur))
@@ -174,9 +178,9 @@ def test_the_gate_refuses_a_worse_candidate_and_nothing_changes(setup: Setup) ->
                 arrays[k] = -arrays[k]
             bundle_mod.update_bundle(run / "candidate", {"towers.npz": arrays}, {})
 
-    report = refresh(s.cfg, fault=sabotage, progress=False, log=lambda _m: None)
+    report = refresh(replace(s.cfg, gate_min_users=1), fault=sabotage, progress=False, log=lambda _m: None)
     steps = {st["name"]: st["result"] for st in report["steps"]}
-    assert not steps["evaluate"]["passed"], steps["evaluate"]
+    assert steps["evaluate"]["gated"] and not steps["evaluate"]["passed"], steps["evaluate"]
     assert steps["evaluate"]["candidate"]["recall@20"] < steps["evaluate"]["floor"]
     assert "Recall@20" in steps["publish"]["why"] and not steps["publish"]["published"]
     assert registry_mod.current_version(s.registry) == base
@@ -242,7 +246,7 @@ def test_a_train_refresh_warm_starts_the_towers_and_rebuilds_the_index(setup: Se
     s, w = setup, setup.world
     base = registry_mod.current_version(s.registry)
     s.send(w.events)
-    report = refresh(replace(s.cfg, mode="train", train_epochs=1, max_drop=0.5), progress=False,
+    report = refresh(replace(s.cfg, mode="train", train_epochs=1), progress=False,
                      log=lambda _m: None)
     steps = {st["name"]: st["result"] for st in report["steps"]}
     assert steps["index"]["rebuilt"] and steps["candidate"]["users_embedded"] > 0

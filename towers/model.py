@@ -34,6 +34,9 @@ class ModelConfig:
     # last ``history_len`` items before the embedding time, pooled. 0: features (and id) only.
     # A refresh re-embeds users from new history without retraining.
     history_len: int = 50
+    # Train-time: the user tower's history ends 0..history_staleness interactions before the
+    # target (uniformly), as a served embedding lags the session by up to a refresh.
+    history_staleness: int = 2
     user_id: bool = True  # the user id embedding (off: a user is their features + history)
     item_id: bool = True  # the item id embedding (off: an item is its content features)
     title_tokens: bool = True  # the item tower reads hashed title words (new items embed by content)
@@ -65,6 +68,9 @@ class UserTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.user = nn.Embedding(fp.user_vocab.size, cfg.id_dim) if cfg.user_id else None
+        # Ids past the trained rows (users added by a refresh, unknown ids) read as "no id",
+        # the state user_id_dropout trains for, not as an untrained OOV row.
+        self.id_rows = fp.user_vocab.id_rows
         self.age = nn.Embedding(fp.n_age_buckets, cfg.side_dim)
         self.gender = nn.Embedding(fp.gender_vocab.size, cfg.side_dim)
         self.occupation = nn.Embedding(fp.occupation_vocab.size, cfg.side_dim)
@@ -87,7 +93,9 @@ class UserTower(nn.Module):
         is a user with no history)."""
         parts = [self.age(f["age"]), self.gender(f["gender"]), self.occupation(f["occupation"]), self.zip(f["zip"])]
         if self.user is not None:
-            parts.insert(0, _dropout_rows(self.user(f["user"]), self.cfg.user_id_dropout, self.training))
+            ids = f["user"]
+            uid = self.user(ids) * (ids < self.id_rows).to(torch.float32)[:, None]
+            parts.insert(0, _dropout_rows(uid, self.cfg.user_id_dropout, self.training))
         if self.cfg.history_len > 0:
             if hist is None or hist_mask is None:
                 raise ValueError("this user tower reads history: pass hist and hist_mask")
@@ -107,6 +115,7 @@ class ItemTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.item = nn.Embedding(fp.item_vocab.size, cfg.id_dim) if cfg.item_id else None
+        self.id_rows = fp.item_vocab.id_rows  # as in UserTower: a new item is its content
         self.year = nn.Embedding(fp.n_year_buckets, cfg.side_dim)
         self.genres = nn.Linear(max(len(fp.genre_vocab), 1), cfg.side_dim * 2, bias=False)
         self.title = nn.EmbeddingBag(TITLE_BUCKETS + 1, cfg.side_dim * 2, mode="sum", padding_idx=0) \
@@ -118,7 +127,9 @@ class ItemTower(nn.Module):
     def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = [self.year(f["year"]), self.genres(f["genres"])]
         if self.item is not None:
-            parts.insert(0, _dropout_rows(self.item(f["item"]), self.cfg.item_id_dropout, self.training))
+            ids = f["item"]
+            iid = self.item(ids) * (ids < self.id_rows).to(torch.float32)[:, None]
+            parts.insert(0, _dropout_rows(iid, self.cfg.item_id_dropout, self.training))
         if self.title is not None:
             tok = f["title"]
             # Mean over the real words (padding rows contribute zero, the count excludes them).
