@@ -9,7 +9,7 @@ with FAISS' BLAS path on (offline only).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,12 @@ def batch_topk(model: RankModel, *, k: int, seen: Sequence[Sequence[int]] | None
 
 
 def batch_score_bundle(bundle_dir: Path, *, k: int = 100, seen: Sequence[Sequence[int]] | None = None,
-                       progress: bool = True) -> dict[str, Any]:
-    """Compute and store ``recs_items.npy``/``recs_scores.npy`` in the bundle."""
+                       progress: bool = True, topk: Callable[..., tuple[np.ndarray, np.ndarray]] = batch_topk,
+                       ) -> dict[str, Any]:
+    """Compute and store ``recs_items.npy``/``recs_scores.npy`` in the bundle. ``topk``: the
+    engine (``batch_topk``, or ``offline.ray_engine.batch_topk_ray`` with its work dir bound)."""
     b = bundle_mod.load(bundle_dir)
-    rows, scores = batch_topk(RankModel.from_bundle(b), k=min(k, len(b.item_ids)), seen=seen, progress=progress)
+    rows, scores = topk(RankModel.from_bundle(b), k=min(k, len(b.item_ids)), seen=seen, progress=progress)
     return bundle_mod.update_bundle(bundle_dir, {"recs_items.npy": rows, "recs_scores.npy": scores},
                                     {"batch": {"k": int(rows.shape[1])}})
 

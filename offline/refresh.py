@@ -30,10 +30,12 @@ right before publishing. A run with no new events says so and publishes nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,7 @@ from towers.ranking import RankModel
 from towers.store_format import Event, RedisKeys
 
 MODES = ("embed", "train")
-ENGINES = ("local",)
+ENGINES = ("local", "ray")
 STEPS = ("read", "merge", "candidate", "index", "batch_score", "evaluate", "publish", "ack", "gc")
 RETIRED_FILE = ".retired.json"  # in the registry: version -> unix time it stopped being CURRENT
 
@@ -86,7 +88,9 @@ class RefreshConfig:
         if self.mode not in MODES:
             raise ConfigError("--mode", f"{self.mode!r}: choose one of {', '.join(MODES)}")
         if self.engine not in ENGINES:
-            raise ConfigError("--engine", f"{self.engine!r}: only {', '.join(ENGINES)} is built (ray is not)")
+            raise ConfigError("--engine", f"{self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.engine == "ray" and importlib.util.find_spec("ray") is None:
+            raise ConfigError("--engine", "ray: Ray is not installed; install the [ray] extra (twotower[ray])")
         if not 0 <= self.max_drop < 1:
             raise ConfigError("--max-drop", f"{self.max_drop}: must be in [0, 1)")
         if self.holdout_s <= 0:
@@ -228,6 +232,11 @@ class _Job:
             arrays = model.state_arrays()
         else:
             model = model_from_arrays(cfg_m, fp, arrays)
+        embed: Callable[..., np.ndarray] = embed_users
+        if self.cfg.engine == "ray":
+            from offline.ray_engine import embed_users_ray
+
+            embed = partial(embed_users_ray, work_dir=self.run.path / "ray")
         item_emb = embed_items(model, fp)
         if self.cfg.mode == "embed":
             # The towers did not change: old items keep their rows bit for bit.
@@ -235,14 +244,14 @@ class _Job:
         hist = user_histories(fp, log_rows.to_interactions(), cfg_m.history_len)
         if self.cfg.mode == "train":
             affected = np.arange(fp.n_users)
-            user_emb = embed_users(model, fp, hist, item_emb=item_emb)
+            user_emb = embed(model, fp, hist, item_emb=item_emb)
         else:
             touched = {fp.user_vocab.known(u) for u in new.user.tolist()}
             affected = np.array(sorted(touched), dtype=np.int64)
             user_emb = np.zeros((fp.n_users, cfg_m.dim), np.float32)
             user_emb[:fp0.n_users] = parent.user_emb
             if len(affected):
-                user_emb[affected] = embed_users(model, fp, hist[affected], rows=affected, item_emb=item_emb)
+                user_emb[affected] = embed(model, fp, hist[affected], rows=affected, item_emb=item_emb)
         counts = np.bincount(fp.item_vocab.positions(log_rows.item)[fp.item_vocab.positions(log_rows.item) >= 0],
                              minlength=fp.n_items)
         popularity = np.argsort(-counts, kind="stable").astype(np.int64)
@@ -309,7 +318,12 @@ class _Job:
         for u, i in zip(users.tolist(), items.tolist(), strict=True):
             if u >= 0 and i >= 0:
                 seen[u].append(i)
-        man = batch_score_bundle(self.cand_dir, k=self.cfg.batch_k, seen=seen, progress=False)
+        engine: dict[str, Any] = {}
+        if self.cfg.engine == "ray":
+            from offline.ray_engine import batch_topk_ray
+
+            engine["topk"] = partial(batch_topk_ray, work_dir=self.run.path / "ray")
+        man = batch_score_bundle(self.cand_dir, k=self.cfg.batch_k, seen=seen, progress=False, **engine)
         return {"version": man["version"], "k": man["batch"]["k"]}
 
     # -- 6-9: gate, publish, acknowledge, clean up ----------------------------------------------
