@@ -65,18 +65,24 @@ def local_ray(run_dir: Path, *, num_cpus: int = 2) -> Iterator[None]:
     dashboard, temp dir (logs, sockets, object spill) ``run_dir/ray-tmp`` (a short directory
     under the system temp dir when that path is too long for Ray's sockets; removed after).
     When Ray is already initialized it is used and left running."""
+    saved = {k: os.environ.get(k) for k in _LOCAL_ENV}
+    os.environ.update(_LOCAL_ENV)  # before ray is imported: it reads them at import (and its workers do)
     import ray
 
     if ray.is_initialized():
+        _restore(saved)
         yield
         return
+    from ray._private import ray_constants
+
+    # Ray imported before the variables were set read "cluster mode on", in which it picks the
+    # machine's outward address for its RPCs; off, it uses loopback.
+    ray_constants.ENABLE_RAY_CLUSTER = False
     temp = Path(run_dir).resolve() / "ray-tmp"
     short: Path | None = None
     if len(str(temp)) + _SOCKET_SUFFIX > _AF_UNIX_MAX:
         short = temp = Path(tempfile.mkdtemp(prefix="tt-ray-"))
     temp.mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in _LOCAL_ENV}
-    os.environ.update(_LOCAL_ENV)
     try:
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", _temp_dir=str(temp), include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
@@ -88,13 +94,17 @@ def local_ray(run_dir: Path, *, num_cpus: int = 2) -> Iterator[None]:
         finally:
             ray.shutdown()
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore(saved)
         if short is not None:
             shutil.rmtree(short, ignore_errors=True)
+
+
+def _restore(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _write_shards(out: Path, columns: dict[str, Any], n: int, chunk: int) -> None:

@@ -127,3 +127,12 @@ def test_the_ray_engine_without_ray_installed_is_a_clear_config_error(tmp_path: 
     with pytest.raises(ConfigError, match="--engine"):
         RefreshConfig(**cfg, engine="spark")  # type: ignore[arg-type]
     assert RefreshConfig(**cfg).engine == "local"  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_the_local_ray_keeps_to_loopback(ray_dir: Path) -> None:
+    import ray
+
+    # ray was imported (importorskip) before local_ray set its variables: it still uses loopback.
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
