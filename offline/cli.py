@@ -98,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--redis-url", required=True, help="the Redis the servers write events to (and serve from)")
     p.add_argument("--prefix", default="tt", help="the serve config's redis.prefix")
     p.add_argument("--mode", default="embed", choices=["embed", "train"])
-    p.add_argument("--engine", default="local", choices=["local", "ray"], help="ray: not built yet (refused)")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="ray: the embedding and batch-scoring steps on a local Ray (the [ray] extra)")
     p.add_argument("--run-dir", type=Path, default=None, help="where run directories go (default: REGISTRY/../runs)")
     p.add_argument("--resume", type=existing_dir, default=None, help="continue a crashed run (its directory)")
     p.add_argument("--store", type=Path, default=None,

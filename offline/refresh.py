@@ -30,10 +30,12 @@ right before publishing. A run with no new events says so and publishes nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,7 @@ from towers.ranking import RankModel
 from towers.store_format import Event, RedisKeys
 
 MODES = ("embed", "train")
-ENGINES = ("local",)
+ENGINES = ("local", "ray")
 STEPS = ("read", "merge", "candidate", "index", "batch_score", "evaluate", "publish", "ack", "gc")
 RETIRED_FILE = ".retired.json"  # in the registry: version -> unix time it stopped being CURRENT
 
@@ -86,7 +88,9 @@ class RefreshConfig:
         if self.mode not in MODES:
             raise ConfigError("--mode", f"{self.mode!r}: choose one of {', '.join(MODES)}")
         if self.engine not in ENGINES:
-            raise ConfigError("--engine", f"{self.engine!r}: only {', '.join(ENGINES)} is built (ray is not)")
+            raise ConfigError("--engine", f"{self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.engine == "ray" and importlib.util.find_spec("ray") is None:
+            raise ConfigError("--engine", "ray: Ray is not installed; install the [ray] extra (twotower[ray])")
         if not 0 <= self.max_drop < 1:
             raise ConfigError("--max-drop", f"{self.max_drop}: must be in [0, 1)")
         if self.holdout_s <= 0:
@@ -228,11 +232,16 @@ class _Job:
             arrays = model.state_arrays()
         else:
             model = model_from_arrays(cfg_m, fp, arrays)
+        embed: Callable[..., np.ndarray] = embed_users
+        if self.cfg.engine == "ray":
+            from offline.ray_engine import embed_users_ray
+
+            embed = partial(embed_users_ray, work_dir=self.run.path / "ray")
         if self.cfg.mode == "train":
             item_emb = embed_items(model, fp)
             affected = np.arange(fp.n_users)
             hist = user_histories(fp, log_rows.to_interactions(), cfg_m.history_len)
-            user_emb = embed_users(model, fp, hist, item_emb=item_emb)
+            user_emb = embed(model, fp, hist, item_emb=item_emb)
         else:
             # The towers did not change: old items and untouched users keep their rows bit for
             # bit, and only new items and users with new events go through the towers (at a
@@ -248,7 +257,7 @@ class _Job:
                 mine = np.isin(log_rows.user, np.array(sorted(set(new.user.tolist()))))
                 hist = user_histories(fp, log_rows.take(np.flatnonzero(mine)).to_interactions(), cfg_m.history_len,
                                       users=affected)
-                user_emb[affected] = embed_users(model, fp, hist, rows=affected, item_emb=item_emb)
+                user_emb[affected] = embed(model, fp, hist, rows=affected, item_emb=item_emb)
         counts = np.bincount(fp.item_vocab.positions(log_rows.item)[fp.item_vocab.positions(log_rows.item) >= 0],
                              minlength=fp.n_items)
         popularity = np.argsort(-counts, kind="stable").astype(np.int64)
@@ -315,10 +324,10 @@ class _Job:
         b = bundle_mod.load(self.cand_dir, verify_checksums=False)
         parent = bundle_mod.load(self.cfg.registry / self.parent, verify_checksums=False)
         k = min(self.cfg.batch_k, len(b.item_ids))
-        partial = (self.cfg.mode == "embed" and not self._result("candidate")["items_changed"]
+        only_affected = (self.cfg.mode == "embed" and not self._result("candidate")["items_changed"]
                    and parent.recs_items is not None and parent.recs_items.shape[1] == k)
         users = (np.array(json.loads((self.run.path / "affected.json").read_text())["users"], dtype=np.int64)
-                 if partial else np.arange(len(b.features.user_vocab)))
+                 if only_affected else np.arange(len(b.features.user_vocab)))
         rows = self.store.read()
         mine = rows.take(np.flatnonzero(np.isin(rows.user, [b.features.user_vocab.values[u] for u in users.tolist()])))
         slot = {int(u): j for j, u in enumerate(users.tolist())}
@@ -327,8 +336,17 @@ class _Job:
                         b.features.item_vocab.positions(mine.item).tolist(), strict=True):
             if u in slot and i >= 0:
                 seen[slot[u]].append(i)
-        top, scores = batch_topk(Model.from_bundle(b), k=k, seen=seen, users=users, progress=False)
-        if partial:
+        model = Model.from_bundle(b)
+        if self.cfg.engine == "ray":
+            from offline.ray_engine import batch_topk_ray
+
+            # The Ray path ranks a model's every user: give it these users' vectors, in order
+            # (the same chunks as the local path over ``users``, so the same results).
+            top, scores = batch_topk_ray(replace(model, user_emb=np.asarray(model.user_emb)[users]), k=k, seen=seen,
+                                         progress=False, work_dir=self.run.path / "ray")
+        else:
+            top, scores = batch_topk(model, k=k, seen=seen, users=users, progress=False)
+        if only_affected:
             assert parent.recs_items is not None and parent.recs_scores is not None
             n_old = len(parent.features.user_vocab)
             all_top = np.full((len(b.features.user_vocab), k), -1, np.int32)
