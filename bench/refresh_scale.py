@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import tempfile
 import time
@@ -82,6 +83,7 @@ def refresh_scale(*, bundle: Path, n_users: int, data_dir: Path, work: Path, k: 
     finally:
         redis.stop()
     log(f"redis load (embeddings + recs): {out['redis_load_s']:.1f} s")
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["total_s"] = sum(out[k_] for k_ in ("embed_s", "write_bundle_s", "batch_score_s", "redis_load_s"))
     return out
 

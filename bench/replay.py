@@ -61,7 +61,7 @@ def base_bundle(ds: Any, *, cut: int, work: Path, epochs: int, seed: int = 0) ->
     before = i.take(np.flatnonzero(i.timestamp < cut))
     data = write_grouplens(replace(ds, interactions=before), work / f"data-{cut}")
     train(dataset=load_dataset(str(data), cache_dir=work), dataset_spec=str(data), out=out,
-          train_cfg=TrainConfig(epochs=epochs, patience=3, seed=seed))
+          train_cfg=TrainConfig(epochs=epochs, patience=3, seed=seed, threads=1))
     return out
 
 

@@ -183,7 +183,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     log = (lambda *_: None) if args.json else print
     report = calibrate_user_embeddings(args.bundle, cache_dir=args.data_dir, dtype=args.user_dtype, log=log)
     if args.towers_report:
-        report["int8_towers"] = int8_embedding_report(args.bundle, n_users=args.report_users, log=log)
+        report["int8_towers"] = int8_embedding_report(args.bundle, n_users=args.report_users, cache_dir=args.data_dir,
+                                                      log=log)
     if args.json:
         print(json.dumps(report))
     return 0

@@ -206,13 +206,13 @@ def calibrate_user_embeddings(bundle_dir: Path, *, cache_dir: Path | None, dtype
 
 
 def int8_embedding_report(bundle_dir: Path, *, n_users: int = 1_000_000, batch: int = 65536, k: int = 100,
-                          threads: int = 1, log: Any = print) -> dict[str, Any]:
+                          threads: int = 1, cache_dir: Path | None = None, log: Any = print) -> dict[str, Any]:
     """Users/s of the user tower in float32 vs dynamic int8 (on ``n_users`` rows built by
     repeating the bundle's users' features), and the top-``k`` overlap of every real user's
     recommendations from int8 towers (users and items) vs float32. Needs torch."""
     import torch
 
-    from towers.model import ModelConfig, TwoTower, embed_items, embed_users, to_tensors
+    from towers.model import ModelConfig, TwoTower, embed_items, embed_users, history_inputs, to_tensors
 
     b = bundle_mod.load(bundle_dir)
     if "towers.npz" not in b.manifest["files"]:
@@ -225,23 +225,45 @@ def int8_embedding_report(bundle_dir: Path, *, n_users: int = 1_000_000, batch: 
     model.eval()
     q8 = int8_towers(model)
     fp = b.features
+    # A tower that reads history gets each user's train history (the bundle's dataset, from
+    # ``cache_dir``); without the dataset, every user's history is empty (said in the report).
+    hist = None
+    if cfg.history_len > 0 and cache_dir is not None:
+        from offline.datasets import load_dataset, temporal_split
+        from offline.train import user_histories
+
+        split = temporal_split(load_dataset(str(b.manifest["dataset"]), cache_dir=cache_dir).interactions)
+        hist = user_histories(fp, split.train, cfg.history_len)
     # Throughput: the user tower over n_users feature rows (the real users' features, repeated).
     feats = fp.user_features(fp.user_vocab.values)
     reps = -(-n_users // len(fp.user_vocab.values))
     big = {name: np.concatenate([v] * reps)[:n_users] for name, v in feats.items()}
+    big_hist = None
+    if cfg.history_len > 0:
+        h = hist if hist is not None else np.full((len(fp.user_vocab.values), cfg.history_len), -1, np.int64)
+        big_hist = torch.from_numpy(np.concatenate([h] * reps)[:n_users])
     rates = {}
     with torch.no_grad():
         for name, m in (("float32", model), ("int8", q8)):
-            m.user_tower(to_tensors({n: v[:batch] for n, v in big.items()}))  # warm up
+            items_t = torch.from_numpy(embed_items(m, fp)) if big_hist is not None else None
+
+            def run(lo: int, hi: int, m: Any = m, items_t: Any = items_t) -> None:
+                f = to_tensors({n: v[lo:hi] for n, v in big.items()})
+                if items_t is None or big_hist is None:
+                    m.user_tower(f)
+                else:
+                    m.user_tower(f, *history_inputs(items_t, big_hist[lo:hi]))
+
+            run(0, batch)  # warm up
             t0 = time.perf_counter()
             for lo in range(0, n_users, batch):
-                m.user_tower(to_tensors({n: v[lo:lo + batch] for n, v in big.items()}))
+                run(lo, lo + batch)
             rates[name] = n_users / (time.perf_counter() - t0)
     # Quality: top-k of every real user (user-only queries, exact search) int8 vs float32. The
     # headline is int8 users with float32 items: the users are the million-row batch step, the
     # items a small catalog whose embeddings also feed the index; both-int8 is reported beside it.
-    u32, i32 = embed_users(model, fp), embed_items(model, fp)
-    u8, i8 = embed_users(q8, fp), embed_items(q8, fp)
+    i32, i8 = embed_items(model, fp), embed_items(q8, fp)
+    u32, u8 = embed_users(model, fp, hist, item_emb=i32), embed_users(q8, fp, hist, item_emb=i32)
     kk = min(k, i32.shape[0])
     top32 = np.argsort(-(u32 @ i32.T), axis=1, kind="stable")[:, :kk]
 
@@ -253,7 +275,8 @@ def int8_embedding_report(bundle_dir: Path, *, n_users: int = 1_000_000, batch: 
     users_only, both = overlap(u8, i32), overlap(u8, i8)
     out = {"users_per_s": rates, "speedup": rates["int8"] / rates["float32"], "n_users_timed": n_users,
            "threads": threads, f"top{kk}_overlap": users_only, f"top{kk}_overlap_both_towers_int8": both,
-           "user_embedding_rel_mse": rel,
+           "user_embedding_rel_mse": rel, "history": "train split" if hist is not None else (
+               "empty (no dataset given)" if cfg.history_len > 0 else "the tower reads none"),
            "quantization": "torch.ao.quantization.quantize_dynamic(nn.Linear, qint8, per-channel weights)"}
     log(f"user tower: float32 {rates['float32']:,.0f} users/s, int8 {rates['int8']:,.0f} users/s "
         f"({out['speedup']:.2f}x) over {n_users:,} users; top-{kk} overlap {users_only:.4f} "

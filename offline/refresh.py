@@ -83,6 +83,7 @@ class RefreshConfig:
     flags: Path | None = None  # versions a running experiment pins keep their keys
     lock_ttl_ms: int = 60_000
     seed: int = 0
+    threads: int = 1  # torch threads of the train mode (1: a shared machine's OpenMP spin costs more)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -294,7 +295,8 @@ class _Job:
         empty = np.array([], dtype=str)
         ds = Dataset("refresh", before, UserFeatures(empty, np.array([], np.int32), empty, empty, empty),
                      ItemFeatures(empty, empty, np.array([], np.int32), []))
-        tc = TrainConfig(epochs=self.cfg.train_epochs, patience=self.cfg.train_epochs, seed=self.cfg.seed)
+        tc = TrainConfig(epochs=self.cfg.train_epochs, patience=self.cfg.train_epochs, seed=self.cfg.seed,
+                         threads=self.cfg.threads)
         model, _, _, history = train_model(ds, model_cfg=cfg_m, train_cfg=tc, progress=False,
                                            split=temporal_split(before), fp=fp, init=arrays)
         return model, history

@@ -246,13 +246,14 @@ def test_publish_gate_refuses_a_degraded_quantized_trained_bundle(trained_bundle
 
 
 @pytest.mark.slow
-def test_int8_towers_keep_the_recommendations(trained_bundle: Path) -> None:
+def test_int8_towers_keep_the_recommendations(trained_bundle: Path, data_dir: Path) -> None:
     pytest.importorskip("torch")
     from offline.quantize import int8_embedding_report
 
-    rep = int8_embedding_report(trained_bundle, n_users=5000, batch=2048, log=lambda *_: None)
+    rep = int8_embedding_report(trained_bundle, n_users=5000, batch=2048, cache_dir=data_dir, log=lambda *_: None)
     assert rep["top100_overlap"] >= 0.9  # measured overlap of exact top-100 lists, int8 vs float32 towers
     assert rep["users_per_s"]["int8"] > 0 and rep["users_per_s"]["float32"] > 0
+    assert rep["history"] == "train split"  # the tower read each user's real history
 
 
 def test_quality_gate_reads_the_manifest_and_names_what_is_stale() -> None:
