@@ -79,6 +79,55 @@ def _wait_version(client: Any, user: str, version: str, timeout: float = 60.0) -
     raise TimeoutError(f"the server did not switch to {version} within {timeout:.0f} s")
 
 
+class _Traffic:
+    """Closed-loop callers (``concurrency`` threads, one channel each) while a refresh runs:
+    counts calls, failed RPCs, and the versions responses name."""
+
+    def __init__(self, target: str, users: list[str], concurrency: int = 4) -> None:
+        import threading
+
+        self.target, self.users, self.concurrency = target, users or ["0"], concurrency
+        self.stop = threading.Event()
+        self.calls = self.failed = 0
+        self.versions: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(j,), daemon=True) for j in range(concurrency)]
+
+    def _run(self, j: int) -> None:
+        import grpc
+
+        from online.client import RecommenderClient
+
+        with RecommenderClient(self.target, timeout=5.0) as client:
+            i = j
+            while not self.stop.is_set():
+                user = self.users[i % len(self.users)]
+                i += self.concurrency
+                try:
+                    v = client.recommend(user, k=10).model_version
+                    with self.lock:
+                        self.calls += 1
+                        self.versions[v] = self.versions.get(v, 0) + 1
+                except grpc.RpcError:
+                    with self.lock:
+                        self.calls += 1
+                        self.failed += 1
+
+    def __enter__(self) -> _Traffic:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def summary(self, *, allowed: set[str]) -> dict[str, Any]:
+        return {"calls": self.calls, "failed_rpcs": self.failed, "versions": self.versions,
+                "responses_from_other_versions": sum(n for v, n in self.versions.items() if v not in allowed)}
+
+
 def run_arm(arm: str, *, bundle: Path, days: list[list[tuple[str, str, int]]], redis_url: str, work: Path,
             data_dir: Path, train_epochs: int, progress: bool) -> list[dict[str, Any]]:
     import grpc
@@ -131,14 +180,19 @@ def run_arm(arm: str, *, bundle: Path, days: list[list[tuple[str, str, int]]], r
                 "new_user_served_with_embedding": new_embedded}
             if arm != "never" and d < len(days) - 1:  # the night after the day
                 t0 = time.perf_counter()
-                report = refresh(cfg, progress=False, log=lambda _m: None)
-                steps = {s["name"]: s["result"] for s in report["steps"]}
-                pub = steps.get("publish", {})
+                # Serving through the refresh: a closed loop of callers runs from before the
+                # refresh until the server answers from the new version.
+                with _Traffic(srv.target, sorted(known)[:200]) as traffic:
+                    report = refresh(cfg, progress=False, log=lambda _m: None)
+                    steps = {s["name"]: s["result"] for s in report["steps"]}
+                    pub = steps.get("publish", {})
+                    if pub.get("published"):
+                        _wait_version(client, events[-1][0] if events else "0", str(pub["version"]))
+                new_version = str(pub["version"]) if pub.get("published") else version
                 row["refresh"] = {"seconds": round(time.perf_counter() - t0, 2), "published": pub.get("published"),
                                   "gate": steps.get("evaluate", {}).get("why"),
-                                  "users_embedded": steps.get("candidate", {}).get("users_embedded")}
-                if pub.get("published"):
-                    _wait_version(client, events[-1][0] if events else "0", str(pub["version"]))
+                                  "users_embedded": steps.get("candidate", {}).get("users_embedded"),
+                                  "traffic": traffic.summary(allowed={version, new_version})}
             out.append(row)
     return out
 
@@ -182,6 +236,11 @@ def replay(*, dataset: str = "ml-100k", train_until: str, n_days: int, out: Path
     finally:
         redis.stop()
     summary = {arm: {m: _weighted(rows, m) for m in ("recall@20", "ndcg@10")} | {
+        "refresh_traffic_calls": sum(r.get("refresh", {}).get("traffic", {}).get("calls", 0) for r in rows),
+        "refresh_traffic_failed_rpcs": sum(r.get("refresh", {}).get("traffic", {}).get("failed_rpcs", 0)
+                                           for r in rows),
+        "refresh_traffic_other_versions": sum(r.get("refresh", {}).get("traffic", {}).get(
+            "responses_from_other_versions", 0) for r in rows),
         "new_user_events": sum(r["new_user_events"] for r in rows),
         "new_user_recall@20": _weighted(rows, "new_user_recall@20", "new_user_events"),
         "new_user_served_with_embedding": sum(r["new_user_served_with_embedding"] for r in rows),
@@ -240,6 +299,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"{arm:6s} Recall@20 {s['recall@20']:.4f}  NDCG@10 {s['ndcg@10']:.4f}  new users: Recall@20 "
               f"{s['new_user_recall@20']:.4f}, {s['new_user_served_with_embedding']}/{s['new_user_events']} served "
               f"with a user embedding  failed RPCs {s['failed_rpcs']}  responses from another version "
-              f"{s['responses_from_another_version']}")
+              f"{s['responses_from_another_version']}; through refreshes: {s['refresh_traffic_calls']} calls, "
+              f"{s['refresh_traffic_failed_rpcs']} failed, {s['refresh_traffic_other_versions']} from other versions")
     print(f"written: {args.out / 'replay.json'}, {args.out / 'replay.png'}")
     return 0
