@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from towers.errors import FeatureStoreError
-from towers.store_format import Event, Impression, RedisKeys, decode_event_fields, decode_impression
+from towers.store_format import (
+    Event,
+    Impression,
+    RedisKeys,
+    decode_event_fields,
+    decode_impression,
+    is_cluster_url,
+)
 
 
 @dataclass(frozen=True)
@@ -27,14 +34,21 @@ class ReadBatch:
 
 
 class EventLog:
-    """A synchronous reader over one Redis (offline jobs are plain functions, not services)."""
+    """A synchronous reader over one Redis or Redis Cluster (offline jobs are plain functions,
+    not services). On a cluster the log is ``LOG_SHARDS`` streams (``towers.store_format``);
+    this reads them all, and its entry ids name the shard (``"S/<id>"``) so ``ack`` finds it."""
 
     def __init__(self, *, redis_url: str, prefix: str = "tt") -> None:
         import redis
 
-        self.keys = RedisKeys(prefix)
-        self._redis = redis.Redis.from_url(redis_url, socket_timeout=30)
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        from towers.redis_load import sync_client
+
+        self.cluster = is_cluster_url(redis_url)
+        self.keys = RedisKeys(prefix, cluster=self.cluster)
+        self._streams = self.keys.event_streams()
+        self._redis = sync_client(redis_url, socket_timeout=30)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, redis.exceptions.RedisClusterException,
+                                                         OSError)
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -43,55 +57,70 @@ class EventLog:
             raise FeatureStoreError(f"redis {what} failed: {type(e).__name__}: {e}") from e
 
     def ensure_group(self, group: str) -> None:
-        """Create the consumer group at the start of the stream (idempotent)."""
+        """Create the consumer group at the start of every stream (idempotent)."""
         import redis
 
-        try:
-            self._redis.xgroup_create(self.keys.events(), group, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise FeatureStoreError(f"redis xgroup create failed: {e}") from e
-        except self._errors as e:
-            raise FeatureStoreError(f"redis xgroup create failed: {type(e).__name__}: {e}") from e
+        for stream in self._streams:
+            try:
+                self._redis.xgroup_create(stream, group, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise FeatureStoreError(f"redis xgroup create failed: {e}") from e
+            except self._errors as e:
+                raise FeatureStoreError(f"redis xgroup create failed: {type(e).__name__}: {e}") from e
+
+    def _entry_id(self, shard: int, raw_id: Any) -> str:
+        entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        return f"{shard}/{entry_id}" if self.cluster else entry_id
 
     def read(self, *, group: str, consumer: str, count: int = 10_000, pending: bool = False) -> ReadBatch:
         """Up to ``count`` entries not yet delivered to ``group`` (``pending``: the ones delivered
         to ``consumer`` and not acknowledged, e.g. after a crash). Malformed entries are moved
         to the dead letters and acknowledged here."""
-        stream = self.keys.events()
-        reply = self._call("xreadgroup", self._redis.xreadgroup, group, consumer, {stream: "0" if pending else ">"},
-                           count=count)
-        entries = reply[0][1] if reply else []
         ids: list[str] = []
         events: list[Event] = []
         seen: set[Event] = set()
         dead: list[str] = []
-        for raw_id, fields in entries:
-            entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-            try:
-                e = decode_event_fields(fields)
-            except ValueError as err:
-                self._call("xadd", self._redis.xadd, self.keys.dead_letters(),
-                           {"reason": str(err), "stream": stream, "id": entry_id,
-                            **{(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in fields.items()}})
-                dead.append(entry_id)
-                continue
-            ids.append(entry_id)
-            if e not in seen:  # Event equality is its identity (request_id does not count)
-                seen.add(e)
-                events.append(e)
+        for shard, stream in enumerate(self._streams):
+            left = count - len(ids) - len(dead)
+            if left <= 0:
+                break
+            reply = self._call("xreadgroup", self._redis.xreadgroup, group, consumer,
+                               {stream: "0" if pending else ">"}, count=left)
+            for raw_id, fields in (reply[0][1] if reply else []):
+                entry_id = self._entry_id(shard, raw_id)
+                try:
+                    e = decode_event_fields(fields)
+                except ValueError as err:
+                    self._call("xadd", self._redis.xadd, self.keys.dead_letters(),
+                               {"reason": str(err), "stream": stream, "id": entry_id,
+                                **{(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in fields.items()}})
+                    dead.append(entry_id)
+                    continue
+                ids.append(entry_id)
+                if e not in seen:  # Event equality is its identity (request_id does not count)
+                    seen.add(e)
+                    events.append(e)
         if dead:
             self.ack(group=group, ids=dead)
         return ReadBatch(ids, events, len(dead))
 
+    def _by_stream(self, ids: list[str]) -> dict[str, list[str]]:
+        if not self.cluster:
+            return {self._streams[0]: ids} if ids else {}
+        out: dict[str, list[str]] = {}
+        for i in ids:
+            shard, _, entry = i.partition("/")
+            out.setdefault(self._streams[int(shard)], []).append(entry)
+        return out
+
     def ack(self, *, group: str, ids: list[str]) -> int:
-        if not ids:
-            return 0
-        return int(self._call("xack", self._redis.xack, self.keys.events(), group, *ids))
+        return sum(int(self._call("xack", self._redis.xack, stream, group, *part))
+                   for stream, part in self._by_stream(ids).items())
 
     def pending_count(self, *, group: str) -> int:
-        info = self._call("xpending", self._redis.xpending, self.keys.events(), group)
-        return int(info["pending"])
+        return sum(int(self._call("xpending", self._redis.xpending, stream, group)["pending"])
+                   for stream in self._streams)
 
     def impressions(self, *, since_ms: int = 0, chunk: int = 10_000) -> Iterator[Impression]:
         """Every impression logged at or after ``since_ms`` (unix ms, the entry id's clock)."""
@@ -99,8 +128,9 @@ class EventLog:
 
     def events(self, *, since_ms: int = 0, chunk: int = 10_000) -> Iterator[tuple[Event | None, str]]:
         """Every event logged at or after ``since_ms`` without a consumer group (reports):
-        (event, "") or (None, reason) for an entry that does not parse."""
-        for _, fields in self._range(self.keys.events(), since_ms, chunk):
+        (event, "") or (None, reason) for an entry that does not parse. A cluster's shards
+        come one after the other (each in time order)."""
+        for _, fields in (entry for stream in self._streams for entry in self._range(stream, since_ms, chunk)):
             try:
                 yield decode_event_fields(fields), ""
             except ValueError as err:

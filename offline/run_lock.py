@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any
 
 from towers.errors import ConfigError, FeatureStoreError, LockError, LockHeld, LockLost
+from towers.store_format import is_cluster_url
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,14 @@ class RefreshLock:
         # A call must give up well within one renewal interval, or a hung connection would
         # silently let the lease run out while the thread waits on it.
         timeout = max(0.05, min(10.0, self.ttl_ms / 3000))
-        self._redis = redis.Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        if is_cluster_url(redis_url):  # one key: a cluster client routes it (and its scripts) to its slot
+            from towers.redis_load import sync_client
+
+            self._redis = sync_client(redis_url, socket_timeout=timeout)
+        else:
+            self._redis = redis.Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, redis.exceptions.RedisClusterException,
+                                                         OSError)
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
         self._mu = threading.Lock()

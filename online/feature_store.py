@@ -33,6 +33,7 @@ from towers.store_format import (
     event_scores,
     impression_fields,
     is_cluster_url,
+    log_shard,
     parse_cluster_url,
 )
 
@@ -342,14 +343,16 @@ class RedisFeatureStore:
 class RedisClusterFeatureStore(RedisFeatureStore):
     """A Redis Cluster (``redis+cluster://h:p[,h:p...]/``, ``rediss+cluster://`` for TLS) via
     ``redis.asyncio.cluster.RedisCluster``, with the cluster key layout (``RedisKeys(cluster=True)``:
-    the user id is each per-user key's hash tag, so a user's keys share one slot).
+    the user's log shard is each per-user key's hash tag, so a user's keys and the stream
+    their events go to share one slot).
 
     - fetch: one cluster pipeline per batch; redis-py groups its commands by node and sends
       each node's group as one pipeline, the nodes concurrently — not one call per key;
     - batch recs: ``mget_nonatomic`` (one MGET per slot, pipelined per node);
-    - record: one MULTI per user (one slot each), the users' transactions concurrently,
-      at most ``max_connections`` at a time. A call is not atomic across users (a cluster
-      cannot be), but each user's session write is, and a retried call is idempotent.
+    - record: one MULTI per log shard (its users' session writes and the XADDs of their
+      events to the shard's stream), the shards concurrently, at most ``max_connections``
+      at a time. A call is not atomic across shards (a cluster cannot be), but each
+      shard's part is, and a retried call is idempotent.
 
     A stalled or failed node fails the whole batch's fetch at its deadline, so the batch
     degrades (RUNG_NO_SESSION) exactly as with a stalled standalone Redis.
@@ -396,28 +399,35 @@ class RedisClusterFeatureStore(RedisFeatureStore):
         return [decode_recs(r) for r in await self._run("batch recs", go, timeout)]  # type: ignore[arg-type]
 
     async def record(self, events: Sequence[Event], *, timeout: float) -> int:
-        by_user = _group_by_user(events)
+        # One MULTI per log shard: its users' session writes and the XADDs of their events to
+        # the shard's stream, all in one slot (towers.store_format), so an acknowledged event
+        # is in its session and in the log, or in neither. Shards go concurrently, at most
+        # ``max_connections`` at a time; a call is not atomic across shards (a cluster cannot
+        # be), but each shard's part is, and a retried call is idempotent (the session) and
+        # deduplicated by readers (the log).
+        by_shard: dict[int, list[Event]] = {}
+        for e in events:
+            by_shard.setdefault(log_shard(e.user_id), []).append(e)
         gate = asyncio.Semaphore(self._max_connections)
 
-        async def one(user_id: str, members: dict[bytes, float]) -> list[object]:
+        async def one(shard: int, part: list[Event]) -> list[object]:
             async with gate:
-                pipe = self._redis.pipeline(transaction=True)  # MULTI on the user's slot
-                self._queue_session_writes(pipe, user_id, members)
+                pipe = self._redis.pipeline(transaction=True)
+                for user_id, members in _group_by_user(part).items():
+                    self._queue_session_writes(pipe, user_id, members)
+                for e in part:
+                    pipe.xadd(self.keys.events(shard), event_fields(e),  # type: ignore[arg-type]
+                              maxlen=self._stream_maxlen, approximate=True)
                 return list(await pipe.execute())
 
         async def go() -> list[object]:
-            tasks = [asyncio.ensure_future(one(u, m)) for u, m in by_user.items()]
+            tasks = [asyncio.ensure_future(one(s, part)) for s, part in by_shard.items()]
             try:
                 return list(await asyncio.gather(*tasks))
             finally:  # the first failure (or our cancellation at the deadline) stops the rest
                 for t in tasks:
                     t.cancel()
 
-        # Not yet on a cluster: the durable event log (one stream, on one node). A MULTI cannot
-        # span a user's slot and the stream's, and a single stream would make every RecordEvents
-        # fail while its node is down, where today a stopped node fails only its own users. A
-        # sharded log (a stream per slot range, written in each user's MULTI) is the way; until
-        # then the event log is standalone-Redis only (README).
         await self._run("record", go, timeout)
         return len(events)
 

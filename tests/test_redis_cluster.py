@@ -28,7 +28,7 @@ from online.server import ServerThread
 from towers import bundle as bundle_mod
 from towers.errors import FeatureStoreError
 from towers.redis_load import load_bundle_into_redis
-from towers.store_format import RedisKeys, is_cluster_url, parse_cluster_url
+from towers.store_format import LOG_SHARDS, RedisKeys, is_cluster_url, log_shard, parse_cluster_url
 
 PREFIX = "ttc"
 
@@ -150,12 +150,15 @@ def test_cluster_urls() -> None:
 def test_a_users_keys_share_one_slot_and_standalone_names_are_unchanged() -> None:
     plain, tagged = RedisKeys("tt"), RedisKeys("tt", cluster=True)
     assert plain.session("42") == "tt:zsess:42" and plain.user_embedding("v1", "42") == "tt:v:v1:ue:42"
-    assert tagged.session("42") == "tt:zsess:{42}"
+    assert plain.event_streams() == [plain.events_of("42")] == ["tt:events"]
+    assert tagged.session("42") == f"tt:zsess:{{log{log_shard('42')}}}42"
     for user in ["42", "u{1}", "a}b", "é😀", "x" * 256, "\x00"]:
-        slots = {key_slot(k.encode()) for k in (tagged.session(user), tagged.user_embedding("v1", user),
-                                                tagged.recs("v2", user))}
+        # a user's keys and the log stream their events go to: one slot (one MULTI)
+        slots = {key_slot(k.encode("utf-8", "surrogatepass")) for k in (
+            tagged.session(user), tagged.user_embedding("v1", user), tagged.recs("v2", user), tagged.events_of(user))}
         assert len(slots) == 1, user
-    assert len({key_slot(tagged.session(f"user{j}").encode()) for j in range(50)}) > 40  # users spread out
+    assert len({key_slot(tagged.session(f"user{j}").encode()) for j in range(50)}) > 35  # users spread out
+    assert len({key_slot(k.encode()) for k in tagged.event_streams()}) == LOG_SHARDS  # one slot per shard
     with pytest.raises(FeatureStoreError, match="braces"):
         RedisKeys("t{x}", cluster=True)
 
@@ -207,6 +210,45 @@ def test_recommend_and_record_events_round_trip_on_a_cluster(served) -> None:  #
         r = c.recommend(users[4], k=10)
         assert (r.rung, r.source) == (pb.RUNG_FULL, "online")
         assert not {f"i{(7 * 4 + e) % 1000}" for e in range(3)} & set(r.item_ids)  # seen items are excluded
+
+
+def test_the_event_log_on_a_cluster_is_written_with_the_sessions_and_read_whole(served) -> None:  # type: ignore[no-untyped-def]
+    from offline.event_log import EventLog
+    from offline.run_lock import RefreshLock
+
+    srv, cluster = served
+    rc = _client(cluster)
+    keys = RedisKeys(PREFIX, cluster=True)
+    users = [f"u{j}" for j in range(0, 300, 3)]
+    now = int(time.time())
+    events = [(u, f"i{(5 * j + e) % 1000}", "view", now - 50 + e) for j, u in enumerate(users) for e in range(2)]
+    with RecommenderClient(srv.target, timeout=10.0) as c:
+        assert c.record_events(events) == len(events)
+        assert c.record_events(events[:4]) == 4  # a retry: in the log twice, stored once by readers
+    # Each event sits in its user's shard stream, the slot of its session.
+    shards = {log_shard(u) for u in users}
+    assert len({rc.get_node_from_key(keys.events(s)).port for s in shards}) == 3  # spread over the nodes
+    assert sum(rc.xlen(keys.events(s)) for s in shards) == len(events) + 4
+    log = EventLog(redis_url=cluster.url, prefix=PREFIX)
+    try:
+        log.ensure_group("refresh")
+        batch = log.read(group="refresh", consumer="c1", count=100_000)
+        assert {(e.user_id, e.item_id, e.type, e.timestamp) for e in batch.events} == set(events)
+        assert len(batch.events) == len(events) and len(batch.ids) == len(events) + 4
+        assert log.pending_count(group="refresh") == len(events) + 4
+        assert log.read(group="refresh", consumer="c1").ids == []  # nothing new
+        again = log.read(group="refresh", consumer="c1", pending=True, count=100_000)  # after a crash
+        assert sorted(again.ids) == sorted(batch.ids)
+        assert log.ack(group="refresh", ids=batch.ids) == len(events) + 4
+        assert log.pending_count(group="refresh") == 0
+    finally:
+        log.close()
+    # The refresh lock works on a cluster too (one key, routed to its slot).
+    lock = RefreshLock(redis_url=cluster.url, key=f"{PREFIX}:refresh:lock")
+    lock.acquire()
+    lock.check()
+    assert lock.holder() == lock.owner and lock.release()
+    lock.close()
 
 
 def test_a_stopped_node_degrades_without_failed_rpcs_and_recovers(served) -> None:  # type: ignore[no-untyped-def]

@@ -13,13 +13,16 @@ Key layout — the one place it is defined (``RedisKeys``)::
                                     "item\\ttype\\tts", capped to the newest + TTL
 
 On a Redis Cluster (``redis+cluster://`` URLs, ``RedisKeys(cluster=True)``) every
-per-user key carries the user id as a hash tag — ``{p}:v:{version}:ue:{<user>}``,
-``{p}:v:{version}:recs:{<user>}``, ``{p}:zsess:{<user>}`` — so all of one user's
-keys live in one slot: a user's session write is one MULTI (which needs one slot),
-and a user's features sit on one node (a stalled node degrades whole users, never
-half of one). Nothing needs keys of *different* users in one slot: a batch's fetch
-is a pipeline that redis-py splits per node, and batch recs an MGET split per slot.
-Standalone Redis keeps the untagged names above (no migration).
+per-user key carries the user's log shard as a hash tag — ``{p}:v:{version}:ue:{logS}<user>``,
+``{p}:v:{version}:recs:{logS}<user>``, ``{p}:zsess:{logS}<user>`` with S = crc32(user) mod
+``LOG_SHARDS`` — and the event log is one stream per shard, ``{p}:events:{logS}``. So a
+user's keys and the stream their events go to share one slot: a RecordEvents call is one
+MULTI per shard (session writes + XADDs: acknowledged means in both or in neither, as on
+standalone Redis), and a user's features sit on one node (a stalled node degrades whole
+users, never half of one, and stops only its shards' logs). Nothing needs *different*
+shards in one slot: a batch's fetch is a pipeline that redis-py splits per node, and batch
+recs an MGET split per slot. 256 shards spread over a cluster's nodes like users did.
+Standalone Redis keeps the untagged names above and one stream (no migration).
 
 Embeddings and recs are version-scoped, so a worker serving version N can never
 read another version's vectors (no skew); sessions are facts about the user,
@@ -41,6 +44,7 @@ decoded with the wrong scale.
 from __future__ import annotations
 
 import threading
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,7 +74,7 @@ class Event:
 @dataclass(frozen=True)
 class RedisKeys:
     prefix: str = "tt"
-    cluster: bool = False  # hash-tag per-user keys with the user id (one slot per user)
+    cluster: bool = False  # hash-tag per-user keys with the user's log shard (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.cluster and ("{" in self.prefix or "}" in self.prefix):
@@ -78,7 +82,7 @@ class RedisKeys:
             raise FeatureStoreError(f"redis prefix {self.prefix!r} must not contain braces on a cluster")
 
     def _user(self, user_id: str) -> str:
-        return f"{{{user_id}}}" if self.cluster else user_id
+        return f"{{log{log_shard(user_id)}}}{user_id}" if self.cluster else user_id
 
     def user_embedding(self, version: str, user_id: str) -> str:
         return f"{self.prefix}:v:{version}:ue:{self._user(user_id)}"
@@ -95,15 +99,35 @@ class RedisKeys:
     def session(self, user_id: str) -> str:
         return f"{self.prefix}:zsess:{self._user(user_id)}"
 
-    # The durable logs (one stream each, not per version): see "Event log" below.
-    def events(self) -> str:
-        return f"{self.prefix}:events"
+    # The durable logs (not per version): see "Event log" below.
+    def events(self, shard: int | None = None) -> str:
+        """The event stream (standalone), or shard ``shard``'s stream (cluster)."""
+        if not self.cluster:
+            return f"{self.prefix}:events"
+        if shard is None or not 0 <= shard < LOG_SHARDS:
+            raise ValueError(f"a cluster's event log is {LOG_SHARDS} streams: name the shard (got {shard!r})")
+        return f"{self.prefix}:events:{{log{shard}}}"
+
+    def event_streams(self) -> list[str]:
+        """Every stream of the event log, in shard order."""
+        return [self.events(s) for s in range(LOG_SHARDS)] if self.cluster else [self.events()]
+
+    def events_of(self, user_id: str) -> str:
+        """The stream a user's events go to (in the same slot as the user's session)."""
+        return self.events(log_shard(user_id)) if self.cluster else self.events()
 
     def impressions(self) -> str:
         return f"{self.prefix}:impressions"
 
     def dead_letters(self) -> str:
         return f"{self.prefix}:events:dead"
+
+
+LOG_SHARDS = 256  # a cluster's event log: streams, each in the slot of its users' keys
+
+
+def log_shard(user_id: str) -> int:
+    return zlib.crc32(user_id.encode("utf-8", "surrogatepass")) % LOG_SHARDS
 
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
@@ -165,8 +189,9 @@ def event_scores(events: Sequence[Event]) -> list[float]:
 
 # -- Event log -----------------------------------------------------------------------------
 #
-# Every event RecordEvents accepts is appended to ``{p}:events`` in the same MULTI/EXEC as the
-# session update (standalone Redis), so an acknowledged event is in both or in neither. Entry
+# Every event RecordEvents accepts is appended to ``{p}:events`` (a cluster: the user's shard
+# stream ``{p}:events:{logS}``) in the same MULTI/EXEC as the session update, so an
+# acknowledged event is in both or in neither. Entry
 # fields: user, item, type, ts (unix s), rid (the impression's request id, may be empty).
 # Served impressions are sampled into ``{p}:impressions``: rid, user, variant, version, items
 # (tab-joined ids). Both streams are capped with approximate trimming (``XADD MAXLEN ~ N``:
