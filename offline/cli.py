@@ -106,9 +106,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the interaction store (Parquet by day; default: DATA_DIR/interactions)")
     p.add_argument("--holdout-hours", type=float, default=24.0, help="the gate's window: the newest events")
     p.add_argument("--max-drop", type=float, default=0.01,
-                   help="gate: largest relative Recall@20 drop vs CURRENT that still publishes")
-    p.add_argument("--gate-min-users", type=positive_int, default=50,
-                   help="fewer holdout users than this: publish ungated (the comparison would be noise)")
+                   help="gate: refuse a candidate whose Recall@20 is measurably (95%%) lower than CURRENT's "
+                        "by more than this fraction")
+    p.add_argument("--no-gate", action="store_true",
+                   help="publish even a candidate the holdout says is worse (still measured and reported)")
     p.add_argument("--epochs", type=positive_int, default=3, help="train mode: warm-start epochs")
     p.add_argument("--grace-s", type=float, default=3600.0, help="keep retired versions' Redis keys this long")
     p.add_argument("--flags", type=Path, default=None, help="an A/B flags file: versions it pins keep their keys")
@@ -233,7 +234,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
                         engine=args.engine, run_root=args.run_dir or args.registry.resolve().parent / "runs",
                         store_root=args.store or args.data_dir / "interactions", data_dir=args.data_dir,
                         holdout_s=int(args.holdout_hours * 3600), max_drop=args.max_drop, train_epochs=args.epochs,
-                        gate_min_users=args.gate_min_users,
+                        gate=not args.no_gate,
                         grace_s=int(args.grace_s), flags=args.flags)
     log = (lambda *_: None) if args.json else print
 

@@ -72,8 +72,8 @@ class Setup:
         self.keys = RedisKeys(prefix)
         self.cfg = RefreshConfig(registry=self.registry, redis_url=url, run_root=root / "runs",
                                  store_root=root / "store", data_dir=root, prefix=prefix, grace_s=0,
-                                 holdout_s=30 * 86_400, gate_min_users=10**9)
-        # ^ ungated: these tests are about the pipeline; the gate's test turns it on.
+                                 holdout_s=30 * 86_400, gate=False)
+        # ^ these tests are about the pipeline; the gate's own test turns it on.
 
     def send(self, events: list[Event]) -> None:
         for e in events:
@@ -109,9 +109,9 @@ def test_an_embed_refresh_publishes_fresh_user_embeddings_and_acknowledges_the_e
     assert steps["read"]["events"] == len(set(w.events))
     assert steps["merge"]["stored"] == len(set(w.events))  # the retry stored nothing twice
     assert steps["publish"]["published"], steps["evaluate"]["why"]
-    # Too few holdout users for the configured minimum: measured, published ungated, and said so.
-    assert not steps["evaluate"]["gated"] and "not gated" in steps["evaluate"]["why"]
-    assert steps["evaluate"]["holdout_users"] > 0 and "recall@20" in steps["evaluate"]["candidate"]
+    # Gate off: still measured on every holdout event, published, and said so.
+    assert not steps["evaluate"]["gated"] and "gate off" in steps["evaluate"]["why"]
+    assert steps["evaluate"]["targets"] == len(set(w.events)) and "recall@20" in steps["evaluate"]["candidate"]
     cur = registry_mod.current_version(s.registry)
     assert cur != base and cur == steps["publish"]["version"]
     old, new = bundle_mod.load(s.registry / str(base)), bundle_mod.load(s.registry / str(cur))
@@ -178,10 +178,11 @@ def test_the_gate_refuses_a_worse_candidate_and_nothing_changes(setup: Setup) ->
                 arrays[k] = -arrays[k]
             bundle_mod.update_bundle(run / "candidate", {"towers.npz": arrays}, {})
 
-    report = refresh(replace(s.cfg, gate_min_users=1), fault=sabotage, progress=False, log=lambda _m: None)
+    report = refresh(replace(s.cfg, gate=True), fault=sabotage, progress=False, log=lambda _m: None)
     steps = {st["name"]: st["result"] for st in report["steps"]}
     assert steps["evaluate"]["gated"] and not steps["evaluate"]["passed"], steps["evaluate"]
-    assert steps["evaluate"]["candidate"]["recall@20"] < steps["evaluate"]["floor"]
+    ev = steps["evaluate"]
+    assert ev["upper95"] < ev["floor"] < 0 and ev["candidate"]["recall@20"] < ev["current"]["recall@20"]
     assert "Recall@20" in steps["publish"]["why"] and not steps["publish"]["published"]
     assert registry_mod.current_version(s.registry) == base
 
