@@ -1,4 +1,5 @@
-"""Offline subcommands: train, evaluate, verify, index build/tune, quantize, publish, batch-score, synth-bundle."""
+"""Offline subcommands: train, evaluate, verify, index build/tune, quantize, publish, batch-score, synth-bundle,
+refresh, distill."""
 
 from __future__ import annotations
 
@@ -117,6 +118,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
     p.set_defaults(func=cmd_refresh)
+
+    p = sub.add_parser("distill", help="train a servable student bundle from an expensive teacher ensemble "
+                                       "(CE + alpha T^2 KL over in-batch candidates); report all side by side")
+    p.add_argument("--teacher", required=True, type=Path,
+                   help="a bundle, a directory of bundles (ensemble members), or a JSON config of members to train")
+    p.add_argument("--out", required=True, type=Path, help="work directory: OUT/student (the bundle), OUT/teacher, "
+                                                           "OUT/baseline")
+    p.add_argument("--dataset", default="ml-100k", help="ml-100k | a GroupLens directory | synthetic:UxI[:SEED]")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the KL term (0: plain training)")
+    p.add_argument("--kd-temperature", type=float, default=2.0, help="distillation temperature T")
+    p.add_argument("--epochs", type=positive_int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--baseline", type=existing_dir, default=None,
+                   help="today's model to compare with (default: train the default config into OUT/baseline)")
+    p.add_argument("--report-dir", type=Path, default=None, help="write distill.json/.md/.png here")
+    p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_distill)
 
 
 
@@ -263,6 +283,24 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(f"refresh scheduler: {args.schedule!r}; reports in {cfg.run_root / 'schedule'}")
     run_schedule(cron=args.schedule, job=once, stop=stop, report_dir=cfg.run_root / "schedule")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from offline.datasets import load_dataset
+    from offline.distill import distill, format_report
+    from offline.train import TrainConfig
+
+    if not args.teacher.exists():
+        raise ConfigError("--teacher", f"not found: {args.teacher}")
+    if args.alpha < 0 or args.kd_temperature <= 0:
+        raise ConfigError("--alpha", "alpha must be >= 0 and --kd-temperature > 0")
+    ds = load_dataset(args.dataset, cache_dir=args.data_dir)
+    log = (lambda *_: None) if args.json else print
+    report = distill(teacher=args.teacher, out=args.out, dataset=ds, dataset_spec=args.dataset, alpha=args.alpha,
+                     temperature=args.kd_temperature, baseline=args.baseline, report_dir=args.report_dir,
+                     train_cfg=TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads), log=log)
+    print(json.dumps(report) if args.json else format_report(report))
     return 0
 
 

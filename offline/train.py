@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,36 @@ class TrainConfig:
     patience: int = 5  # epochs without a validation Recall@20 gain before stopping
     seed: int = 0
     threads: int = 2
+
+
+@dataclass(frozen=True)
+class SoftTargets:
+    """Distillation hook for ``train_model`` (``offline.distill`` builds one from a teacher).
+
+    ``teacher(example_idx, target_rows)`` returns the teacher's logits (B, B) for the batch's
+    examples (indices into ``training_examples``) against the batch's target items: the same
+    in-batch candidates the student's softmax scores. The loss becomes
+    ``CE + alpha * T**2 * KL(softmax(teacher / T) || softmax(student / T))`` over those
+    candidates, where the student logits are its dot products / model temperature without
+    the logQ correction (the correction only debiases the sampled CE; both distributions
+    are over the same candidates), and accidental hits are masked on both sides. The KL is
+    computed even when ``alpha == 0`` (it then adds exact zeros: the same run as without it).
+    """
+
+    teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    alpha: float = 1.0
+    temperature: float = 2.0
+
+    def kl(self, idx: torch.Tensor, targets: torch.Tensor, student: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+        """Mean over rows of the KL term (already scaled by ``alpha * T**2``); ``hit``: (B, B)
+        True where a candidate is another row's copy of the target (excluded)."""
+        t = self.temperature
+        with torch.no_grad():
+            p_t = torch.softmax(self.teacher(idx, targets).masked_fill(hit, float("-inf")) / t, dim=1)
+        log_s = torch.log_softmax(student.masked_fill(hit, float("-inf")) / t, dim=1)
+        # p_t * (log p_t - log p_s), with 0 where p_t == 0 (masked: avoids 0 * -inf).
+        terms = torch.where(p_t > 0, p_t * (torch.log(p_t.clamp(min=1e-30)) - log_s), torch.zeros_like(p_t))
+        return self.alpha * t * t * terms.sum(dim=1).mean()
 
 
 def fit_pipeline(ds: Dataset) -> FeaturePipeline:
@@ -136,11 +167,13 @@ def _validate(model: TwoTower, fp: FeaturePipeline, split: Split, cfg: ModelConf
 
 def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True,
                 split: Split | None = None, fp: FeaturePipeline | None = None,
-                init: dict[str, np.ndarray] | None = None) -> tuple[TwoTower, FeaturePipeline, Split,
-                                                                    list[dict[str, float]]]:
+                init: dict[str, np.ndarray] | None = None,
+                soft_targets: SoftTargets | None = None) -> tuple[TwoTower, FeaturePipeline, Split,
+                                                                  list[dict[str, float]]]:
     """Fit the pipeline (or use ``fp``) and train; returns the best model by validation
     Recall@20. ``init``: weights to start from (a warm start: the refresh's ``train`` mode
-    passes the serving version's towers and its pipeline, extended with new users/items)."""
+    passes the serving version's towers and its pipeline, extended with new users/items).
+    ``soft_targets``: distillation (see :class:`SoftTargets`); None = plain training."""
     torch.manual_seed(train_cfg.seed)
     torch.set_num_threads(train_cfg.threads)
     split = split or temporal_split(ds.interactions)
@@ -193,6 +226,9 @@ def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             same = b_targets[:, None] == b_targets[None, :]
             logits = logits.masked_fill(same & ~torch.eye(len(idx), dtype=torch.bool), float("-inf"))
             loss = F.cross_entropy(logits, torch.arange(len(idx)))
+            if soft_targets is not None:  # distillation: + alpha T^2 KL(teacher || student)
+                loss = loss + soft_targets.kl(idx, b_targets, q @ pos.T / model_cfg.temperature,
+                                              same & ~torch.eye(len(idx), dtype=torch.bool))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -216,19 +252,21 @@ def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
 def train(
     *, dataset: Dataset, out: Path, dataset_spec: str | None = None, model_cfg: ModelConfig | None = None,
     train_cfg: TrainConfig | None = None,
-    index_type: str = "auto", progress: bool = True,
+    index_type: str = "auto", progress: bool = True, soft_targets: SoftTargets | None = None,
 ) -> dict[str, Any]:
     """Train on ``dataset`` and write a verified bundle to ``out``; returns its manifest.
 
     Modes: ``index_type`` is any of ``towers.index.INDEX_TYPES`` (``auto`` picks
     exact search for small catalogs). The bundle's manifest carries the test and
-    validation metrics (serving path) beside the popularity baseline.
+    validation metrics (serving path) beside the popularity baseline. ``soft_targets``:
+    distill from a teacher (``offline.distill``); the bundle is an ordinary one.
     """
     model_cfg = model_cfg or ModelConfig()
     train_cfg = train_cfg or TrainConfig()
     t0 = time.perf_counter()
     ds = dataset
-    model, fp, split, history = train_model(ds, model_cfg=model_cfg, train_cfg=train_cfg, progress=progress)
+    model, fp, split, history = train_model(ds, model_cfg=model_cfg, train_cfg=train_cfg, progress=progress,
+                                            soft_targets=soft_targets)
     train_s = time.perf_counter() - t0
     item_emb = embed_items(model, fp)
     user_emb = embed_users(model, fp, user_histories(fp, split.train, model_cfg.history_len), item_emb=item_emb)
