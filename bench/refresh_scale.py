@@ -3,10 +3,11 @@
 
 ML-100k has 943 users, so the million are its users repeated (features and history of user
 ``u`` become those of ``u#j``), embedded by a trained bundle's towers. Timed, one after the
-other, exactly as ``offline/refresh.py`` runs them: the user tower over every user's
+other, with the functions ``offline/refresh.py`` calls: the user tower over every user's
 history (``embed`` re-embeds only users with events; ``train`` all of them: this is the
 latter), writing the candidate bundle, batch-scoring top-100 per user, and loading the
-version's keys into a throwaway Redis. Writes JSON.
+version's keys into a throwaway Redis. Not timed here: the refresh's own reads of the
+interaction store, its event bookkeeping and the gate. Writes JSON.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ reason and is acknowledged: one bad entry never stops a consumer.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from towers.errors import FeatureStoreError
@@ -31,6 +31,14 @@ class ReadBatch:
     ids: list[str]  # stream entry ids to acknowledge once the events are used
     events: list[Event]  # parsed, repeats (same identity) dropped
     dead: int  # entries moved to the dead letters
+
+
+@dataclass
+class _Collect:
+    ids: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    seen: set[Event] = field(default_factory=set)
+    dead: list[str] = field(default_factory=list)
 
 
 class EventLog:
@@ -74,36 +82,48 @@ class EventLog:
         return f"{shard}/{entry_id}" if self.cluster else entry_id
 
     def read(self, *, group: str, consumer: str, count: int = 10_000, pending: bool = False) -> ReadBatch:
-        """Up to ``count`` entries not yet delivered to ``group`` (``pending``: the ones delivered
-        to ``consumer`` and not acknowledged, e.g. after a crash). Malformed entries are moved
-        to the dead letters and acknowledged here."""
-        ids: list[str] = []
-        events: list[Event] = []
-        seen: set[Event] = set()
-        dead: list[str] = []
+        """Up to ``count`` entries not yet delivered to ``group`` (``pending``: every entry
+        delivered to ``consumer`` and not acknowledged, e.g. after a crash: read whole, page
+        by page). Malformed entries are moved to the dead letters and acknowledged here."""
+        out = _Collect()
         for shard, stream in enumerate(self._streams):
-            left = count - len(ids) - len(dead)
+            if pending:
+                start = "0"
+                while True:  # XREADGROUP from an id pages through the consumer's pending list
+                    entries = self._xreadgroup(group, consumer, stream, start, count)
+                    if not entries:
+                        break
+                    self._take(out, shard, stream, entries)
+                    last = entries[-1][0]
+                    start = last.decode() if isinstance(last, bytes) else str(last)
+                continue
+            left = count - len(out.ids) - len(out.dead)
             if left <= 0:
                 break
-            reply = self._call("xreadgroup", self._redis.xreadgroup, group, consumer,
-                               {stream: "0" if pending else ">"}, count=left)
-            for raw_id, fields in (reply[0][1] if reply else []):
-                entry_id = self._entry_id(shard, raw_id)
-                try:
-                    e = decode_event_fields(fields)
-                except ValueError as err:
-                    self._call("xadd", self._redis.xadd, self.keys.dead_letters(),
-                               {"reason": str(err), "stream": stream, "id": entry_id,
-                                **{(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in fields.items()}})
-                    dead.append(entry_id)
-                    continue
-                ids.append(entry_id)
-                if e not in seen:  # Event equality is its identity (request_id does not count)
-                    seen.add(e)
-                    events.append(e)
-        if dead:
-            self.ack(group=group, ids=dead)
-        return ReadBatch(ids, events, len(dead))
+            self._take(out, shard, stream, self._xreadgroup(group, consumer, stream, ">", left))
+        if out.dead:
+            self.ack(group=group, ids=out.dead)
+        return ReadBatch(out.ids, out.events, len(out.dead))
+
+    def _xreadgroup(self, group: str, consumer: str, stream: str, start: str, count: int) -> list[Any]:
+        reply = self._call("xreadgroup", self._redis.xreadgroup, group, consumer, {stream: start}, count=count)
+        return list(reply[0][1]) if reply else []
+
+    def _take(self, out: _Collect, shard: int, stream: str, entries: list[Any]) -> None:
+        for raw_id, fields in entries:
+            entry_id = self._entry_id(shard, raw_id)
+            try:
+                e = decode_event_fields(fields)
+            except ValueError as err:
+                self._call("xadd", self._redis.xadd, self.keys.dead_letters(),
+                           {"reason": str(err), "stream": stream, "id": entry_id,
+                            **{(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in fields.items()}})
+                out.dead.append(entry_id)
+                continue
+            out.ids.append(entry_id)
+            if e not in out.seen:  # Event equality is its identity (request_id does not count)
+                out.seen.add(e)
+                out.events.append(e)
 
     def _by_stream(self, ids: list[str]) -> dict[str, list[str]]:
         if not self.cluster:

@@ -3,6 +3,7 @@ feature store needs (when a Redis URL is given), then flip ``CURRENT``."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from towers import registry as registry_mod
@@ -10,7 +11,7 @@ from towers import registry as registry_mod
 
 def publish(bundle_dir: Path, *, registry: Path, redis_url: str | None = None,
             fault: registry_mod.FaultHook | None = None, redis_dtype: str | None = None,
-            redis_prefix: str = "tt") -> str:
+            redis_prefix: str = "tt", expect_current: Collection[str | None] | None = None) -> str:
     """Copy + verify (and gate: ``towers.registry.quality_gate``) into the registry; with
     ``redis_url``, load the version's user embeddings (``redis_dtype``, default the bundle's
     declared dtype) and precomputed recs into Redis before the pointer flips."""
@@ -23,4 +24,4 @@ def publish(bundle_dir: Path, *, registry: Path, redis_url: str | None = None,
                                    progress=False)
 
     kwargs = {"fault": fault} if fault is not None else {}
-    return registry_mod.publish(bundle_dir, registry, before_switch=before, **kwargs)
+    return registry_mod.publish(bundle_dir, registry, before_switch=before, expect_current=expect_current, **kwargs)

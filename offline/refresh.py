@@ -53,7 +53,7 @@ from towers import registry as registry_mod
 from towers.errors import ConfigError, DataError, FeatureStoreError, RegistryError
 from towers.features import FeaturePipeline
 from towers.ranking import RankModel
-from towers.store_format import Event, RedisKeys
+from towers.store_format import Event, RedisKeys, is_cluster_url
 
 MODES = ("embed", "train")
 ENGINES = ("local", "ray")
@@ -77,6 +77,7 @@ class RefreshConfig:
     max_drop: float = 0.01  # gate: refuse a candidate measurably worse than CURRENT by more (see evaluate)
     gate: bool = True  # False: publish whatever the evaluation says (it is still measured and reported)
     max_targets: int = 20_000  # holdout events scored (a deterministic sample beyond this)
+    gate_min_targets: int = 20  # below: measured and reported, but too few to refuse on
     train_epochs: int = 3  # train mode: warm-start epochs
     batch_k: int = 100  # precomputed recs per user
     grace_s: int = 3_600  # keep a retired version's Redis keys this long (servers still swapping)
@@ -118,6 +119,11 @@ def refresh(cfg: RefreshConfig, *, resume: Path | None = None, fault: Fault = _n
     run = RunDir.open(resume) if resume is not None else RunDir.create(
         cfg.run_root, params={**{k: str(v) for k, v in asdict(cfg).items()}, "parent": current})
     parent = str(run.params.get("parent", current))
+    if resume is not None:
+        for name, flag in (("mode", "--mode"), ("engine", "--engine")):
+            if str(run.params.get(name, getattr(cfg, name))) != str(getattr(cfg, name)):
+                raise ConfigError(flag, f"run {run.run_id} was started with {flag} {run.params.get(name)}; "
+                                        f"resume it with the same")
     lock = RefreshLock(redis_url=cfg.redis_url, key=f"{cfg.prefix}:refresh:lock", ttl_ms=cfg.lock_ttl_ms)
     lock.acquire()
     try:
@@ -162,19 +168,16 @@ class _Job:
         ev = self._events_log()
         try:
             ev.ensure_group(self.cfg.group)
-            ids: list[str] = []
-            events: list[Event] = []
-            dead = 0
-            for pending in (True, False):  # a crashed run's delivered-unacked entries, then new ones
-                while True:
-                    batch = ev.read(group=self.cfg.group, consumer=self.cfg.consumer, pending=pending)
-                    dead += batch.dead
-                    if not batch.ids:
-                        break
-                    ids += batch.ids
-                    events += batch.events
-                    if pending:
-                        break  # the pending list is read whole at once (count covers it)
+            # A crashed or refused run's delivered-unacknowledged entries (read whole), then new ones.
+            batch = ev.read(group=self.cfg.group, consumer=self.cfg.consumer, pending=True)
+            ids, events, dead = list(batch.ids), list(batch.events), batch.dead
+            while True:
+                batch = ev.read(group=self.cfg.group, consumer=self.cfg.consumer)
+                dead += batch.dead
+                if not batch.ids:
+                    break
+                ids += batch.ids
+                events += batch.events
         finally:
             ev.close()
         unique = list(dict.fromkeys(events))  # identity repeats across reads
@@ -188,13 +191,18 @@ class _Job:
 
     def merge(self) -> dict[str, Any]:
         seeded = 0
-        if len(self.store) == 0:
-            # An empty store starts from what CURRENT was trained on (its history at training time).
+        marker = self.cfg.store_root / ".seeded"
+        self.cfg.store_root.mkdir(parents=True, exist_ok=True)
+        if not marker.is_file():
+            # A new store starts from what CURRENT was trained on (its history at training time).
+            # The marker is written after the whole seed: a crash half way seeds again (appends
+            # are idempotent by event identity), never leaving the store partly seeded.
             from offline.datasets import load_dataset
 
             man = bundle_mod.read_manifest(self.cfg.registry / self.parent)
             ds = load_dataset(str(man["dataset"]), cache_dir=self.cfg.data_dir)
             seeded = self.store.append(InteractionRows.from_interactions(ds.interactions))
+            write_json_atomic(marker, {"dataset": str(man["dataset"]), "version": self.parent, "rows": seeded})
         new = self.store.append(self._new_events())
         return {"seeded": seeded, "stored": new, "store_rows": len(self.store)}
 
@@ -272,7 +280,11 @@ class _Job:
             files["titles.json"] = parent.titles
         if history:
             files["history.json"] = history
-        keep = ("dataset", "model_config", "train_config", "index")
+        # Embed mode keeps the towers and the items, so the parent's index and its measured
+        # quantization (user-embedding dtype and scale, the end-to-end check the publish gate
+        # reads) still hold; train mode changes both and drops them (float32 users).
+        keep = ("dataset", "model_config", "train_config", "index",
+                *(("quant",) if self.cfg.mode == "embed" and not new_items else ()))
         manifest = {k: man[k] for k in keep if k in man}
         manifest["shapes"] = {"n_items": fp.n_items, "n_users": fp.n_users, "dim": cfg_m.dim}
         manifest["refresh"] = {"run_id": self.run.run_id, "mode": self.cfg.mode, "parent": self.parent,
@@ -395,19 +407,41 @@ class _Job:
         hits_p = _hits(cur, tusers, prefixes, titems, vectors=None)
         d = hits_c.astype(np.float64) - hits_p
         r_c, r_p = float(hits_c.mean()), float(hits_p.mean())
-        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+        se = _clustered_se(d, tusers)  # a user's targets are not independent of each other
         upper = float(d.mean()) + 1.96 * se
         floor = -self.cfg.max_drop * r_p
-        passed = not self.cfg.gate or upper >= floor
-        why = (f"candidate Recall@20 {r_c:.4f} vs CURRENT {r_p:.4f} on {len(d)} holdout events "
-               f"(difference {d.mean():+.4f}, 95% upper bound {upper:+.4f}; refused below {floor:+.4f}, "
-               f"max drop {self.cfg.max_drop:.0%})")
+        stored = self._stored_rows_ok(cand)
+        few = len(d) < self.cfg.gate_min_targets
+        passed = not self.cfg.gate or (stored and (few or upper >= floor))
+        why = (f"candidate Recall@20 {r_c:.4f} vs CURRENT {r_p:.4f} on {len(d)} holdout events of "
+               f"{len(set(tusers))} users (difference {d.mean():+.4f}, 95% upper bound {upper:+.4f}; refused "
+               f"below {floor:+.4f}, max drop {self.cfg.max_drop:.0%})")
+        if few:
+            why += f"; fewer than {self.cfg.gate_min_targets} targets: too few to tell, not refused on them"
+        if not stored:
+            why += "; the candidate's stored user embeddings do not match its towers on the users' history"
         if not self.cfg.gate:
             why += "; gate off"
         self.log(f"refresh gate: {'pass' if passed else 'REFUSED'}: {why}")
-        return {"targets": len(d), "holdout_start": t0, "candidate": {"recall@20": r_c},
+        return {"targets": len(d), "holdout_start": t0, "stored_rows_ok": stored, "candidate": {"recall@20": r_c},
                 "current": {"recall@20": r_p}, "difference": float(d.mean()), "upper95": upper, "floor": floor,
                 "gated": self.cfg.gate, "passed": bool(passed), "why": why}
+
+    def _stored_rows_ok(self, cand: bundle_mod.Bundle, sample: int = 64) -> bool:
+        """The published rows, not only the towers: re-embed a sample of the users this run
+        embedded from their whole history and compare with ``user_embeddings.npy`` (a row
+        misaligned by the candidate step would pass a gate that scores only the towers)."""
+        affected = np.array(json.loads((self.run.path / "affected.json").read_text())["users"], dtype=np.int64)
+        if len(affected) == 0:
+            return True
+        rows = np.sort(np.random.default_rng(self.cfg.seed).choice(affected, min(sample, len(affected)),
+                                                                    replace=False))
+        log = self.store.read()
+        users = [cand.features.user_vocab.values[r] for r in rows.tolist()]
+        mine = log.take(np.flatnonzero(np.isin(log.user, users)))
+        prefixes = [mine.item[mine.user == u].tolist() for u in users]
+        again = _embed_prefixes(cand, users, prefixes)
+        return bool(np.allclose(again, np.asarray(cand.user_emb)[rows], atol=1e-5))
 
     def publish(self) -> dict[str, Any]:
         gate = self._result("evaluate")
@@ -416,14 +450,21 @@ class _Job:
         from offline.publish import publish
 
         self.lock.check()  # a holder that lost the lock never publishes
-        old = registry_mod.current_version(self.cfg.registry)
+        mine = str(bundle_mod.read_manifest(self.cand_dir)["version"])
+        # Built from the parent: publish only over it (or over itself, when this step runs again
+        # after a crash past the flip), never over a version published since (a manual publish,
+        # another run).
         version = publish(self.cand_dir, registry=self.cfg.registry, redis_url=self.cfg.redis_url,
-                          redis_prefix=self.cfg.prefix)
-        if old is not None and old != version:
-            _mark_retired(self.cfg.registry, old)
-        return {"published": True, "version": version, "replaced": old}
+                          redis_prefix=self.cfg.prefix, expect_current=(self.parent, mine))
+        if version != self.parent:
+            _mark_retired(self.cfg.registry, self.parent)
+        return {"published": True, "version": version, "replaced": self.parent}
 
     def ack(self) -> dict[str, Any]:
+        if not self._result("publish")["published"]:
+            # Refused: the events stay pending, so the next run reads them again and re-embeds
+            # their users with whatever else happened by then (they are in the store already).
+            return {"acked": 0, "why": "not published: the entries stay pending for the next run"}
         ids = json.loads((self.run.path / "events.json").read_text())["ids"]
         ev = self._events_log()
         try:
@@ -437,6 +478,17 @@ class _Job:
     def gc(self) -> dict[str, Any]:
         return {"deleted": collect_garbage(registry=self.cfg.registry, redis_url=self.cfg.redis_url,
                                            prefix=self.cfg.prefix, grace_s=self.cfg.grace_s, flags=self.cfg.flags)}
+
+
+def _clustered_se(d: np.ndarray, groups: list[str]) -> float:
+    """Standard error of ``d.mean()`` with observations clustered by group (CR1): a user's
+    targets share their vector and session, so they are not independent draws."""
+    _, g = np.unique(np.asarray(groups), return_inverse=True)
+    n_g = int(g.max()) + 1 if len(g) else 0
+    if n_g < 2:
+        return float("inf")
+    resid = np.bincount(g, weights=d - d.mean(), minlength=n_g)
+    return float(np.sqrt(n_g / (n_g - 1) * np.sum(resid ** 2)) / len(d))
 
 
 def _embed_prefixes(b: bundle_mod.Bundle, users: list[str], prefixes: list[list[str]]) -> np.ndarray:
@@ -479,9 +531,11 @@ def _hits(b: bundle_mod.Bundle, users: list[str], prefixes: list[list[str]], tar
 
 
 def _mark_retired(registry: Path, version: str) -> None:
+    """``version`` stopped being CURRENT now (its grace starts now, even if it was retired
+    before: a rollback that served it again restarts the clock)."""
     path = registry / RETIRED_FILE
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data.setdefault(version, time.time())
+    data[version] = time.time()
     write_json_atomic(path, data)
 
 
@@ -501,15 +555,18 @@ def collect_garbage(*, registry: Path, redis_url: str, prefix: str, grace_s: flo
         pinned = set(load_flags(flags).pinned_versions())
     path = registry / RETIRED_FILE
     retired: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
-    keys = RedisKeys(prefix)
+    keys = RedisKeys(prefix, cluster=is_cluster_url(redis_url))
     r = sync_client(redis_url, socket_timeout=30)
     deleted: list[str] = []
     try:
         import redis
 
         try:
-            head, tail = f"{prefix}:v:", ":ready"
-            live = {k.decode()[len(head):-len(tail)] for k in r.scan_iter(match=f"{head}*{tail}", count=1000)}
+            head = f"{prefix}:v:"  # version ids hold no colon: the id is what follows the head
+            live = {k.decode()[len(head):].split(":", 1)[0]
+                    for k in r.scan_iter(match=f"{head}*:ready*", count=1000)}
+            for version in (current, *pinned):  # serving again: a later retirement starts afresh
+                retired.pop(str(version), None)
             for version in sorted(live - {current} - pinned):
                 since = retired.setdefault(version, now)
                 if now - since < grace_s:

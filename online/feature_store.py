@@ -21,6 +21,7 @@ import numpy as np
 from towers.errors import FeatureStoreError, FeatureStoreTimeout, Unsupported
 from towers.store_format import (
     EVENT_TYPES,
+    LOG_SHARDS,
     STREAM_MAXLEN,
     Event,
     Impression,
@@ -367,7 +368,10 @@ class RedisClusterFeatureStore(RedisFeatureStore):
         self.keys = RedisKeys(prefix, cluster=True)
         self._ttl = session_ttl_s
         self._cap = session_cap
-        self._stream_maxlen = STREAM_MAXLEN
+        self._stream_maxlen = stream_maxlen  # the impression stream's cap
+        # The event log is LOG_SHARDS streams: each gets its share of the cap, so the log as a
+        # whole is bounded like standalone Redis's one stream.
+        self._shard_maxlen = max(1_000, stream_maxlen // LOG_SHARDS)
         self._max_connections = max_connections
         # Connects lazily (first command discovers the slots from the seed nodes).
         self._redis = RedisCluster(  # type: ignore[assignment]
@@ -417,7 +421,7 @@ class RedisClusterFeatureStore(RedisFeatureStore):
                     self._queue_session_writes(pipe, user_id, members)
                 for e in part:
                     pipe.xadd(self.keys.events(shard), event_fields(e),  # type: ignore[arg-type]
-                              maxlen=self._stream_maxlen, approximate=True)
+                              maxlen=self._shard_maxlen, approximate=True)
                 return list(await pipe.execute())
 
         async def go() -> list[object]:

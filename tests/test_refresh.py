@@ -112,6 +112,7 @@ def test_an_embed_refresh_publishes_fresh_user_embeddings_and_acknowledges_the_e
     # Gate off: still measured on every holdout event, published, and said so.
     assert not steps["evaluate"]["gated"] and "gate off" in steps["evaluate"]["why"]
     assert steps["evaluate"]["targets"] == len(set(w.events)) and "recall@20" in steps["evaluate"]["candidate"]
+    assert steps["evaluate"]["stored_rows_ok"]  # the published rows re-embed to themselves
     cur = registry_mod.current_version(s.registry)
     assert cur != base and cur == steps["publish"]["version"]
     old, new = bundle_mod.load(s.registry / str(base)), bundle_mod.load(s.registry / str(cur))
@@ -185,6 +186,14 @@ def test_the_gate_refuses_a_worse_candidate_and_nothing_changes(setup: Setup) ->
     assert ev["upper95"] < ev["floor"] < 0 and ev["candidate"]["recall@20"] < ev["current"]["recall@20"]
     assert "Recall@20" in steps["publish"]["why"] and not steps["publish"]["published"]
     assert registry_mod.current_version(s.registry) == base
+    # The rows were written by the towers before the sabotage: the spot check sees they differ.
+    assert not steps["evaluate"]["stored_rows_ok"]
+    # Refused: nothing acknowledged, so the next run reads the same events again (pending).
+    assert s.state()["pending"] == [len(w.events)]
+    again = refresh(replace(s.cfg, gate=False), progress=False, log=lambda _m: None)
+    steps = {st["name"]: st["result"] for st in again["steps"]}
+    assert steps["read"]["events"] == len(set(w.events)) and steps["publish"]["published"]
+    assert s.state()["pending"] == [0]
 
 
 def test_two_refreshes_never_overlap_and_a_lost_lock_never_publishes(setup: Setup) -> None:
@@ -273,3 +282,30 @@ def test_bad_input_is_a_clear_error_and_publishes_nothing(setup: Setup, tmp_path
         refresh(replace(s.cfg, registry=empty), progress=False, log=lambda _m: None)
     assert registry_mod.current_version(s.registry) == base
     shutil.rmtree(empty)
+
+
+def test_a_run_never_replaces_a_version_published_since_it_started(setup: Setup, tmp_path: Path) -> None:
+    from towers.errors import RegistryError
+
+    s, w = setup, setup.world
+    s.send(w.events)
+
+    def crash(point: str) -> None:
+        if point == "after:evaluate":
+            raise KeyboardInterrupt(point)
+
+    with pytest.raises(KeyboardInterrupt):
+        refresh(s.cfg, fault=crash, progress=False, log=lambda _m: None)
+    # Meanwhile an operator publishes another version by hand.
+    other = tmp_path / "other"
+    shutil.copytree(w.bundle, other)
+    man = bundle_mod.read_manifest(other)
+    bundle_mod.update_bundle(other, {}, {"index": {**man["index"], "spec": {**man["index"]["spec"], "nprobe": 7}}})
+    manual = publish(other, registry=s.registry, redis_url=s.url, redis_prefix=s.prefix)
+    (run,) = list(s.cfg.run_root.iterdir())
+    with pytest.raises(RegistryError, match="another version was published since"):
+        refresh(s.cfg, resume=run, progress=False, log=lambda _m: None)
+    assert registry_mod.current_version(s.registry) == manual
+    assert s.state()["pending"] == [len(w.events)]  # nothing acknowledged: the next run takes them
+    with pytest.raises(ConfigError, match="--mode"):
+        refresh(replace(s.cfg, mode="train"), resume=run, progress=False, log=lambda _m: None)

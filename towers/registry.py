@@ -28,7 +28,7 @@ import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,14 +168,22 @@ def _install(bundle_dir: Path, registry: Path, fault: FaultHook) -> str:
 
 
 def publish(bundle_dir: Path, registry: Path, *, fault: FaultHook = _noop,
-            before_switch: Callable[[str], None] | None = None) -> str:
+            before_switch: Callable[[str], None] | None = None,
+            expect_current: Collection[str | None] | None = None) -> str:
     """Install ``bundle_dir`` and make it CURRENT.
 
     ``before_switch(version)`` runs after the copy is verified and before the
     pointer flips (the Redis load goes there, so a live version never reads
-    keys that are not there yet). ``fault`` is a test hook called at named points.
+    keys that are not there yet). ``expect_current``: refuse (``RegistryError``) unless
+    CURRENT is one of these, checked under the registry lock — a job that built its
+    bundle from CURRENT never replaces a version published since. ``fault`` is a test
+    hook called at named points.
     """
     with locked(registry):
+        now = current_version(registry)
+        if expect_current is not None and now not in expect_current:
+            raise RegistryError(f"{registry}: CURRENT is {now}, not {' or '.join(map(str, expect_current))} as "
+                                "this publish expected: another version was published since; nothing changed")
         version = _install(bundle_dir, registry, fault)
         if before_switch is not None:
             before_switch(version)

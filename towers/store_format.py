@@ -94,7 +94,10 @@ class RedisKeys:
         return f"{self.prefix}:v:{version}:ue_scale"
 
     def ready(self, version: str) -> str:
-        return f"{self.prefix}:v:{version}:ready"
+        # The cluster layout changed when the event log was sharded (per-user tags went from
+        # the user id to the user's log shard): a version loaded under the old layout has the
+        # old ``ready`` key only, so servers never take it for loaded; publish it again.
+        return f"{self.prefix}:v:{version}:ready" + (":shards" if self.cluster else "")
 
     def session(self, user_id: str) -> str:
         return f"{self.prefix}:zsess:{self._user(user_id)}"
