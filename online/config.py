@@ -122,6 +122,7 @@ class ServeConfig:
     # counted by their files' bytes in the manifest); a flags file over it is refused. 0: none.
     max_resident_mb: float = 0.0
     max_shadow_inflight: int = 1  # shadow batches running at once; more are dropped (and counted)
+    shadow_time_share: float = 0.1  # shadow batches may take at most this share of wall time
     assignment_cache: int = 100_000  # users whose assignment is remembered (per flags file)
 
     def validate(self) -> ServeConfig:
@@ -146,6 +147,7 @@ class ServeConfig:
             ("sync_threads", self.sync_threads >= 1, "must be >= 1"),
             ("max_resident_mb", self.max_resident_mb >= 0, "must be >= 0 (0: no limit)"),
             ("max_shadow_inflight", self.max_shadow_inflight >= 0, "must be >= 0 (0: shadows never run)"),
+            ("shadow_time_share", 0.0 <= self.shadow_time_share <= 1.0, "must be in [0, 1] (0: shadows never run)"),
             ("assignment_cache", self.assignment_cache >= 0, "must be >= 0"),
             ("metrics_port", -1 <= self.metrics_port <= 65535, "must be -1 (none), 0 (a free port) or a port"),
             ("log_format", self.log_format in ("text", "json"), "must be 'text' or 'json'"),

@@ -26,10 +26,11 @@ The pieces (``serve --flags FILE``):
 - **Shadows**: a variant with ``shadow: rate`` scores a sample of its
   experiment's requests (``towers.assign.shadow_sampled``) after the primary
   results are handed back, in a task the request never awaits, at most
-  ``max_shadow_inflight`` batches at a time, and only on an idle server: when that
-  bound is reached, requests are queued, or a primary batch is running when the
-  shadow would start, the shadow work is dropped and counted: shadows are the
-  first thing shed under load. Shadow requests are
+  ``max_shadow_inflight`` batches at a time, only on an idle server, and within a
+  budget of ``shadow_time_share`` of wall time: when the bound is reached, requests
+  are queued, a primary batch is running when the shadow would start, or the budget
+  is spent, the shadow work is dropped and counted: shadows are the first thing shed
+  under load. Shadow requests are
   copies: nothing of theirs flows back into a primary response.
 """
 
@@ -40,7 +41,7 @@ import copy
 import hashlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,17 +214,44 @@ def _read(path: Path) -> tuple[str, str | None]:
     return hashlib.sha256(data).hexdigest(), text
 
 
+class TimeBudget:
+    """A token bucket of wall time: refilled at ``share`` seconds per second, at most
+    ``burst_s`` banked; work runs only while the balance is positive and spends its duration
+    (it may overdraw once; the debt is paid back before the next run)."""
+
+    def __init__(self, *, share: float, burst_s: float = 0.025,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.share, self.burst_s, self._clock = share, burst_s, clock
+        self._tokens = burst_s if share > 0 else 0.0
+        self._at = clock()
+
+    def allow(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.burst_s, self._tokens + (now - self._at) * self.share)
+        self._at = now
+        return self.share > 0 and self._tokens > 0
+
+    def spend(self, seconds: float) -> None:
+        self._tokens -= seconds
+
+
 class Router:
     """Owns the flags: the routing table, its resident versions, reloads and shadows."""
 
     def __init__(self, service: RecommendService, *, registry: Path, flags_file: Path, poll_s: float,
-                 max_resident_mb: float = 0.0, max_shadow_inflight: int = 1, cache_size: int = 100_000) -> None:
+                 max_resident_mb: float = 0.0, max_shadow_inflight: int = 1, cache_size: int = 100_000,
+                 shadow_time_share: float = 0.1) -> None:
         self.service = service
         self.registry = registry
         self.flags_file = flags_file
         self.poll_s = poll_s
         self.max_resident_bytes = int(max_resident_mb * MB)
         self.max_shadow_inflight = max_shadow_inflight
+        # A token bucket of shadow wall time: refilled at ``shadow_time_share`` seconds per
+        # second (at most a quarter second banked), spent by each shadow batch's duration.
+        # Idle checks alone still let shadows take half the server's spare time at half peak
+        # (p99 x1.4); the bucket bounds what shadows can add however much traffic samples.
+        self.shadow_budget = TimeBudget(share=shadow_time_share)
         self.cache_size = cache_size
         self.table: RoutingTable | None = None
         self.state = FlagsState()
@@ -435,7 +463,7 @@ class Router:
             # Measured (bench/ab_shadow.py): a shadow that started while primaries were running
             # or queued raised the primary p99 ~5x at half peak. So it runs only on an idle
             # server: no primary batch in flight, none waiting.
-            if self.service.batcher.inflight or self.service.batcher.queued:
+            if self.service.batcher.inflight or self.service.batcher.queued or not self.shadow_budget.allow():
                 st.dropped += len(reqs)
                 return
             current = self.service.model
@@ -446,6 +474,7 @@ class Router:
             results = await self.service.run_batch(model, reqs, [0.0] * len(reqs),
                                                    settings=table.settings(model, sh.arm))
             ms = (time.perf_counter() - t0) * 1000.0
+            self.shadow_budget.spend(ms / 1000.0)
             for res, items in zip(results, primary, strict=True):
                 if isinstance(res, BaseException):
                     st.errors += 1

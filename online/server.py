@@ -331,6 +331,7 @@ async def start_router(service: RecommendService, cfg: ServeConfig, registry: Pa
 
     router = Router(service, registry=registry, flags_file=Path(cfg.flags_file), poll_s=cfg.registry_poll_s,
                     max_resident_mb=cfg.max_resident_mb, max_shadow_inflight=cfg.max_shadow_inflight,
+                    shadow_time_share=cfg.shadow_time_share,
                     cache_size=cfg.assignment_cache)
     if not await router.reload(force=True):
         raise TwoTowerError(f"cannot serve with flags {cfg.flags_file}: {router.state.error}")

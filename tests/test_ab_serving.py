@@ -477,3 +477,23 @@ def test_events_carry_the_request_id_of_the_impression_they_answer() -> None:
     msg.events[0].request_id = "r" * (cfg.max_id_length + 1)
     with pytest.raises(InvalidRequest, match=r"events\[0\].request_id"):
         parse_events(msg, cfg)
+
+
+def test_the_shadow_time_budget_refills_at_its_share_and_is_spent_by_shadow_batches() -> None:
+    from online.experiments import TimeBudget
+
+    now = [100.0]
+    b = TimeBudget(share=0.1, burst_s=0.02, clock=lambda: now[0])
+    assert b.allow()  # starts with its burst
+    b.spend(0.05)  # a 50 ms shadow batch overdraws it: -0.03 s
+    now[0] += 0.2  # refills 0.02 s: still in debt
+    assert not b.allow()
+    now[0] += 0.2  # +0.02 s more: positive again
+    assert b.allow()
+    now[0] += 100.0  # idle for long: never more than the burst banked
+    assert b.allow()
+    b.spend(0.021)
+    assert not b.allow()
+    off = TimeBudget(share=0.0, clock=lambda: now[0])
+    now[0] += 10.0
+    assert not off.allow()  # share 0: shadows never run
