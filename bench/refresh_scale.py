@@ -31,7 +31,7 @@ def refresh_scale(*, bundle: Path, n_users: int, data_dir: Path, work: Path, k: 
     from bench.procs import RedisProcess
     from offline.batch_score import batch_score_bundle
     from offline.datasets import load_dataset, temporal_split
-    from offline.train import user_histories
+    from offline.histories import user_histories
     from towers import bundle as bundle_mod
     from towers.model import ModelConfig, embed_users, model_from_arrays
     from towers.redis_load import load_bundle_into_redis

@@ -230,7 +230,7 @@ def int8_embedding_report(bundle_dir: Path, *, n_users: int = 1_000_000, batch: 
     hist = None
     if cfg.history_len > 0 and cache_dir is not None:
         from offline.datasets import load_dataset, temporal_split
-        from offline.train import user_histories
+        from offline.histories import user_histories
 
         split = temporal_split(load_dataset(str(b.manifest["dataset"]), cache_dir=cache_dir).interactions)
         hist = user_histories(fp, split.train, cfg.history_len)

@@ -213,7 +213,7 @@ class _Job:
         return int(ts.max()) - self.cfg.holdout_s + 1 if len(ts) else 0
 
     def candidate(self) -> dict[str, Any]:
-        from offline.train import user_histories
+        from offline.histories import user_histories
         from towers.model import ModelConfig, embed_items, embed_users, model_from_arrays
 
         parent = bundle_mod.load(self.cfg.registry / self.parent)

@@ -51,8 +51,8 @@ def _towers(b: bundle_mod.Bundle) -> Any:
 
 @pytest.mark.slow
 def test_embed_users_ray_equals_the_local_engine(ray_dir: Path, world: tr.World, base: bundle_mod.Bundle) -> None:
+    from offline.histories import user_histories
     from offline.ray_engine import embed_users_ray
-    from offline.train import user_histories
     from towers.model import embed_items, embed_users
 
     fp, model = base.features, _towers(base)
