@@ -23,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from offline.datasets import Interactions, order_key
-from offline.run_steps import fsync_dir
+from towers.bundle import atomic_write_bytes, fsync_dir
 from towers.errors import DataError
 
 if TYPE_CHECKING:
@@ -271,14 +269,6 @@ class InteractionStore:
         table = pa.Table.from_arrays([pa.array(getattr(rows, c), type=schema.field(c).type) for c in COLUMNS],
                                      schema=schema)
         dest = day_dir / f"part-{_content_hash(rows)}.parquet"
-        fd, tmp = tempfile.mkstemp(dir=day_dir, prefix=f".{dest.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pq.write_table(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_dir(day_dir)
+        sink = pa.BufferOutputStream()  # one day's new rows: small enough to write from memory
+        pq.write_table(table, sink)
+        atomic_write_bytes(dest, sink.getvalue().to_pybytes())

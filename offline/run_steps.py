@@ -22,15 +22,15 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import re
 import secrets
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from towers.bundle import atomic_write_bytes as write_bytes_atomic
+from towers.bundle import fsync_dir
 from towers.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -38,32 +38,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = "run.json"
 STEPS_DIR = "steps"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (the directory entry, not just the file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """A reader (or the next attempt after a crash) sees the old file or the new one, never a
-    torn one: write a temporary file beside it, fsync, ``os.replace``, fsync the directory.
-    Temporary names start with a dot, so directory scans that skip dot files never see them."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
