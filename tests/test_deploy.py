@@ -187,7 +187,22 @@ def test_serving_deployment_is_wired(overlay: str) -> None:
     env = {e["name"]: e for e in c.get("env", [])}
     for var in re.findall(r"\$\((\w+)\)", " ".join(c["args"])):
         assert var in env, f"args use $({var}), which the container does not define"
-    assert not [d for d in objs if d["kind"] == "CronJob"], "no refresh CronJob until `twotower refresh` exists"
+    # The nightly refresh: one run at a time, on the shared registry volume (writable), the
+    # flags file (pinned versions keep their keys), the same Redis URL as the serving pods.
+    cron = one(objs, "CronJob", "twotower-refresh")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job_pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (rc,) = job_pod["containers"]
+    assert rc["image"].startswith("twotower-train") and rc["args"][0] == "refresh"
+    jvols = {v["name"]: v for v in job_pod["volumes"]}
+    claim = jvols["registry"]["persistentVolumeClaim"]
+    assert claim["claimName"] == vols["registry"]["persistentVolumeClaim"]["claimName"] and not claim.get("readOnly")
+    assert jvols["config"]["configMap"]["name"] == vols["config"]["configMap"]["name"]
+    assert rc["args"][rc["args"].index("--registry") + 1] == c["args"][c["args"].index("--registry") + 1]
+    jenv = {e["name"]: e for e in rc.get("env", [])}
+    assert jenv["REDIS_URL"] == env["REDIS_URL"]
+    for var in re.findall(r"\$\((\w+)\)", " ".join(rc["args"])):
+        assert var in jenv, f"the refresh's args use $({var}), which its container does not define"
 
 
 def test_demo_runs_redis_and_production_reads_its_url_from_a_secret() -> None:
@@ -265,10 +280,11 @@ def deploy_commands() -> list[tuple[str, list[str]]]:
             cmds.append((f"compose.yaml:{name}", list(svc["command"])))
     for kustomization in KUSTOMIZATIONS:
         for d in docs(kustomization):
-            if d["kind"] == "Deployment":
-                for c in d["spec"]["template"]["spec"]["containers"]:
-                    if "twotower" in c["image"]:
-                        cmds.append((f"k8s/{kustomization}:{c['name']}", list(c["args"])))
+            pod = (d["spec"]["template"]["spec"] if d["kind"] == "Deployment" else
+                   d["spec"]["jobTemplate"]["spec"]["template"]["spec"] if d["kind"] == "CronJob" else None)
+            for c in (pod or {}).get("containers", []):
+                if "twotower" in c["image"]:
+                    cmds.append((f"k8s/{kustomization}:{c['name']}", list(c["args"])))
     for name in [*SERVING_DOCKERFILES, "Dockerfile.train"]:
         for i in stages(name)[-1]:
             if i.startswith("CMD ["):
@@ -291,7 +307,7 @@ def subcommand_help(sub: str) -> str:
 def test_every_deploy_command_parses_with_the_real_cli() -> None:
     cmds = deploy_commands()
     subs = {argv[0] for _, argv in cmds}
-    assert {"serve", "synth-bundle", "publish"} <= subs, subs  # the list is not empty or stale
+    assert {"serve", "synth-bundle", "publish", "refresh"} <= subs, subs  # the list is not empty or stale
     problems = []
     for where, argv in cmds:
         if argv == ["--help"]:
