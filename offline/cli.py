@@ -114,6 +114,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=positive_int, default=3, help="train mode: warm-start epochs")
     p.add_argument("--grace-s", type=float, default=3600.0, help="keep retired versions' Redis keys this long")
     p.add_argument("--flags", type=Path, default=None, help="an A/B flags file: versions it pins keep their keys")
+    p.add_argument("--item-features", type=Path, default=None,
+                   help='catalog feed, JSON lines {"item", "year", "genres", "title"}: new items join with these')
     p.add_argument("--schedule", default=None, help='run as a scheduler, e.g. "0 3 * * *" (cron, local time)')
     p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
@@ -248,13 +250,15 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         raise ConfigError("--holdout-hours", "must be positive")
     if args.flags is not None and not args.flags.is_file():
         raise ConfigError("--flags", f"file not found: {args.flags}")
+    if args.item_features is not None and not args.item_features.is_file():
+        raise ConfigError("--item-features", f"file not found: {args.item_features}")
     if args.resume is not None and args.schedule is not None:
         raise ConfigError("--resume", "resumes one run; it cannot be combined with --schedule")
     cfg = RefreshConfig(registry=args.registry, redis_url=args.redis_url, prefix=args.prefix, mode=args.mode,
                         engine=args.engine, run_root=args.run_dir or args.registry.resolve().parent / "runs",
                         store_root=args.store or args.data_dir / "interactions", data_dir=args.data_dir,
                         holdout_s=int(args.holdout_hours * 3600), max_drop=args.max_drop, train_epochs=args.epochs,
-                        gate=not args.no_gate,
+                        gate=not args.no_gate, item_features=args.item_features,
                         grace_s=int(args.grace_s), flags=args.flags)
     log = (lambda *_: None) if args.json else print
 

@@ -84,6 +84,9 @@ class RefreshConfig:
     flags: Path | None = None  # versions a running experiment pins keep their keys
     lock_ttl_ms: int = 60_000
     seed: int = 0
+    # JSON lines {"item", "year", "genres", "title"}: how items that first appear in events get
+    # the features the item tower embeds them from (known items keep the features they have).
+    item_features: Path | None = None
     threads: int = 1  # torch threads of the train mode (1: a shared machine's OpenMP spin costs more)
 
     def __post_init__(self) -> None:
@@ -227,6 +230,9 @@ class _Job:
         log_rows = self.store.read()
         new = self._new_events()
         fp0 = parent.features
+        if self.cfg.item_features is not None:  # the catalog feed: features of items new or known
+            rows, titles = read_item_features(self.cfg.item_features)
+            fp0 = replace(fp0, item_rows={**rows, **fp0.item_rows}, item_titles={**titles, **fp0.item_titles})
         # New items join the catalog only when the item tower can embed them (they have features).
         new_items = [i for i in dict.fromkeys(new.item.tolist())
                      if fp0.item_vocab.known(i) < 0 and i in fp0.item_rows]
@@ -478,6 +484,31 @@ class _Job:
     def gc(self) -> dict[str, Any]:
         return {"deleted": collect_garbage(registry=self.cfg.registry, redis_url=self.cfg.redis_url,
                                            prefix=self.cfg.prefix, grace_s=self.cfg.grace_s, flags=self.cfg.flags)}
+
+
+def read_item_features(path: Path) -> tuple[dict[str, tuple[int, list[str]]], dict[str, str]]:
+    """A catalog feed, JSON lines ``{"item": id, "year": int, "genres": [...], "title": str}``:
+    (item -> (year, genres), item -> title). A bad line is a DataError naming the file and line."""
+    rows: dict[str, tuple[int, list[str]]] = {}
+    titles: dict[str, str] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the item features ({e.strerror})") from e
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            item, year = str(d["item"]), int(d.get("year", -1))
+            genres = [str(g) for g in d.get("genres", [])]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}:{n}: expected {{\"item\", \"year\", \"genres\", \"title\"}}: {e}") from e
+        if not item:
+            raise DataError(f"{path}:{n}: empty item id")
+        rows[item] = (year, genres)
+        titles[item] = str(d.get("title", ""))
+    return rows, titles
 
 
 def _clustered_se(d: np.ndarray, groups: list[str]) -> float:

@@ -28,6 +28,8 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
         (["refresh", "--registry", "r", "--redis-url", "redis://x", "--schedule", "0 3 * *"], "--schedule"),
         (["refresh", "--registry", "r", "--redis-url", "redis://x", "--flags", "/no/flags.yaml"],
          "--flags: file not found"),
+        (["refresh", "--registry", "r", "--redis-url", "redis://x", "--item-features", "/no/items.jsonl"],
+         "--item-features: file not found"),
         (["replay", "--train-until", "yesterday"], "--train-until: 'yesterday' is not an ISO date"),
         (["replay", "--train-until", "1998-01-01", "--arms", "never,weekly"], "--arms: unknown arm(s) weekly"),
     ],

@@ -309,3 +309,39 @@ def test_a_run_never_replaces_a_version_published_since_it_started(setup: Setup,
     assert s.state()["pending"] == [len(w.events)]  # nothing acknowledged: the next run takes them
     with pytest.raises(ConfigError, match="--mode"):
         refresh(replace(s.cfg, mode="train"), resume=run, progress=False, log=lambda _m: None)
+
+
+def test_a_new_item_with_catalog_features_joins_and_one_without_waits(setup: Setup, tmp_path: Path) -> None:
+    s, w = setup, setup.world
+    feed = tmp_path / "items.jsonl"
+    feed.write_text(json.dumps({"item": "new-film", "year": 1998, "genres": ["Horror", "Thriller"],
+                                "title": "Scream 3 (1998)"}) + "\n")
+    t = max(e.timestamp for e in w.events) + 60
+    fresh = [Event(u, "new-film", "click", t + j) for j, u in enumerate(sorted({e.user_id for e in w.events})[:5])]
+    s.send([*w.events, *fresh, Event(w.events[0].user_id, "no-features-film", "click", t + 10)])
+    report = refresh(replace(s.cfg, item_features=feed), progress=False, log=lambda _m: None)
+    steps = {st["name"]: st["result"] for st in report["steps"]}
+    assert steps["candidate"]["new_items"] == 1 and steps["candidate"]["items_waiting_for_features"] == 1
+    assert steps["index"]["rebuilt"]  # the catalog grew: the index is rebuilt over it
+    new = bundle_mod.load(s.registry / str(registry_mod.current_version(s.registry)))
+    row = new.features.item_vocab.known("new-film")
+    assert row >= 0 and new.features.item_vocab.known("no-features-film") < 0
+    assert np.isfinite(new.item_emb[row]).all() and np.linalg.norm(new.item_emb[row]) > 0.5
+    # Content alone places it: its nearest catalog items share a genre.
+    sims = new.item_emb @ new.item_emb[row]
+    near = [new.features.item_vocab.values[i] for i in np.argsort(-sims)[1:6]]
+    assert any({"Horror", "Thriller"} & set(new.features.item_rows[i][1]) for i in near)
+    assert steps["batch_score"]["users_scored"] == len(new.features.user_vocab)  # everyone re-scored
+    assert new.index.ntotal == len(new.features.item_vocab)
+
+
+def test_a_bad_catalog_feed_line_is_named(tmp_path: Path) -> None:
+    from offline.refresh import read_item_features
+    from towers.errors import DataError
+
+    feed = tmp_path / "items.jsonl"
+    feed.write_text('{"item": "a", "year": 1990, "genres": ["Drama"], "title": "A"}\n\n{"year": 1991}\n')
+    with pytest.raises(DataError, match=r"items.jsonl:3: expected"):
+        read_item_features(feed)
+    feed.write_text('{"item": "a", "year": 1990, "genres": ["Drama"], "title": "A"}\n')
+    assert read_item_features(feed) == ({"a": (1990, ["Drama"])}, {"a": "A"})
