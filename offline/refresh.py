@@ -119,17 +119,17 @@ def refresh(cfg: RefreshConfig, *, resume: Path | None = None, fault: Fault = _n
     current = registry_mod.current_version(cfg.registry)
     if current is None:
         raise RegistryError(f"{cfg.registry}: no CURRENT version to refresh")
-    run = RunDir.open(resume) if resume is not None else RunDir.create(
-        cfg.run_root, params={**{k: str(v) for k, v in asdict(cfg).items()}, "parent": current})
-    parent = str(run.params.get("parent", current))
-    if resume is not None:
-        for name, flag in (("mode", "--mode"), ("engine", "--engine")):
-            if str(run.params.get(name, getattr(cfg, name))) != str(getattr(cfg, name)):
-                raise ConfigError(flag, f"run {run.run_id} was started with {flag} {run.params.get(name)}; "
-                                        f"resume it with the same")
     lock = RefreshLock(redis_url=cfg.redis_url, key=f"{cfg.prefix}:refresh:lock", ttl_ms=cfg.lock_ttl_ms)
-    lock.acquire()
+    lock.acquire()  # before any run directory exists: a refused start leaves nothing behind
     try:
+        run = RunDir.open(resume) if resume is not None else RunDir.create(
+            cfg.run_root, params={**{k: str(v) for k, v in asdict(cfg).items()}, "parent": current})
+        parent = str(run.params.get("parent", current))
+        if resume is not None:
+            for name, flag in (("mode", "--mode"), ("engine", "--engine")):
+                if str(run.params.get(name, getattr(cfg, name))) != str(getattr(cfg, name)):
+                    raise ConfigError(flag, f"run {run.run_id} was started with {flag} {run.params.get(name)}; "
+                                            f"resume it with the same")
         job = _Job(cfg, run, parent, lock, log)
         bar = tqdm(STEPS, desc=f"refresh {run.run_id}", unit="step", disable=not progress)
         for step in bar:

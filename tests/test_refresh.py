@@ -206,6 +206,7 @@ def test_two_refreshes_never_overlap_and_a_lost_lock_never_publishes(setup: Setu
     other.acquire()
     with pytest.raises(LockHeld):
         refresh(s.cfg, progress=False, log=lambda _m: None)
+    assert not s.cfg.run_root.exists()  # refused before it started: no run directory left behind
     other.release()
     assert registry_mod.current_version(s.registry) == base
 
