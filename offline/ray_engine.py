@@ -148,6 +148,26 @@ def _one_chunk(batch: dict[str, np.ndarray]) -> np.ndarray:
     return order
 
 
+def _run_chunks(work_dir: Path, name: str, columns: dict[str, Any], n: int, chunk: int, fn: type,
+                kwargs: dict[str, Any], num_cpus: int, *, missing: str) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    """Write ``columns`` as Parquet shards of ``chunk`` rows, run ``fn`` over them on a local Ray,
+    and yield (row positions, result batch); the shards are removed after. Every row must come
+    back, or the run fails (naming what was ``missing``)."""
+    shards = work_dir / f"{name}-{uuid.uuid4().hex[:8]}"
+    _write_shards(shards, columns, n, max(1, chunk))
+    got = np.zeros(n, bool)
+    try:
+        with local_ray(work_dir, num_cpus=num_cpus):
+            for b in _map_chunks(shards, -(-n // max(1, chunk)), fn, kwargs):
+                pos = np.asarray(b["pos"], np.int64)
+                got[pos] = True
+                yield pos, b
+    finally:
+        shutil.rmtree(shards, ignore_errors=True)
+    if not got.all():
+        raise RuntimeError(f"ray engine: {int((~got).sum())} of {n} users came back without {missing}")
+
+
 def _map_chunks(shards: Path, n_chunks: int, fn: type, kwargs: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
     """Each chunk of the shards through an actor pool of ``fn`` (one CPU an actor, up to the
     cluster's CPUs); yields the result batches."""
@@ -204,23 +224,13 @@ def embed_users_ray(model: TwoTower, fp: FeaturePipeline, histories: np.ndarray 
     if L > 0 and histories is not None:
         part = np.asarray(histories)[:, :L]
         hist[:, :part.shape[1]] = part
-    shards = Path(work_dir) / f"embed-{uuid.uuid4().hex[:8]}"
     columns: dict[str, Any] = {"row": rows, **({"hist": hist} if L > 0 else {})}
-    _write_shards(shards, columns, n, max(1, batch))
     out = np.zeros((n, dim), np.float32)
-    got = np.zeros(n, bool)
     kwargs = {"model_config": model.cfg.to_dict(), "features": fp.dumps(), "arrays": model.state_arrays(),
               "item_emb": None if L == 0 else np.asarray(item_emb, np.float32)}
-    try:
-        with local_ray(Path(work_dir), num_cpus=num_cpus):
-            for b in _map_chunks(shards, -(-n // max(1, batch)), _UserEmbedder, kwargs):
-                pos = np.asarray(b["pos"], np.int64)
-                out[pos] = _matrix(b["emb"], dim, np.float32)
-                got[pos] = True
-    finally:
-        shutil.rmtree(shards, ignore_errors=True)
-    if not got.all():
-        raise RuntimeError(f"ray engine: {int((~got).sum())} of {n} users came back without an embedding")
+    for pos, b in _run_chunks(Path(work_dir), "embed", columns, n, batch, _UserEmbedder, kwargs, num_cpus,
+                              missing="an embedding"):
+        out[pos] = _matrix(b["emb"], dim, np.float32)
     return out
 
 
@@ -272,22 +282,13 @@ def batch_topk_ray(model: RankModel, *, k: int, seen: Sequence[Sequence[int]] | 
         return rows_out, scores_out
     if seen is not None and len(seen) < n:
         raise ValueError(f"seen has {len(seen)} lists for {n} users")
-    shards = Path(work_dir) / f"topk-{uuid.uuid4().hex[:8]}"
     seen_lists: Sequence[Sequence[int]] = seen if seen is not None else [()] * n
-    _write_shards(shards, {"user": np.asarray(model.user_emb, np.float32), "seen": seen_lists}, n, max(1, chunk))
-    got = np.zeros(n, bool)
+    columns = {"user": np.asarray(model.user_emb, np.float32), "seen": seen_lists}
     kwargs = {"combiner": model.combiner.arrays(), "item_emb": np.asarray(model.item_emb, np.float32),
               "index": faiss_index.to_bytes(model.index), "popularity": np.asarray(model.popularity), "k": k,
               "threads": faiss.omp_get_max_threads()}
-    try:
-        with local_ray(Path(work_dir), num_cpus=num_cpus):
-            for b in _map_chunks(shards, -(-n // max(1, chunk)), _TopKScorer, kwargs):
-                pos = np.asarray(b["pos"], np.int64)
-                rows_out[pos] = _matrix(b["rows"], k, np.int32)
-                scores_out[pos] = _matrix(b["scores"], k, np.float32)
-                got[pos] = True
-    finally:
-        shutil.rmtree(shards, ignore_errors=True)
-    if not got.all():
-        raise RuntimeError(f"ray engine: {int((~got).sum())} of {n} users came back without recommendations")
+    for pos, b in _run_chunks(Path(work_dir), "topk", columns, n, chunk, _TopKScorer, kwargs, num_cpus,
+                              missing="recommendations"):
+        rows_out[pos] = _matrix(b["rows"], k, np.int32)
+        scores_out[pos] = _matrix(b["scores"], k, np.float32)
     return rows_out, scores_out

@@ -155,6 +155,14 @@ class _Job:
         self.cfg, self.run, self.parent, self.lock, self.log = cfg, run, parent, lock, log
         self.store = InteractionStore(cfg.store_root)
         self.cand_dir = run.path / "candidate"
+        self._rows: InteractionRows | None = None
+
+    def _log(self) -> InteractionRows:
+        """The whole interaction store, read once per process: only ``merge`` writes it, and
+        every step that reads it runs after ``merge``."""
+        if self._rows is None:
+            self._rows = self.store.read()
+        return self._rows
 
     def _result(self, step: str) -> dict[str, Any]:
         got = self.run.result(step)
@@ -227,7 +235,7 @@ class _Job:
         if cfg_m.history_len == 0 and self.cfg.mode == "embed":
             raise DataError(f"{self.parent}: its user tower reads no history, so re-embedding changes nothing; "
                             "retrain it (twotower train) or refresh with --mode train")
-        log_rows = self.store.read()
+        log_rows = self._log()
         new = self._new_events()
         fp0 = parent.features
         if self.cfg.item_features is not None:  # the catalog feed: features of items new or known
@@ -348,7 +356,7 @@ class _Job:
                    and parent.recs_items is not None and parent.recs_items.shape[1] == k)
         users = (np.array(json.loads((self.run.path / "affected.json").read_text())["users"], dtype=np.int64)
                  if only_affected else np.arange(len(b.features.user_vocab)))
-        rows = self.store.read()
+        rows = self._log()
         mine = rows.take(np.flatnonzero(np.isin(rows.user, [b.features.user_vocab.values[u] for u in users.tolist()])))
         slot = {int(u): j for j, u in enumerate(users.tolist())}
         seen: list[list[int]] = [[] for _ in range(len(users))]
@@ -394,7 +402,7 @@ class _Job:
         t0 = self._holdout_start()
         cand = bundle_mod.load(self.cand_dir)
         cur = bundle_mod.load(self.cfg.registry / self.parent)
-        rows = self.store.read()  # per user in time order
+        rows = self._log()  # per user in time order
         new = {e for e in self._new_events().identities() if e[3] >= t0}
         users, items = rows.user.tolist(), rows.item.tolist()
         targets = [j for j, ident in enumerate(rows.identities()) if ident in new]
@@ -442,7 +450,7 @@ class _Job:
             return True
         rows = np.sort(np.random.default_rng(self.cfg.seed).choice(affected, min(sample, len(affected)),
                                                                     replace=False))
-        log = self.store.read()
+        log = self._log()
         users = [cand.features.user_vocab.values[r] for r in rows.tolist()]
         mine = log.take(np.flatnonzero(np.isin(log.user, users)))
         prefixes = [mine.item[mine.user == u].tolist() for u in users]

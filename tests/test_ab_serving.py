@@ -6,7 +6,6 @@ hot swap of CURRENT that leaves pinned versions alone. Real gRPC over loopback."
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from waiting import wait_until
 
 from offline.synth import make_synthetic_bundle
 from online.client import RecommenderClient
@@ -78,13 +78,6 @@ def ab_flags(treatment: str, *, shadow: str = "", force: str = "", extra: str = 
         lines.append(f"    force: {{{force}}}")
     return "\n".join(lines) + "\n" + extra
 
-
-def wait_for(cond: Callable[[], bool], timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def serve(registry: Path, flags: Path, **kw: Any) -> ServerThread:
@@ -161,7 +154,7 @@ class Load:
 
     def wait(self, n: int) -> None:
         start = len(self.answers)
-        wait_for(lambda: len(self.answers) >= start + n)
+        wait_until(lambda: len(self.answers) >= start + n)
 
     def finish(self) -> None:
         self.stop.set()
@@ -336,7 +329,7 @@ def test_every_invalid_flags_file_keeps_the_old_flags_serving(tmp_path: Path, re
                     flags_path.unlink()
                 else:
                     write_flags(flags_path, text)
-                wait_for(lambda n=n: admin(srv).flags_rejected == n)  # type: ignore[misc]
+                wait_until(lambda n=n: admin(srv).flags_rejected == n)  # type: ignore[misc]
                 st = admin(srv)
                 assert message in st.flags_error, (message, st.flags_error)
                 assert st.flags_sha256 == sha and st.flags_reloads == 1
@@ -347,7 +340,7 @@ def test_every_invalid_flags_file_keeps_the_old_flags_serving(tmp_path: Path, re
             assert srv.running.service.store.versions() == {v0.id, v1.id}  # type: ignore[attr-defined]
             # A good file again: served, error cleared.
             write_flags(flags_path, good.replace("ranker-salt-1", "ranker-salt-2"))
-            wait_for(lambda: admin(srv).flags_reloads == 2)
+            wait_until(lambda: admin(srv).flags_reloads == 2)
             assert admin(srv).flags_error == ""
     finally:
         srv.stop()
@@ -374,10 +367,10 @@ def test_a_reload_loads_and_warms_new_versions_before_switching_and_drops_unpinn
     try:
         load.wait(100)
         write_flags(flags_path, ab_flags(v2.id))  # the treatment moves to v2
-        wait_for(lambda: admin(srv).flags_reloads == 2)
+        wait_until(lambda: admin(srv).flags_reloads == 2)
         load.wait(200)
         store = srv.running.service.store
-        wait_for(lambda: store.versions() == {v0.id, v2.id})  # type: ignore[attr-defined]
+        wait_until(lambda: store.versions() == {v0.id, v2.id})  # type: ignore[attr-defined]
         assert sorted(admin(srv).resident_versions) == sorted([v0.id, v2.id])
     finally:
         load.finish()
@@ -415,12 +408,12 @@ def test_a_shadow_leaves_primary_responses_byte_identical_and_records_its_counte
     try:
         before = run_all()
         write_flags(flags_path, ab_flags(v1.id, shadow=v2.id))  # a 100% shadow on v2
-        wait_for(lambda: admin(srv).flags_reloads == 2)
+        wait_until(lambda: admin(srv).flags_reloads == 2)
         with_shadow = run_all()
         router = srv.running.router
         assert router is not None
         stats = router.shadow_stats["ranker/shadowed"]
-        wait_for(lambda: stats.scored + stats.dropped + stats.errors == stats.sampled)
+        wait_until(lambda: stats.scored + stats.dropped + stats.errors == stats.sampled)
         st = admin(srv)
     finally:
         srv.stop()
@@ -444,12 +437,12 @@ def test_a_hot_swap_of_current_leaves_pinned_versions_serving(tmp_path: Path, re
     try:
         load.wait(100)
         registry_mod.set_current(registry, v2.id)
-        wait_for(lambda: admin(srv).version == v2.id)
+        wait_until(lambda: admin(srv).version == v2.id)
         load.wait(200)
         with RecommenderClient(srv.target) as c:
             treated, control = c.recommend("u5", k=10), c.recommend("u6", k=10)
         store = srv.running.service.store
-        wait_for(lambda: store.versions() == {v1.id, v2.id})  # type: ignore[attr-defined]
+        wait_until(lambda: store.versions() == {v1.id, v2.id})  # type: ignore[attr-defined]
     finally:
         load.finish()
         srv.stop()

@@ -82,8 +82,11 @@ def test_while_a_batch_runs_the_next_one_closes_on_the_gap() -> None:
         first = asyncio.ensure_future(b.submit(1))
         await rec.entered.wait()  # batch [1] holds the gate: a batch is in flight
         rest = [asyncio.ensure_future(b.submit(i)) for i in (2, 3)]
-        while len(rec.batches) < 2:  # [2, 3] dispatched on the gap, not after an hour
-            await asyncio.sleep(0.001)
+        async def second_batch() -> None:
+            while len(rec.batches) < 2:  # [2, 3] dispatched on the gap, not after an hour
+                await asyncio.sleep(0.001)
+
+        await asyncio.wait_for(second_batch(), timeout=30)
         rec.gate.set()
         assert await asyncio.wait_for(asyncio.gather(first, *rest), timeout=30) == [10, 20, 30]
         assert rec.batches == [[1], [2, 3]]

@@ -4,13 +4,12 @@ mixing versions; a corrupt version is rejected while the old one serves on."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
+from waiting import wait_until
 
 from offline.synth import make_synthetic_bundle
 from online.client import RecommenderClient
@@ -28,13 +27,6 @@ def make_version(root: Path, seed: int) -> tuple[Path, str, str]:
                                 progress=False, item_prefix=prefix)
     return out, str(man["version"]), prefix
 
-
-def wait_for(cond: Callable[[], bool], timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 class Load:
@@ -83,12 +75,12 @@ def test_three_versions_published_under_load_and_a_corrupt_one_rejected(tmp_path
     admin = f"127.0.0.1:{srv.running.admin_port}"
     load = Load(srv.target)
     try:
-        wait_for(lambda: len(load.responses) > 20)
+        wait_until(lambda: len(load.responses) > 20)
         for path, version, _ in versions[1:]:
             registry_mod.publish(path, reg)
-            wait_for(lambda v=version: admin_status(admin).version == v)  # type: ignore[misc]
+            wait_until(lambda v=version: admin_status(admin).version == v)  # type: ignore[misc]
             n = len(load.responses)
-            wait_for(lambda n=n: len(load.responses) > n + 20)  # type: ignore[misc]
+            wait_until(lambda n=n: len(load.responses) > n + 20)  # type: ignore[misc]
         st = admin_status(admin)
         assert st.swaps == 4 and st.state == "serving" and st.rejected == 0
         # The embedded store let go of the old versions' arrays.
@@ -104,12 +96,12 @@ def test_three_versions_published_under_load_and_a_corrupt_one_rejected(tmp_path
         data[-3] ^= 0xFF
         (bad / "item_embeddings.npy").write_bytes(bytes(data))
         registry_mod.set_current(reg, "v-corrupt")
-        wait_for(lambda: admin_status(admin).rejected == 1)
+        wait_until(lambda: admin_status(admin).rejected == 1)
         st = admin_status(admin)
         assert st.version == last_version and st.state == "serving"
         assert "sha256 mismatch" in st.last_error and st.candidate == "v-corrupt"
         n = len(load.responses)
-        wait_for(lambda: len(load.responses) > n + 20)
+        wait_until(lambda: len(load.responses) > n + 20)
         with grpc.insecure_channel(admin) as ch:
             again = pb_grpc.AdminStub(ch).Reload(pb.ReloadRequest(), timeout=30)
         assert again.rejected == 2 and again.version == last_version

@@ -8,10 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("towers", "offline", "online", "bench", "twotower")
@@ -126,9 +126,7 @@ def test_twotower_serve_never_imports_torch(served_registry: Path, tmp_path: Pat
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while not report.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(report.exists, 10, "the server's module report")
     modules = set(report.read_text().split())
     assert "online.service" in modules and "faiss" in modules  # it really served
     assert not {m for m in modules if m == "torch" or m.startswith("torch.")}

@@ -12,13 +12,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
+from waiting import wait_until
 
 from online.client import RecommenderClient
 from online.config import load_config
@@ -40,15 +40,6 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
-
-def poll(cond: Any, *, what: str, attempts: int = 500, every: float = 0.02) -> Any:
-    """Wait for ``cond()`` to be truthy, a bounded number of times; returns its value."""
-    for _ in range(attempts):
-        v = cond()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class RedisClusterProcs:
@@ -72,7 +63,7 @@ class RedisClusterProcs:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         try:
             for port in self.ports:
-                poll(lambda p=port: self._ping(p), what=f"redis-server on {port}")
+                wait_until(lambda p=port: self._ping(p), what=f"redis-server on {port}")
             subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
                             "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
             self.wait_ok()
@@ -98,7 +89,7 @@ class RedisClusterProcs:
     def wait_ok(self) -> None:
         """Every node sees every node and all 16384 slots served."""
         for port in self.ports:
-            poll(lambda p=port: self._state_ok(p), what=f"cluster_state:ok on {port}", attempts=1500)
+            wait_until(lambda p=port: self._state_ok(p), what=f"cluster_state:ok on {port}", timeout=30)
 
     @property
     def url(self) -> str:
@@ -279,7 +270,7 @@ def test_a_stopped_node_degrades_without_failed_rpcs_and_recovers(served) -> Non
     for t in threads:
         t.start()
     try:
-        poll(lambda: len(results) >= 20, what="traffic before the stop")
+        wait_until(lambda: len(results) >= 20, what="traffic before the stop")
         cluster.signal(stopped, signal.SIGSTOP)
         mark = len(results)
 
@@ -287,7 +278,7 @@ def test_a_stopped_node_degrades_without_failed_rpcs_and_recovers(served) -> Non
             return any(r.rung == pb.RUNG_NO_SESSION and any(x.startswith("feature store:") for x in r.reasons)
                        for r in results[mark:])
 
-        poll(degraded, what="a RUNG_NO_SESSION answer naming the feature store", attempts=1500)
+        wait_until(degraded, what="a RUNG_NO_SESSION answer naming the feature store", timeout=30)
         with RecommenderClient(srv.target, timeout=10.0) as c:
             # Events for a user on a healthy node are still accepted: one MULTI per user, on its own node.
             assert c.record_events([(elsewhere[0], "i5", "view", int(time.time()))]) == 1
@@ -298,12 +289,12 @@ def test_a_stopped_node_degrades_without_failed_rpcs_and_recovers(served) -> Non
         cluster.signal(stopped, signal.SIGCONT)
         cluster.wait_ok()
         with RecommenderClient(srv.target, timeout=10.0) as c:
-            full = poll(lambda: (r := c.recommend(on_stopped[0], k=10)).rung == pb.RUNG_FULL and r,
-                        what="RUNG_FULL after SIGCONT", attempts=1500)
+            full = wait_until(lambda: (r := c.recommend(on_stopped[0], k=10)).rung == pb.RUNG_FULL and r,
+                        what="RUNG_FULL after SIGCONT", timeout=30)
             assert full.source in ("online", "user_only")
         recovered_mark = len(results)
-        poll(lambda: sum(r.rung == pb.RUNG_FULL for r in results[recovered_mark:]) >= 20,
-             what="full answers on every node after the recovery", attempts=1500)
+        wait_until(lambda: sum(r.rung == pb.RUNG_FULL for r in results[recovered_mark:]) >= 20,
+             what="full answers on every node after the recovery", timeout=30)
     finally:
         cluster.signal(stopped, signal.SIGCONT)
         done.set()

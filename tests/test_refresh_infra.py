@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from waiting import wait_until
 
 from offline.datasets import Interactions, order_key, synthetic_dataset, temporal_split
 from offline.interactions import InteractionRows, InteractionStore
 from offline.run_lock import RefreshLock
 from offline.run_steps import RunDir
-from offline.schedule import run_schedule
+from offline.schedule import local_now, run_schedule
 from towers.errors import ConfigError, DataError, FeatureStoreError, LockHeld, LockLost, TwoTowerError
 from towers.store_format import Event
 
@@ -162,7 +163,13 @@ def test_renewal_keeps_the_lease_past_its_ttl(redis_proc: Any) -> None:
 
     a = lock(redis_proc.url, ttl_ms=300)
     with a:
-        time.sleep(1.0)  # more than three ttls: only renewal keeps the key
+        start = time.monotonic()
+
+        def outlived_three_ttls() -> bool:
+            assert a.holder() == a.owner  # at every poll: only renewal can keep the key
+            return time.monotonic() - start > 1.0
+
+        wait_until(outlived_three_ttls, 10, "three ttls to pass")
         assert a.holder() == a.owner and a.held
         a.check()
         assert 0 < redis.Redis(port=redis_proc.port).pttl("tt:refresh:lock") <= 300
@@ -178,9 +185,7 @@ def test_a_crashed_holder_expires_and_the_next_one_acquires(redis_proc: Any) -> 
     b = lock(redis_proc.url)
     with pytest.raises(LockHeld, match="dead:1:x"):
         b.acquire()
-    deadline = time.monotonic() + 10
-    while b.holder() is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: b.holder() is None, 10, "the dead holder's lease to expire")
     b.acquire()
     b.check()
     b.release()
@@ -208,9 +213,7 @@ def test_a_holder_whose_key_was_taken_gets_lock_lost_and_does_not_delete_it(redi
     r.delete("tt:refresh:lock")
     c.acquire()
     r.set("tt:refresh:lock", "thief:3:z")
-    deadline = time.monotonic() + 10
-    while c.held and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: not c.held, 10, "the renewal thread to notice the theft")
     assert not c.held and r.get("tt:refresh:lock") == b"thief:3:z"
     with pytest.raises(LockLost):
         c.check()
@@ -440,9 +443,18 @@ def test_the_default_wait_is_interrupted_by_stop() -> None:
     """Real clock, real wait (an hour away at least): setting ``stop`` ends it at once."""
     stop = threading.Event()
     out: list[int] = []
-    t = threading.Thread(target=lambda: out.append(run_schedule(cron="0 0 1 1 *", job=dict, stop=stop)))
+    waiting = threading.Event()
+    calls = [0]
+
+    def now() -> dt.datetime:
+        calls[0] += 1
+        if calls[0] >= 2:  # the second reading is the one right before the wait
+            waiting.set()
+        return local_now()
+
+    t = threading.Thread(target=lambda: out.append(run_schedule(cron="0 0 1 1 *", job=dict, stop=stop, now=now)))
     t.start()
-    time.sleep(0.1)
+    assert waiting.wait(10)
     stop.set()
     t.join(timeout=10)
     assert not t.is_alive() and out == [0]

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from waiting import wait_until
 
 from online.client import SERVICE_CONFIG, RecommenderClient
 from online.config import load_config
@@ -28,12 +28,6 @@ def test_the_shipped_client_retries_what_a_draining_worker_answers() -> None:
     policy = SERVICE_CONFIG["methodConfig"][0]["retryPolicy"]
     assert {"CANCELLED", "UNAVAILABLE"} <= set(policy["retryableStatusCodes"])
 
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.05)
 
 
 class Load:
@@ -65,7 +59,7 @@ class Load:
 
     def wait_for_more(self, n: int, timeout: float = 30.0) -> None:
         target = self.ok + n
-        wait_for(lambda: self.ok >= target, timeout, f"{n} more successful RPCs")
+        wait_until(lambda: self.ok >= target, timeout, f"{n} more successful RPCs")
 
     def stop(self) -> None:
         self._stop.set()
@@ -99,7 +93,7 @@ def test_all_workers_recycled_under_load_without_failed_rpcs(supervise: Callable
     assert len(original) in (2, 3)
     load = Load(sup.target)
     try:
-        wait_for(lambda: not original & set(sup.pids()) and sup.stats.recycles >= 2, 60,
+        wait_until(lambda: not original & set(sup.pids()) and sup.stats.recycles >= 2, 60,
                  "both original workers to be recycled")
         load.wait_for_more(50)  # and the replacements carry the traffic
     finally:
@@ -115,11 +109,11 @@ def test_killed_worker_is_restarted_without_failed_rpcs(supervise: Callable[...,
     load = Load(sup.target)
     try:
         load.wait_for_more(50)
-        wait_for(lambda: sum(sup.served().values()) > 0, 10, "a worker to report requests served")
+        wait_until(lambda: sum(sup.served().values()) > 0, 10, "a worker to report requests served")
         served = sup.served()
         victim = max(served, key=lambda pid: served[pid])  # the one carrying traffic
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: sup.stats.restarts == 1 and victim not in sup.pids(), 10, "the restart")
+        wait_until(lambda: sup.stats.restarts == 1 and victim not in sup.pids(), 10, "the restart")
         assert sup.wait_until_serving(START_TIMEOUT)
         load.wait_for_more(50)
     finally:
@@ -134,7 +128,7 @@ def test_recycles_after_max_requests(supervise: Callable[..., Supervisor]) -> No
     original = set(sup.pids())
     load = Load(sup.target)
     try:
-        wait_for(lambda: sup.stats.recycles >= 1, 60, "a recycle on max_requests")
+        wait_until(lambda: sup.stats.recycles >= 1, 60, "a recycle on max_requests")
         load.wait_for_more(20)
     finally:
         load.stop()
@@ -156,7 +150,7 @@ def test_a_failing_replacement_backs_off_and_the_old_worker_serves_on(served_reg
         assert sup.wait_until_serving(START_TIMEOUT), "worker did not report SERVING"
         original = sup.pids()
         (reg / "CURRENT").write_text("v-not-there\n")  # every new worker now fails to start
-        wait_for(lambda: sup.stats.failed_starts >= 1, START_TIMEOUT, "a failed replacement")
+        wait_until(lambda: sup.stats.failed_starts >= 1, START_TIMEOUT, "a failed replacement")
         assert sup.snapshot().recycle_backoff_s >= 0.5  # the failure scheduled a pause before the next attempt
         assert original[0] in sup.pids()
         with RecommenderClient(sup.target, timeout=10.0) as c:
