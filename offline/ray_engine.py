@@ -51,6 +51,9 @@ _LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # The head's GCS must write its port file within this; Ray's 30 s default ran out once on
+    # a loaded 2-core machine (the whole test suite beside it) and failed the run.
+    "RAY_gcs_server_port_wait_time_s": "120",
 }
 
 
@@ -84,8 +87,15 @@ def local_ray(run_dir: Path, *, num_cpus: int = 2) -> Iterator[None]:
         short = temp = Path(tempfile.mkdtemp(prefix="tt-ray-"))
     temp.mkdir(parents=True, exist_ok=True)
     try:
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", _temp_dir=str(temp), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        for attempt in (1, 2):  # a head that did not come up is shut down and started once more
+            try:
+                ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", _temp_dir=str(temp),
+                         include_dashboard=False, log_to_driver=False, configure_logging=False)
+                break
+            except RuntimeError:
+                ray.shutdown()
+                if attempt == 2:
+                    raise
         try:
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
