@@ -9,6 +9,9 @@ Scenarios (``--scenarios``, comma separated):
 - ``paths``   the request path's cost vs the trivial handler, same run: closed loop c=64
               QPS and server CPU per 1,000 calls, open loop at half peak (p99), per transport
 - ``open``    open loop at half the measured peak (1M items, batching on)
+- ``quant``   the ``paths`` measurement on the 1M catalog at recall@100 >= 0.95: today's
+              IVF-Flat (``synth-1m-ivf95``) against the tuner's choice (``synth-1m-tuned``),
+              each beside the do-nothing handler (issue 11's end-to-end rows)
 - ``faults``  Redis feature store: steady, slowed (DEBUG SLEEP), stopped (SIGSTOP), recovered
 - ``cold``    the first requests after a load, with and without warmup
 - ``hotswap``, ``corrupt``, ``recycle``, ``sigkill``, ``soak``: operations under
@@ -38,7 +41,8 @@ from bench.procs import RedisProcess, server, trivial_server
 
 CONCURRENCY = (1, 8, 32, 64, 128)
 ALL_SCENARIOS = ("ceiling", "paths", "matrix", "open", "faults", "cold", "hotswap", "corrupt", "recycle", "sigkill",
-                 "soak")
+                 "soak", "quant")
+QUANT_CATALOGS = ("synth-1m-ivf95", "synth-1m-tuned")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -94,9 +98,18 @@ def prepare_catalog(name: str, workdir: Path, *, data_dir: Path, users_1m: int) 
         if bundle.exists():
             shutil.rmtree(bundle)
         shutil.copytree(base, bundle)
-        if kind != "ivf":
-            from offline.index_build import rebuild_index
+        from offline.index_build import rebuild_index
 
+        if kind == "ivf95":
+            # Full quality (issue 11): today's IVF-Flat (default list count) at the cheapest
+            # nprobe reaching recall@100 0.95 on the tuner's calibration queries.
+            from offline.index_tune import tune_index
+            from towers.index import default_spec
+
+            tune_index(bundle, recall_target=0.95, types=["ivf"], nlists=[default_spec("ivf", 1_000_000).nlist])
+        elif kind == "tuned":  # the tuner's cheapest setting at the same target (report kept in the bundle)
+            rebuild_index(bundle, kind="auto", recall_target=0.95)
+        elif kind != "ivf":
             rebuild_index(bundle, kind=kind, recall_target=0.9)
     else:
         raise ValueError(f"unknown catalog {name}")
@@ -444,6 +457,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 b.load(f"ceiling c={c}", t.target, mode="closed", users=users, items=(), concurrency=c, pid=t.pid)
     if "paths" in scenarios:
         run_paths(b, [c for c in catalogs if not c.startswith("synth-1m")])
+    if "quant" in scenarios:
+        run_paths(b, list(QUANT_CATALOGS))
     if "matrix" in scenarios:
         run_matrix(b, catalogs, conc)
     big = next((c for c in catalogs if c.endswith("ivf")), catalogs[-1])

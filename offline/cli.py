@@ -49,7 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--recall-target", type=float, default=0.95)
     t.add_argument("--batch-size", type=positive_int, default=64)
     t.add_argument("--types", default=None, help="comma-separated families (default: "
-                   "flat,ivf,sq8,ivfpqfs,ivfpqfs-sq4,ivfpqfs-opq,hnswsq8; also ivfpqfs-raw,ivfpqfs-rflat,hnsw,ivfpq)")
+                   "flat,ivf,sq8,ivfpqfs,ivfpqfs-sq6,ivfpqfs-sq4,ivfpqfs-opq,hnswsq8; also ivfpqfs-raw,"
+                   "ivfpqfs-rflat,hnsw,ivfpq)")
+    t.add_argument("--nlists", default=None, help="comma-separated IVF list counts to sweep "
+                                                  "(default: 4 sqrt(n) and 16 sqrt(n), at least 39 items a list)")
     t.add_argument("--queries", type=positive_int, default=1000, help="calibration queries")
     t.add_argument("--max-bytes-per-item", type=float, default=None, help="memory bound for the choice")
     t.add_argument("--dry-run", action="store_true", help="report only; leave the bundle unchanged")
@@ -130,6 +133,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="ml-100k", help="ml-100k | a GroupLens directory | synthetic:UxI[:SEED]")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the KL term (0: plain training)")
     p.add_argument("--kd-temperature", type=float, default=2.0, help="distillation temperature T")
+    p.add_argument("--kl-over", choices=["batch", "catalog"], default="batch",
+                   help="candidates of the KL term: the in-batch targets, or every catalog item")
     p.add_argument("--epochs", type=positive_int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=1)
@@ -190,9 +195,13 @@ def cmd_index_tune(args: argparse.Namespace) -> int:
     from offline.index_tune import format_pareto, tune_index
 
     types = [t.strip() for t in args.types.split(",") if t.strip()] if args.types else None
+    try:
+        nlists = [int(x) for x in args.nlists.split(",") if x.strip()] if args.nlists else None
+    except ValueError as e:
+        raise ConfigError("--nlists", f"expected comma-separated integers, got {args.nlists!r}") from e
     report = tune_index(args.bundle, recall_target=args.recall_target, batch_size=args.batch_size, types=types,
                         cache_dir=args.data_dir, n_queries=args.queries, max_bytes_per_item=args.max_bytes_per_item,
-                        write=not args.dry_run, log=(lambda *_: None) if args.json else print)
+                        write=not args.dry_run, nlists=nlists, log=(lambda *_: None) if args.json else print)
     if args.json:
         print(json.dumps(report))
     else:
@@ -302,7 +311,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset, cache_dir=args.data_dir)
     log = (lambda *_: None) if args.json else print
     report = distill(teacher=args.teacher, out=args.out, dataset=ds, dataset_spec=args.dataset, alpha=args.alpha,
-                     temperature=args.kd_temperature, baseline=args.baseline, report_dir=args.report_dir,
+                     temperature=args.kd_temperature, full_catalog=args.kl_over == "catalog",
+                     baseline=args.baseline, report_dir=args.report_dir,
                      train_cfg=TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads), log=log)
     print(json.dumps(report) if args.json else format_report(report))
     return 0

@@ -178,15 +178,16 @@ def example_queries(teacher: Teacher, split: Split) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(out, axis=1), dtype=np.float32)
 
 
-def soft_targets(teacher: Teacher, split: Split, *, alpha: float, temperature: float) -> SoftTargets:
-    """The ``train_model`` hook: teacher logits (B, B) = Q[example_idx] @ E[target_rows].T."""
+def soft_targets(teacher: Teacher, split: Split, *, alpha: float, temperature: float,
+                 full_catalog: bool = False) -> SoftTargets:
+    """The ``train_model`` hook: teacher logits (B, C) = Q[example_idx] @ E[candidate_rows].T."""
     q = torch.from_numpy(example_queries(teacher, split))
     e = torch.from_numpy(teacher.item_matrix())
 
     def logits(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return q[idx] @ e[targets].T
 
-    return SoftTargets(teacher=logits, alpha=alpha, temperature=temperature)
+    return SoftTargets(teacher=logits, alpha=alpha, temperature=temperature, full_catalog=full_catalog)
 
 
 # -- evaluation and serving cost ---------------------------------------------------------------
@@ -269,8 +270,8 @@ def serving_cost(combines: list[Callable[[], np.ndarray]], item_emb: np.ndarray,
 
 
 def distill(*, teacher: Path, out: Path, dataset: Dataset, dataset_spec: str, alpha: float = 1.0,
-            temperature: float = 2.0, train_cfg: TrainConfig | None = None, model_cfg: ModelConfig | None = None,
-            baseline: Path | None = None, report_dir: Path | None = None,
+            temperature: float = 2.0, full_catalog: bool = False, train_cfg: TrainConfig | None = None,
+            model_cfg: ModelConfig | None = None, baseline: Path | None = None, report_dir: Path | None = None,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Distill a teacher into a servable student bundle at ``out/student``; returns the report.
 
@@ -285,7 +286,8 @@ def distill(*, teacher: Path, out: Path, dataset: Dataset, dataset_spec: str, al
     * ``report_dir``: also write ``distill.json``, ``distill.md`` and ``distill.png`` there.
 
     ``alpha`` = 0 trains exactly the plain model (the KL adds zeros); ``temperature`` is the
-    distillation temperature T of ``CE + alpha T^2 KL``.
+    distillation temperature T of ``CE + alpha T^2 KL``; ``full_catalog``: the KL is over
+    every catalog item (the CE stays in-batch) instead of the in-batch candidates.
     """
     train_cfg = train_cfg or TrainConfig(threads=1)
     model_cfg = model_cfg or ModelConfig()
@@ -310,14 +312,15 @@ def distill(*, teacher: Path, out: Path, dataset: Dataset, dataset_spec: str, al
         except Exception:
             train(dataset=dataset, dataset_spec=dataset_spec, out=baseline, model_cfg=ModelConfig(),
                   train_cfg=train_cfg, progress=False)
-    st = soft_targets(t, split, alpha=alpha, temperature=temperature)
+    st = soft_targets(t, split, alpha=alpha, temperature=temperature, full_catalog=full_catalog)
     t0 = time.perf_counter()
     student = out / "student"
     train(dataset=dataset, dataset_spec=dataset_spec, out=student, model_cfg=model_cfg, train_cfg=train_cfg,
                 progress=False, soft_targets=st)
     distill_info = {"teacher": [{"path": str(m.path), "version": bundle_mod.read_manifest(m.path)["version"],
                                  "model_config": m.cfg.to_dict()} for m in t.members],
-                    "alpha": alpha, "temperature": temperature, "train_seconds": round(time.perf_counter() - t0, 1)}
+                    "alpha": alpha, "temperature": temperature, "kl_over": "catalog" if full_catalog else "batch",
+                    "train_seconds": round(time.perf_counter() - t0, 1)}
     bundle_mod.update_bundle(student, {}, {"distill": distill_info})
     bundle_mod.verify(student)
     report = report_models(t, student=student, baseline=baseline, split=split, t_metrics=t_metrics)

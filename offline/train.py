@@ -26,9 +26,12 @@ from offline.evaluate import eval_set, evaluate_model, item_counts, metrics_from
 from offline.histories import lagged_items, user_histories
 from towers import bundle as bundle_mod
 from towers import index as faiss_index
+from towers.errors import ConfigError
 from towers.features import FeaturePipeline
 from towers.model import ModelConfig, TwoTower, embed_items, embed_users, to_tensors
 from towers.ranking import RankModel
+
+NEGATIVES = ("in_batch", "full")
 
 
 @dataclass(frozen=True)
@@ -40,15 +43,25 @@ class TrainConfig:
     patience: int = 5  # epochs without a validation Recall@20 gain before stopping
     seed: int = 0
     threads: int = 2
+    # "in_batch": the softmax is over the batch's targets, logQ-corrected (scales to any
+    # catalog). "full": over every catalog item (the item tower runs over the whole catalog
+    # each step: affordable at ML-100k's 1,682 items, meant for teachers and small catalogs);
+    # no sampling, hence no logQ correction and no accidental hits to mask.
+    negatives: str = "in_batch"
+
+    def __post_init__(self) -> None:
+        if self.negatives not in NEGATIVES:
+            raise ConfigError("negatives", f"must be one of {', '.join(NEGATIVES)}, not {self.negatives!r}")
 
 
 @dataclass(frozen=True)
 class SoftTargets:
     """Distillation hook for ``train_model`` (``offline.distill`` builds one from a teacher).
 
-    ``teacher(example_idx, target_rows)`` returns the teacher's logits (B, B) for the batch's
-    examples (indices into ``training_examples``) against the batch's target items: the same
-    in-batch candidates the student's softmax scores. The loss becomes
+    ``teacher(example_idx, candidate_rows)`` returns the teacher's logits (B, C) for the
+    batch's examples (indices into ``training_examples``) against the candidates the student's
+    softmax scores: the batch's targets (``negatives="in_batch"``, C = B) or the whole catalog
+    (``"full"``, C = n_items). The loss becomes
     ``CE + alpha * T**2 * KL(softmax(teacher / T) || softmax(student / T))`` over those
     candidates, where the student logits are its dot products / model temperature without
     the logQ correction (the correction only debiases the sampled CE; both distributions
@@ -59,13 +72,16 @@ class SoftTargets:
     teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     alpha: float = 1.0
     temperature: float = 2.0
+    # The KL over every catalog item instead of the in-batch candidates (the CE stays as
+    # ``negatives`` says): the teacher's ranking of the whole catalog, not of 512 targets.
+    full_catalog: bool = False
 
-    def kl(self, idx: torch.Tensor, targets: torch.Tensor, student: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
-        """Mean over rows of the KL term (already scaled by ``alpha * T**2``); ``hit``: (B, B)
+    def kl(self, idx: torch.Tensor, candidates: torch.Tensor, student: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+        """Mean over rows of the KL term (already scaled by ``alpha * T**2``); ``hit``: (B, C)
         True where a candidate is another row's copy of the target (excluded)."""
         t = self.temperature
         with torch.no_grad():
-            p_t = torch.softmax(self.teacher(idx, targets).masked_fill(hit, float("-inf")) / t, dim=1)
+            p_t = torch.softmax(self.teacher(idx, candidates).masked_fill(hit, float("-inf")) / t, dim=1)
         log_s = torch.log_softmax(student.masked_fill(hit, float("-inf")) / t, dim=1)
         # p_t * (log p_t - log p_s), with 0 where p_t == 0 (masked: avoids 0 * -inf).
         terms = torch.where(p_t > 0, p_t * (torch.log(p_t.clamp(min=1e-30)) - log_s), torch.zeros_like(p_t))
@@ -148,6 +164,10 @@ def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     gen = torch.Generator().manual_seed(train_cfg.seed)
     t_users, t_targets, t_hist = torch.from_numpy(users), torch.from_numpy(targets), torch.from_numpy(hist)
+    full = train_cfg.negatives == "full"
+    # The item tower runs over the whole catalog when the CE or the KL term scores all of it.
+    whole = full or (soft_targets is not None and soft_targets.full_catalog)
+    all_rows = torch.arange(len(fp.item_vocab.values))
     history: list[dict[str, float]] = []
     best, best_state, bad = -1.0, model.state_dict(), 0
     bar = tqdm(range(1, train_cfg.epochs + 1), desc="train", disable=not progress, unit="epoch")
@@ -159,12 +179,19 @@ def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             idx = perm[lo:lo + train_cfg.batch_size]
             b_users, b_targets, b_hist = t_users[idx], t_targets[idx], t_hist[idx]
             mask = b_hist >= 0
-            # Run the item tower once over the batch's distinct items (targets + histories,
-            # which hold the sessions): (B + B*L) rows gathered from at most n_items.
-            uniq, inv = torch.unique(torch.cat([b_targets, b_hist.clamp(min=0).reshape(-1)]), return_inverse=True)
-            emb = model.item_tower({k: v[uniq] for k, v in itf.items()})
-            pos = emb[inv[: len(idx)]]
-            h_emb = emb[inv[len(idx):]].reshape(len(idx), -1, emb.shape[1]) * mask[..., None]
+            if whole:
+                # Every catalog row is a candidate: (n_items, dim), histories gathered from it.
+                emb = model.item_tower(itf)
+                pos = emb if full else emb[b_targets]
+                h_emb = emb[b_hist.clamp(min=0)] * mask[..., None]
+            else:
+                # Run the item tower once over the batch's distinct items (targets + histories,
+                # which hold the sessions): (B + B*L) rows gathered from at most n_items.
+                uniq, inv = torch.unique(torch.cat([b_targets, b_hist.clamp(min=0).reshape(-1)]),
+                                         return_inverse=True)
+                emb = model.item_tower({k: v[uniq] for k, v in itf.items()})
+                pos = emb[inv[: len(idx)]]
+                h_emb = emb[inv[len(idx):]].reshape(len(idx), -1, emb.shape[1]) * mask[..., None]
             s_emb, s_mask = h_emb[:, :n_sess], mask[:, :n_sess]
             if model_cfg.history_len > 0:
                 # A served user embedding is as old as the last refresh, while the session is
@@ -177,15 +204,25 @@ def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             else:
                 u = model.user_tower({k: v[b_users] for k, v in uf.items()})
             q = model.combiner(u, torch.ones(len(idx), dtype=torch.bool), s_emb, s_mask)
-            logits = q @ pos.T / model_cfg.temperature
-            if model_cfg.logq:
-                logits = logits - log_q[b_targets][None, :]
-            same = b_targets[:, None] == b_targets[None, :]
-            logits = logits.masked_fill(same & ~torch.eye(len(idx), dtype=torch.bool), float("-inf"))
-            loss = F.cross_entropy(logits, torch.arange(len(idx)))
-            if soft_targets is not None:  # distillation: + alpha T^2 KL(teacher || student)
-                loss = loss + soft_targets.kl(idx, b_targets, q @ pos.T / model_cfg.temperature,
-                                              same & ~torch.eye(len(idx), dtype=torch.bool))
+            student = q @ pos.T / model_cfg.temperature
+            if full:
+                labels, cands = b_targets, all_rows
+                hit = torch.zeros(student.shape, dtype=torch.bool)
+                logits = student
+            else:
+                labels, cands = torch.arange(len(idx)), b_targets
+                # Another row's copy of this row's target is not a negative.
+                hit = (b_targets[:, None] == b_targets[None, :]) & ~torch.eye(len(idx), dtype=torch.bool)
+                logits = student - log_q[b_targets][None, :] if model_cfg.logq else student
+                logits = logits.masked_fill(hit, float("-inf"))
+            loss = F.cross_entropy(logits, labels)
+            if soft_targets is not None and soft_targets.full_catalog and not full:
+                # In-batch CE, KL over the whole catalog: the teacher's view of every item.
+                all_logits = q @ emb.T / model_cfg.temperature
+                no_hits = torch.zeros(all_logits.shape, dtype=torch.bool)
+                loss = loss + soft_targets.kl(idx, all_rows, all_logits, no_hits)
+            elif soft_targets is not None:  # distillation: + alpha T^2 KL(teacher || student)
+                loss = loss + soft_targets.kl(idx, cands, student, hit)
             opt.zero_grad()
             loss.backward()
             opt.step()

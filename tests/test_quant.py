@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -81,6 +82,38 @@ def test_search_parameters_come_from_the_spec_at_load() -> None:
     assert no_refine < wide  # k_factor re-ranks more candidates on the SQ8 codes
     # An old manifest's spec (no refine/opq fields) still loads.
     assert IndexSpec.from_dict({"type": "ivf", "nlist": 4, "nprobe": 2}).refine == ""
+
+
+def test_clipped_sq_ranges_reconstruct_better_and_survive_the_bundle_bytes() -> None:
+    items, queries = _data(6000, 32)
+    # Heavy tails: a few items carry large values that min..max ranges would spend levels on.
+    items = items.copy()
+    items[:30] *= 4.0
+    errs = {}
+    for clip in (0.0, 3.0):
+        spec = IndexSpec("ivfpqfs", nlist=16, nprobe=16, pq_m=16, refine="sq6", k_factor=8.0, sq_clip=clip)
+        index = faiss_index.from_bytes(faiss_index.to_bytes(faiss_index.build(items, spec)), spec)
+        sqs = faiss_index.scalar_quantizers(index)
+        assert len(sqs) == 1  # the refine stage's codes
+        refine = faiss.downcast_index(faiss.downcast_index(index).refine_index)
+        body = items[30:]  # the error that matters: on the bulk of the catalog
+        rec = refine.sa_decode(refine.sa_encode(body))
+        errs[clip] = float(((rec - body) ** 2).sum(1).mean())
+        _, got = index.search(queries, 50)
+        assert brute_recall(got, items, queries, 50) >= 0.8
+    assert errs[3.0] < 0.5 * errs[0.0], errs
+    assert "sq_clip=3" in IndexSpec("sq8", nlist=4, nprobe=1, sq_clip=3.0).label()
+    with pytest.raises(ValueError, match="sq_clip applies to scalar-quantized codes"):
+        faiss_index.build(items, IndexSpec("ivf", nlist=4, nprobe=1, sq_clip=3.0))
+
+
+def test_the_tuner_sweeps_a_finer_ivf_only_where_the_catalog_allows_it() -> None:
+    from offline.index_tune import family_specs, nlist_choices
+
+    assert nlist_choices(1_000_000) == [4000, 16000]
+    assert nlist_choices(2_000) == [51]  # 39 items a list at most: one choice
+    sq6 = family_specs("ivfpqfs-sq6", n=1_000_000, d=64, nlist=16000)
+    assert [(s.refine, s.sq_clip, s.nlist) for s in sq6] == [("sq6", 0.0, 16000), ("sq6", 3.0, 16000)]
 
 
 def test_int8_scale_is_calibrated_on_held_out_users() -> None:
