@@ -216,6 +216,16 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         elif r["latency_ms"].get("p99") and pair["latency_ms"].get("p99"):
             out.setdefault(f"paths: {name} open-loop p99 / trivial's at {r['open_rate']}/s", []).append(
                 round(r["latency_ms"]["p99"] / pair["latency_ms"]["p99"], 2))
+    # Issue 11's end-to-end row: the tuner's index against today's IVF-Flat, both at recall@100
+    # >= 0.95, counting only full-quality answers (a degraded answer skipped the search).
+    def full_qps(cat: str) -> list[float]:
+        return [r["qps"] * r["rungs"].get("full", 0) / max(1, sum(r["rungs"].values())) for r in rows
+                if r.get("scenario") == "paths" and r.get("catalog_of") == cat and r["mode"] == "closed"]
+
+    tuned, today = full_qps(QUANT_CATALOGS[1]), full_qps(QUANT_CATALOGS[0])
+    if tuned and today:
+        out["quant: full-quality QPS at c=64, tuned / today's IVF-Flat"] = round(
+            sorted(tuned)[len(tuned) // 2] / sorted(today)[len(today) // 2], 2)
     return out
 
 

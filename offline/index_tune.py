@@ -170,13 +170,19 @@ def plot(points: Sequence[Point], chosen: Point | None, recall_target: float, ti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
     def group(p: Point) -> str:
         return f"{p.family} nlist {p.spec.nlist}" if p.spec.nlist else p.family
 
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    nlists = sorted({p.spec.nlist for p in points if p.spec.nlist})
+    families = list(dict.fromkeys(p.family for p in points))
+    cmap = plt.get_cmap("tab10")
     for g in dict.fromkeys(group(p) for p in points):
         ps = [p for p in points if group(p) == g]
-        ax.scatter([p.us_per_query for p in ps], [p.recall for p in ps], label=g, s=18, alpha=0.75)
+        # Colour = family, marker = list count: 15+ groups stay tellable apart.
+        marker = "os^D"[nlists.index(ps[0].spec.nlist) % 4] if ps[0].spec.nlist else "s"
+        ax.scatter([p.us_per_query for p in ps], [p.recall for p in ps], label=g, s=16, alpha=0.7,
+                   color=cmap(families.index(ps[0].family) % 10), marker=marker)
     front = sorted((p for p in points if p.pareto), key=lambda p: p.us_per_query)
     ax.plot([p.us_per_query for p in front], [p.recall for p in front], "k--", lw=1, label="Pareto front")
     ax.axhline(recall_target, color="tab:red", lw=0.8, label=f"target {recall_target:g}")
@@ -184,10 +190,10 @@ def plot(points: Sequence[Point], chosen: Point | None, recall_target: float, ti
         ax.scatter([chosen.us_per_query], [chosen.recall], marker="*", s=250, color="gold", edgecolor="k",
                    label=f"chosen: {chosen.spec.label()}", zorder=5)
     ax.set(xscale="log", xlabel="µs per query (batched, 1 thread)", ylabel="recall@100 vs exact", title=title)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
@@ -220,7 +226,8 @@ def tune_index(bundle_dir: Path, *, recall_target: float = 0.95, batch_size: int
         f"recall@100 target {recall_target:g}, batch {batch_size}")
     ivf_families = [f for f in families if f not in ("flat", "hnsw", "hnswsq8")]
     centroids: dict[int, np.ndarray] = {}
-    for nl in nlist_sweep if ivf_families else []:
+    # OPQ trains its own (rotated) centroids; the other IVF families share these.
+    for nl in nlist_sweep if any(f != "ivfpqfs-opq" for f in ivf_families) else []:
         t0 = time.perf_counter()
         centroids[nl] = faiss_index.coarse_centroids(emb, nl, seed=seed)
         log(f"coarse quantizer: {nl} centroids in {time.perf_counter() - t0:.1f} s (shared by IVF kinds)")

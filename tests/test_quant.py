@@ -206,9 +206,12 @@ def test_tuner_that_cannot_meet_the_target_says_so_and_picks_nothing(synth_bundl
 def test_tuner_picks_the_cheapest_setting_that_meets_the_target(synth_bundle: Path) -> None:
     old = bundle_mod.read_manifest(synth_bundle)["version"]
     report = tune_index(synth_bundle, recall_target=0.9, types=["flat", "sq8", "ivfpqfs"], n_queries=150,
-                        log=lambda *_: None)
+                        nlists=[8, 32], log=lambda *_: None)
     chosen = report["chosen"]
     assert chosen is not None and chosen["recall@100"] >= 0.9
+    # Both list counts were built and measured for each IVF family.
+    assert {(p["type"], p["spec"]["nlist"]) for p in report["points"]} == {
+        ("flat", 0), ("sq8", 8), ("sq8", 32), ("ivfpqfs", 8), ("ivfpqfs", 32)}
     meeting = [p for p in report["points"] if p["recall@100"] >= 0.9]
     assert chosen["us_per_query"] == min(p["us_per_query"] for p in meeting)
     assert all(p["pareto"] for p in report["pareto"]) and report["pareto"]
