@@ -21,6 +21,7 @@ calibration); the report compares users/s and the top-100 overlap of the recomme
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,10 +207,13 @@ def calibrate_user_embeddings(bundle_dir: Path, *, cache_dir: Path | None, dtype
 
 
 def int8_embedding_report(bundle_dir: Path, *, n_users: int = 1_000_000, batch: int = 65536, k: int = 100,
-                          threads: int = 1, cache_dir: Path | None = None, log: Any = print) -> dict[str, Any]:
+                          threads: int = 1, cache_dir: Path | None = None, calibrated: bool = True,
+                          log: Any = print) -> dict[str, Any]:
     """Users/s of the user tower in float32 vs dynamic int8 (on ``n_users`` rows built by
     repeating the bundle's users' features), and the top-``k`` overlap of every real user's
-    recommendations from int8 towers (users and items) vs float32. Needs torch."""
+    recommendations from int8 towers (users and items) vs float32. ``calibrated``: balance
+    each Linear's input channels on calibration users first (:func:`int8_towers`); False: plain
+    dynamic quantization. Needs torch."""
     import torch
 
     from towers.model import ModelConfig, TwoTower, embed_items, embed_users, history_inputs, to_tensors
@@ -223,7 +227,6 @@ def int8_embedding_report(bundle_dir: Path, *, n_users: int = 1_000_000, batch: 
     with np.load(bundle_dir / "towers.npz", allow_pickle=False) as z:
         model.load_arrays({k_: z[k_] for k_ in z.files})
     model.eval()
-    q8 = int8_towers(model)
     fp = b.features
     # A tower that reads history gets each user's train history (the bundle's dataset, from
     # ``cache_dir``); without the dataset, every user's history is empty (said in the report).
@@ -234,6 +237,14 @@ def int8_embedding_report(bundle_dir: Path, *, n_users: int = 1_000_000, batch: 
 
         split = temporal_split(load_dataset(str(b.manifest["dataset"]), cache_dir=cache_dir).interactions)
         hist = user_histories(fp, split.train, cfg.history_len)
+    # Calibration: the float towers over the catalog and up to 4,096 of the real users, with
+    # their histories (what the batch step feeds the towers).
+    cal_rows = np.sort(np.random.default_rng(0).permutation(len(fp.user_vocab.values))[:4096])
+
+    def calibrate(m: Any) -> None:
+        embed_users(m, fp, None if hist is None else hist[cal_rows], rows=cal_rows, item_emb=embed_items(m, fp))
+
+    q8 = int8_towers(model, calibrate) if calibrated else int8_towers(model)
     # Throughput: the user tower over n_users feature rows (the real users' features, repeated).
     feats = fp.user_features(fp.user_vocab.values)
     reps = -(-n_users // len(fp.user_vocab.values))
@@ -277,26 +288,87 @@ def int8_embedding_report(bundle_dir: Path, *, n_users: int = 1_000_000, batch: 
            "threads": threads, f"top{kk}_overlap": users_only, f"top{kk}_overlap_both_towers_int8": both,
            "user_embedding_rel_mse": rel, "history": "train split" if hist is not None else (
                "empty (no dataset given)" if cfg.history_len > 0 else "the tower reads none"),
-           "quantization": "torch.ao.quantization.quantize_dynamic(nn.Linear, qint8, per-channel weights)"}
+           "quantization": "torch.ao.quantization.quantize_dynamic(nn.Linear, qint8, per-channel weights)"
+                           + (", input channels smoothed on 4,096 calibration users (SmoothQuant, alpha 0.8)"
+                              if calibrated else ", uncalibrated")}
     log(f"user tower: float32 {rates['float32']:,.0f} users/s, int8 {rates['int8']:,.0f} users/s "
         f"({out['speedup']:.2f}x) over {n_users:,} users; top-{kk} overlap {users_only:.4f} "
         f"(items int8 too: {both:.4f})")
     return out
 
 
-def int8_towers(model: Any) -> Any:
+def int8_towers(model: Any, calibrate: Callable[[Any], None] | None = None, *, alpha: float = 0.8) -> Any:
     """A dynamically quantized copy of the towers: Linear weights int8 with per-output-channel
-    scales, activations quantized per batch from their observed range."""
+    scales, activations quantized per batch from their observed range.
+
+    ``calibrate(model)`` runs the float copy on calibration inputs. With it, each Linear's
+    input channels are first balanced (SmoothQuant, Xiao et al. 2023): the calibration's
+    per-channel activation maximum ``a_j`` and weight maximum ``w_j`` give
+    ``s_j = a_j**alpha / w_j**(1 - alpha)``, the input is divided by ``s`` (a float
+    multiply before the Linear) and the weight's column ``j`` multiplied by it. The float
+    function is unchanged, but one per-tensor activation scale then fits every channel.
+    Why it matters here: the user tower's first layer reads id, side-feature and pooled-history
+    embeddings of very different ranges. Quantized per tensor, the small ones round away, and
+    top-100 overlap with float32 falls to 0.965. Smoothed, it is 0.987 / 0.989 / 0.992 at
+    alpha 0.3 / 0.5 / 0.8 (ML-100k's history tower), so alpha 0.8, which favours evening out
+    the activations over the weights."""
     import copy
     import warnings
 
     import torch
     from torch import nn
 
+    m = copy.deepcopy(model)
+    if calibrate is not None:
+        _smooth_linears(m, calibrate, alpha=alpha)
     with warnings.catch_warnings():
         # torch 2.13 marks torch.ao.quantization deprecated in favour of torchao (not installed
         # here); the eager dynamic path still works and is what this step uses.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantize_per_channel.*")
         qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear: qconfig}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(m, {nn.Linear: qconfig}, dtype=torch.qint8)
+
+
+def _smooth_linears(model: Any, calibrate: Callable[[Any], None], *, alpha: float) -> None:
+    """In place: every ``nn.Linear`` becomes ``Sequential(InputScale(1/s), Linear(W * s))``
+    with ``s`` from the activation maxima ``calibrate`` observes (see :func:`int8_towers`)."""
+    import torch
+    from torch import nn
+
+    class InputScale(nn.Module):
+        inv: torch.Tensor
+
+        def __init__(self, inv: torch.Tensor) -> None:
+            super().__init__()
+            self.register_buffer("inv", inv)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.inv
+
+    linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    amax: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(_mod: Any, inputs: tuple[torch.Tensor, ...]) -> None:
+            a = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(dim=0)
+            amax[name] = torch.maximum(amax[name], a) if name in amax else a
+        return record
+
+    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in linears.items()]
+    try:
+        with torch.no_grad():
+            calibrate(model)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, lin in linears.items():
+        if name not in amax:
+            continue  # not reached by the calibration: left as plain dynamic int8
+        w = lin.weight.detach().abs().amax(dim=0).clamp(min=1e-5)
+        scale = (amax[name].clamp(min=1e-5) ** alpha / w ** (1 - alpha)).clamp(min=1e-5)
+        with torch.no_grad():
+            lin.weight.mul_(scale[None, :])
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, nn.Sequential(InputScale(1.0 / scale), lin))

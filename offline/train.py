@@ -61,7 +61,7 @@ class SoftTargets:
     ``teacher(example_idx, candidate_rows)`` returns the teacher's logits (B, C) for the
     batch's examples (indices into ``training_examples``) against the candidates the student's
     softmax scores: the batch's targets (``negatives="in_batch"``, C = B) or the whole catalog
-    (``"full"``, C = n_items). The loss becomes
+    (``negatives="full"`` or ``full_catalog``, C = n_items). The loss becomes
     ``CE + alpha * T**2 * KL(softmax(teacher / T) || softmax(student / T))`` over those
     candidates, where the student logits are its dot products / model temperature without
     the logQ correction (the correction only debiases the sampled CE; both distributions
