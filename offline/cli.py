@@ -195,10 +195,14 @@ def cmd_index_tune(args: argparse.Namespace) -> int:
     from offline.index_tune import format_pareto, tune_index
 
     types = [t.strip() for t in args.types.split(",") if t.strip()] if args.types else None
-    try:
-        nlists = [int(x) for x in args.nlists.split(",") if x.strip()] if args.nlists else None
-    except ValueError as e:
-        raise ConfigError("--nlists", f"expected comma-separated integers, got {args.nlists!r}") from e
+    nlists = None
+    if args.nlists is not None:
+        try:
+            nlists = [int(x) for x in args.nlists.split(",") if x.strip()]
+        except ValueError as e:
+            raise ConfigError("--nlists", f"expected comma-separated integers, got {args.nlists!r}") from e
+        if not nlists:
+            raise ConfigError("--nlists", f"no list count in {args.nlists!r}")
     report = tune_index(args.bundle, recall_target=args.recall_target, batch_size=args.batch_size, types=types,
                         cache_dir=args.data_dir, n_queries=args.queries, max_bytes_per_item=args.max_bytes_per_item,
                         write=not args.dry_run, nlists=nlists, log=(lambda *_: None) if args.json else print)

@@ -60,13 +60,14 @@ class Point:
     build_s: float
     pareto: bool = False
     built: str = ""  # label of the built index it was measured on (search params aside)
+    score_rel_mse: float = 0.0  # quantization error of the returned scores (see :func:`measure`)
 
     def row(self, n_items: int) -> dict[str, Any]:
         return {"family": self.family, "type": self.spec.type, "label": self.spec.label(),
                 "spec": self.spec.to_dict(), "recall@100": round(self.recall, 5), "bytes": self.bytes,
                 "bytes_per_item": round(self.bytes / max(n_items, 1), 2),
                 "us_per_query": round(self.us_per_query, 2), "build_s": round(self.build_s, 2),
-                "pareto": self.pareto}
+                "score_rel_mse": float(f"{self.score_rel_mse:.3g}"), "pareto": self.pareto}
 
 
 def family_specs(family: str, *, n: int, d: int, nlist: int) -> list[IndexSpec]:
@@ -138,17 +139,30 @@ class _OneThread:
 
 
 def measure(index: Any, spec: IndexSpec, emb: np.ndarray, queries: np.ndarray, kth: np.ndarray, *,
-            batch_size: int) -> tuple[float, float]:
-    """(recall@100, µs per query) of one setting: batched searches, timed, then scored."""
+            batch_size: int) -> tuple[float, float, float]:
+    """(recall@100, µs per query, score error) of one setting: batched searches, timed, then
+    scored. The score error is the quantization error of what the index returns: the
+    relative MSE of its scores against the exact dot products of the same items,
+    ``sum (s - s*)^2 / sum s*^2`` (0 for float32 codes)."""
     faiss_index.set_search_params(index, spec)
     got = np.empty((len(queries), K), dtype=np.int64)
+    scores = np.empty((len(queries), K), dtype=np.float32)
     with _OneThread():
         index.search(queries[:batch_size], K)  # warm caches once
         t0 = time.perf_counter()
         for lo in range(0, len(queries), batch_size):
-            _, got[lo:lo + batch_size] = index.search(queries[lo:lo + batch_size], K)
+            scores[lo:lo + batch_size], got[lo:lo + batch_size] = index.search(queries[lo:lo + batch_size], K)
         elapsed = time.perf_counter() - t0
-    return faiss_index.recall_of(got, emb, queries, kth, K), 1e6 * elapsed / len(queries)
+    return (faiss_index.recall_of(got, emb, queries, kth, K), 1e6 * elapsed / len(queries),
+            score_rel_mse(got, scores, emb, queries))
+
+
+def score_rel_mse(got: np.ndarray, scores: np.ndarray, emb: np.ndarray, queries: np.ndarray) -> float:
+    """Relative MSE of returned scores (Q, k) against the exact ones; padding (-1) ignored."""
+    valid = got >= 0
+    exact = np.einsum("qkd,qd->qk", emb[np.where(valid, got, 0)], queries)
+    err = float(np.sum(np.where(valid, (scores - exact) ** 2, 0.0)))
+    return err / max(float(np.sum(np.where(valid, exact ** 2, 0.0))), 1e-30)
 
 
 def pareto(points: Sequence[Point]) -> None:
@@ -217,8 +231,9 @@ def tune_index(bundle_dir: Path, *, recall_target: float = 0.95, batch_size: int
     emb = np.ascontiguousarray(b.item_emb, dtype=np.float32)
     n, d = emb.shape
     nlist_sweep = sorted(set(nlists)) if nlists else nlist_choices(n)
-    if any(not 1 <= nl <= n for nl in nlist_sweep):
-        raise ConfigError("--nlists", f"IVF list counts must be in 1..{n} (the catalog size)")
+    bad = [nl for nl in nlist_sweep if not 1 <= nl <= n]
+    if bad:
+        raise ConfigError("--nlists", f"IVF list counts must be in 1..{n} (the catalog size), got {bad}")
     cal = calibration_queries(b, cache_dir=cache_dir, n=n_queries, seed=seed)
     queries = np.ascontiguousarray(cal.queries, dtype=np.float32)
     kth = faiss_index.exact_kth(emb, queries, K)
@@ -249,10 +264,11 @@ def tune_index(bundle_dir: Path, *, recall_target: float = 0.95, batch_size: int
                 for sweep in search_settings(spec0):
                     prev = -1.0
                     for spec in sweep:
-                        recall, us = measure(index, spec, emb, q, kq, batch_size=batch_size)
-                        points.append(Point(fam, spec, recall, nbytes, us, build_s, built=spec0.label()))
+                        recall, us, err = measure(index, spec, emb, q, kq, batch_size=batch_size)
+                        points.append(Point(fam, spec, recall, nbytes, us, build_s, built=spec0.label(),
+                                            score_rel_mse=err))
                         log(f"  {spec.label():60s} recall@100 {recall:.4f}  {us:9.1f} µs/q  "
-                            f"{nbytes / n:7.1f} B/item")
+                            f"{nbytes / n:7.1f} B/item  score rel. MSE {err:.1e}")
                         if recall >= stop_at or recall - prev < 1e-4:
                             break
                         prev = recall
@@ -320,9 +336,9 @@ def tune_index(bundle_dir: Path, *, recall_target: float = 0.95, batch_size: int
 
 def format_pareto(report: dict[str, Any], *, all_points: bool = False) -> str:
     rows = report["points"] if all_points else report["pareto"]
-    lines = [f"{'type':10s} {'params':58s} {'recall@100':>10s} {'B/item':>8s} {'µs/query':>9s}"]
+    lines = [f"{'type':10s} {'params':62s} {'recall@100':>10s} {'B/item':>8s} {'µs/query':>9s} {'score err':>9s}"]
     for r in rows:
         mark = " *" if report.get("chosen") and r["label"] == report["chosen"]["label"] else ""
-        lines.append(f"{r['type']:10s} {r['label']:58s} {r['recall@100']:10.4f} {r['bytes_per_item']:8.1f} "
-                     f"{r['us_per_query']:9.1f}{mark}")
+        lines.append(f"{r['type']:10s} {r['label']:62s} {r['recall@100']:10.4f} {r['bytes_per_item']:8.1f} "
+                     f"{r['us_per_query']:9.1f} {r.get('score_rel_mse', 0.0):9.1e}{mark}")
     return "\n".join(lines)

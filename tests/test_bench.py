@@ -84,15 +84,19 @@ def test_paths_summary_pairs_each_run_with_the_trivial_run_beside_it() -> None:
 
 
 def test_quant_summary_counts_full_quality_answers_of_the_tuned_index_against_todays() -> None:
-    def row(cat: str, rep: int, qps: float, full: int, degraded: int) -> dict[str, object]:
+    def row(cat: str, rep: int, qps: float, full: int, degraded: int, transport: str = "aio") -> dict[str, object]:
         return {"label": f"{cat} {rep}", "mode": "closed", "scenario": "paths", "catalog_of": cat, "rep": rep,
-                "transport": "aio", "qps": qps, "latency_ms": {"p99": 1.0},
+                "transport": transport, "qps": qps, "latency_ms": {"p99": 1.0},
                 "rungs": {"full": full, "no_session": degraded}}
 
     rows = [row("synth-1m-ivf95", 0, 400, 90, 10), row("synth-1m-ivf95", 1, 500, 50, 50),
-            row("synth-1m-tuned", 0, 1440, 100, 0), row("synth-1m-tuned", 1, 1000, 100, 0)]
-    # Full-quality QPS: today's 360 and 250, tuned 1440 and 1000; upper medians 360 and 1440.
-    assert summarize(rows)["quant: full-quality QPS at c=64, tuned / today's IVF-Flat"] == 4.0
+            row("synth-1m-tuned", 0, 1440, 100, 0), row("synth-1m-tuned", 1, 1000, 100, 0),
+            row("synth-1m-ivf95", 0, 100, 100, 0, "sync"), row("synth-1m-tuned", 0, 900, 100, 0, "sync")]
+    s = summarize(rows)
+    # Full-quality QPS: today's 360 and 250 (median 305), tuned 1440 and 1000 (median 1220).
+    assert s["quant (aio): full-quality QPS at c=64, tuned / today's IVF-Flat (medians over reps)"] == 4.0
+    # Each transport on its own: the sync rows never mix into the aio ratio.
+    assert s["quant (sync): full-quality QPS at c=64, tuned / today's IVF-Flat (medians over reps)"] == 9.0
 
 
 def test_ab_resident_reports_both_versions_and_the_refused_limit(tmp_path: Path) -> None:

@@ -297,26 +297,56 @@ def test_int8_towers_keep_the_recommendations(trained_bundle: Path, data_dir: Pa
     assert rep["user_embedding_rel_mse"] < plain["user_embedding_rel_mse"]
 
 
-def test_input_channel_smoothing_keeps_the_float_function(trained_bundle: Path) -> None:
+def test_input_channel_smoothing_keeps_the_float_function(trained_bundle: Path, data_dir: Path) -> None:
     torch = pytest.importorskip("torch")
+    import copy
+
+    from offline.datasets import load_dataset, temporal_split
+    from offline.histories import user_histories
     from offline.quantize import _smooth_linears
     from towers.model import ModelConfig, TwoTower, embed_items, embed_users
 
     b = bundle_mod.load(trained_bundle)
-    model = TwoTower(ModelConfig.from_dict(b.manifest["model_config"]), b.features)
+    cfg = ModelConfig.from_dict(b.manifest["model_config"])
+    model = TwoTower(cfg, b.features)
     with np.load(trained_bundle / "towers.npz", allow_pickle=False) as z:
         model.load_arrays({k: z[k] for k in z.files})
     model.eval()
-    ref_items, ref_users = embed_items(model, b.features), embed_users(model, b.features)
-    import copy
-
+    split = temporal_split(load_dataset(str(b.manifest["dataset"]), cache_dir=data_dir).interactions)
+    hist = user_histories(b.features, split.train, cfg.history_len)
+    n = len(hist)
     smoothed = copy.deepcopy(model)
-    _smooth_linears(smoothed, lambda m: embed_users(m, b.features), alpha=0.8)
+    # Calibrated on the first half of the users with their histories...
+    _smooth_linears(smoothed, lambda m: embed_users(m, b.features, hist[: n // 2], rows=np.arange(n // 2)),
+                    alpha=0.8)
     assert any(isinstance(mod, torch.nn.Sequential) and type(mod[0]).__name__ == "InputScale"
                for mod in smoothed.modules())
-    # x / s through W * s is the same float function (up to rounding).
-    np.testing.assert_allclose(embed_items(smoothed, b.features), ref_items, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(embed_users(smoothed, b.features), ref_users, rtol=1e-4, atol=1e-5)
+    # ...and evaluated on every user and the catalog: x / s through W * s is the same float
+    # function (up to rounding), also on inputs the calibration never saw.
+    items = embed_items(model, b.features)
+    np.testing.assert_allclose(embed_items(smoothed, b.features), items, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(embed_users(smoothed, b.features, hist, item_emb=items),
+                               embed_users(model, b.features, hist, item_emb=items), rtol=1e-4, atol=1e-5)
+
+
+def test_smoothing_leaves_a_channel_the_calibration_never_saw_move_alone() -> None:
+    torch = pytest.importorskip("torch")
+    import copy
+
+    from offline.quantize import _smooth_linears
+
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    ref = copy.deepcopy(lin)
+    calib = torch.randn(64, 8)
+    calib[:, 7] = 0.0  # channel 7 is always zero in the calibration data
+    _smooth_linears(lin, lambda m: m(calib), alpha=0.8)
+    inv = lin[0][0].inv
+    assert float(inv[7]) == 1.0  # scale 1: not blown up by a zero range
+    assert float(inv[:7].max()) != 1.0  # the observed channels were smoothed
+    x = torch.randn(16, 8)  # channel 7 moves now
+    with torch.no_grad():
+        assert torch.allclose(lin(x), ref(x), atol=1e-5)
 
 
 def test_quality_gate_reads_the_manifest_and_names_what_is_stale() -> None:
