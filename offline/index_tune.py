@@ -160,9 +160,10 @@ def measure(index: Any, spec: IndexSpec, emb: np.ndarray, queries: np.ndarray, k
 def score_rel_mse(got: np.ndarray, scores: np.ndarray, emb: np.ndarray, queries: np.ndarray) -> float:
     """Relative MSE of returned scores (Q, k) against the exact ones; padding (-1) ignored."""
     valid = got >= 0
-    exact = np.einsum("qkd,qd->qk", emb[np.where(valid, got, 0)], queries)
-    err = float(np.sum(np.where(valid, (scores - exact) ** 2, 0.0)))
-    return err / max(float(np.sum(np.where(valid, exact ** 2, 0.0))), 1e-30)
+    exact = np.einsum("qkd,qd->qk", emb[np.where(valid, got, 0)], queries).astype(np.float64)
+    # Padding slots carry -FLT_MAX scores: zero them before squaring.
+    diff = np.where(valid, scores.astype(np.float64) - exact, 0.0)
+    return float(np.sum(diff ** 2)) / max(float(np.sum(np.where(valid, exact, 0.0) ** 2)), 1e-30)
 
 
 def pareto(points: Sequence[Point]) -> None:

@@ -212,6 +212,9 @@ def test_tuner_picks_the_cheapest_setting_that_meets_the_target(synth_bundle: Pa
     # Both list counts were built and measured for each IVF family.
     assert {(p["type"], p["spec"]["nlist"]) for p in report["points"]} == {
         ("flat", 0), ("sq8", 8), ("sq8", 32), ("ivfpqfs", 8), ("ivfpqfs", 32)}
+    # Each setting's score error: float32 codes return exact scores, SQ8 codes do not.
+    err = {p["type"]: p["score_rel_mse"] for p in report["points"]}
+    assert err["flat"] < 1e-10 and 0 < err["sq8"] < 1e-2
     meeting = [p for p in report["points"] if p["recall@100"] >= 0.9]
     assert chosen["us_per_query"] == min(p["us_per_query"] for p in meeting)
     assert all(p["pareto"] for p in report["pareto"]) and report["pareto"]
