@@ -125,7 +125,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_refresh)
 
     p = sub.add_parser("distill", help="train a servable student bundle from an expensive teacher ensemble "
-                                       "(CE + alpha T^2 KL over in-batch candidates); report all side by side")
+                                       "(CE + alpha T^2 KL over in-batch candidates or the catalog); "
+                                       "report all side by side")
     p.add_argument("--teacher", required=True, type=Path,
                    help="a bundle, a directory of bundles (ensemble members), or a JSON config of members to train")
     p.add_argument("--out", required=True, type=Path, help="work directory: OUT/student (the bundle), OUT/teacher, "

@@ -12,8 +12,9 @@ so serving the teacher needs n combiners and an index of dimension sum(d_m).
 
 The student is the default towers + combiner, trained by ``offline.train.train`` with the
 ``SoftTargets`` hook: on every batch the teacher's logits over the batch's in-batch
-candidates (the examples' targets) are the soft labels of a temperature-scaled KL term,
-``loss = CE + alpha * T^2 * KL``. The student is a normal bundle, served like any other.
+candidates (the examples' targets), or with ``full_catalog`` over every catalog item, are
+the soft labels of a temperature-scaled KL term, ``loss = CE + alpha * T^2 * KL``. The
+student is a normal bundle, served like any other.
 
 ``--teacher`` takes either
 
