@@ -183,6 +183,11 @@ class Bench:
             os.replace(tmp, self.out / name)
 
 
+def full_quality_qps(row: dict[str, Any]) -> float:
+    """A run's QPS counting only full-quality answers (a degraded answer skipped the search)."""
+    return float(row["qps"] * row["rungs"].get("full", 0) / max(1, sum(row["rungs"].values())))
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's targets as ratios measured in this run."""
     def find(**kw: Any) -> dict[str, Any] | None:
@@ -195,7 +200,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if on and off and off["qps"]:
             out[f"{cat}: batching speedup at c=64"] = round(on["qps"] / off["qps"], 2)
             # Degraded answers are cheap (no search): count full-quality responses per second too.
-            good = [r["qps"] * r["rungs"].get("full", 0) / max(1, sum(r["rungs"].values())) for r in (on, off)]
+            good = [full_quality_qps(r) for r in (on, off)]
             if good[1]:
                 out[f"{cat}: full-quality QPS speedup at c=64"] = round(good[0] / good[1], 2)
             out[f"{cat}: p99 at c=64 batched / unbatched"] = round(
@@ -227,7 +232,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     # Issue 11's end-to-end row: the tuner's index against today's IVF-Flat, both at recall@100
     # >= 0.95, counting only full-quality answers (a degraded answer skipped the search).
     def full_qps(cat: str, transport: str) -> list[float]:
-        return [r["qps"] * r["rungs"].get("full", 0) / max(1, sum(r["rungs"].values())) for r in rows
+        return [full_quality_qps(r) for r in rows
                 if r.get("scenario") == "paths" and r.get("catalog_of") == cat and r["mode"] == "closed"
                 and r.get("transport") == transport]
 

@@ -185,8 +185,8 @@ def soft_targets(teacher: Teacher, split: Split, *, alpha: float, temperature: f
     q = torch.from_numpy(example_queries(teacher, split))
     e = torch.from_numpy(teacher.item_matrix())
 
-    def logits(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return q[idx] @ e[targets].T
+    def logits(idx: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return q[idx] @ e[candidates].T
 
     return SoftTargets(teacher=logits, alpha=alpha, temperature=temperature, full_catalog=full_catalog)
 

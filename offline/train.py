@@ -182,7 +182,6 @@ def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             if whole:
                 # Every catalog row is a candidate: (n_items, dim), histories gathered from it.
                 emb = model.item_tower(itf)
-                pos = emb if full else emb[b_targets]
                 h_emb = emb[b_hist.clamp(min=0)] * mask[..., None]
             else:
                 # Run the item tower once over the batch's distinct items (targets + histories,
@@ -204,7 +203,12 @@ def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             else:
                 u = model.user_tower({k: v[b_users] for k, v in uf.items()})
             q = model.combiner(u, torch.ones(len(idx), dtype=torch.bool), s_emb, s_mask)
-            student = q @ pos.T / model_cfg.temperature
+            all_logits: torch.Tensor | None = None
+            if whole:  # (B, n_items) scored once; the in-batch candidates are its columns
+                all_logits = q @ emb.T / model_cfg.temperature
+                student = all_logits if full else all_logits[:, b_targets]
+            else:
+                student = q @ pos.T / model_cfg.temperature
             if full:
                 labels, cands = b_targets, all_rows
                 hit = torch.zeros(student.shape, dtype=torch.bool)
@@ -218,7 +222,7 @@ def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             loss = F.cross_entropy(logits, labels)
             if soft_targets is not None and soft_targets.full_catalog and not full:
                 # In-batch CE, KL over the whole catalog: the teacher's view of every item.
-                all_logits = q @ emb.T / model_cfg.temperature
+                assert all_logits is not None
                 no_hits = torch.zeros(all_logits.shape, dtype=torch.bool)
                 loss = loss + soft_targets.kl(idx, all_rows, all_logits, no_hits)
             elif soft_targets is not None:  # distillation: + alpha T^2 KL(teacher || student)
