@@ -18,6 +18,7 @@ import resource
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ def refresh_scale(*, bundle: Path, n_users: int, data_dir: Path, work: Path, k: 
     from offline.datasets import load_dataset, temporal_split
     from offline.histories import user_histories
     from towers import bundle as bundle_mod
+    from towers.features import EncodedTable, Vocabulary
     from towers.model import ModelConfig, embed_users, model_from_arrays
     from towers.redis_load import load_bundle_into_redis
 
@@ -48,9 +50,12 @@ def refresh_scale(*, bundle: Path, n_users: int, data_dir: Path, work: Path, k: 
     src = np.tile(np.arange(len(real)), reps)[:n_users]
     ids = [f"{real[s]}#{j}" for j, s in enumerate(src.tolist())]
     fp = b.features.extended(user_ids=ids)
-    fp.user_rows = {**fp.user_rows, **{u: b.features.user_rows[real[s]] for u, s in zip(ids, src.tolist(),
-                                                                                       strict=True)
-                                       if real[s] in b.features.user_rows}}
+    # The copies carry their source user's encoded features.
+    pos = b.features.user_table.ids.positions([real[s] for s in src.tolist()])
+    have = np.flatnonzero(pos >= 0)
+    copies = EncodedTable(Vocabulary([ids[j] for j in have.tolist()]),
+                          {k: v[pos[have]] for k, v in b.features.user_table.arrays.items()})
+    fp = replace(fp, user_table=fp.user_table.merged(copies))
     hist = np.concatenate([hist_real, hist_real[src]])
     rows = np.arange(fp.n_users)
     out: dict[str, Any] = {"users": n_users, "history_len": cfg.history_len, "threads": 1}

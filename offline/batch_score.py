@@ -3,8 +3,10 @@ one lookup, and the degradation ladder falls back to.
 
 The query is the user embedding alone (no session: that is the real-time part),
 ranked by ``towers.ranking.rank`` like the server's user-only requests; items the
-user already interacted with are excluded, and the search runs in chunks of users
-with FAISS' BLAS path on (offline only).
+user already interacted with are excluded when the spec's repeat policy says so
+(``policies.exclude_seen``, the default; with ``false`` past items stay candidates, as
+on the server), and the search runs in chunks of users with FAISS' BLAS path on
+(offline only).
 """
 
 from __future__ import annotations
@@ -53,10 +55,14 @@ def batch_score_bundle(bundle_dir: Path, *, k: int = 100, seen: Sequence[Sequenc
 
 
 def seen_rows(bundle_dir: Path, *, cache_dir: Path) -> list[list[int]]:
-    """Per user row: the item rows of the user's training interactions (from the bundle's dataset)."""
+    """Per user row: what batch scoring excludes for the user: the item rows of the user's
+    training interactions (from the bundle's dataset), or nothing when the bundle's spec keeps
+    past items as candidates (``exclude_seen: false``; the dataset is not even read)."""
     from offline.datasets import load_dataset, temporal_split
 
     b = bundle_mod.load(bundle_dir, verify_checksums=False)
+    if not b.features.exclude_seen:
+        return [[] for _ in range(len(b.features.user_vocab))]
     split = temporal_split(load_dataset(b.manifest["dataset"], cache_dir=cache_dir).interactions)
     users = b.features.user_vocab.positions(split.train.user)
     items = b.features.item_vocab.positions(split.train.item)

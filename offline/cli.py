@@ -1,5 +1,5 @@
 """Offline subcommands: train, evaluate, verify, index build/tune, quantize, publish, batch-score, synth-bundle,
-refresh, distill."""
+example-data, refresh, distill."""
 
 from __future__ import annotations
 
@@ -12,14 +12,28 @@ from towers.cliargs import default_data_dir, existing_dir, positive_int
 from towers.errors import ConfigError
 from towers.index import INDEX_TYPES
 
+DATASET_HELP = ("ml-100k | a dataset spec (SPEC.yaml) | a directory of RecBole atomic files (NAME.inter, .item, "
+                ".user) | a GroupLens directory | synthetic:UxI[:SEED]")
+
+
+def dataset_ref(name: str) -> str:
+    """What a bundle's manifest records to reload its dataset: a path made absolute (evaluate,
+    refresh and batch-score may run from another directory), a name as given."""
+    p = Path(name)
+    return str(p.resolve()) if p.exists() else name
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the towers and write a verified bundle")
-    p.add_argument("--dataset", default="ml-100k", help="ml-100k | a GroupLens directory | synthetic:UxI[:SEED]")
+    p.add_argument("--dataset", default="ml-100k", help=DATASET_HELP)
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     p.add_argument("--epochs", type=positive_int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--index", default="auto", choices=list(INDEX_TYPES))
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="ray: Ray Train, data-parallel workers (DDP, CPU) fed by Ray Data from Parquet; "
+                        "the [ray] extra")
+    p.add_argument("--workers", type=positive_int, default=2, help="--engine ray: data-parallel workers")
     p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_train)
@@ -96,6 +110,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_synth_bundle)
 
+    p = sub.add_parser("example-data", help="write a small e-commerce-shaped dataset (items, users, view/cart/"
+                                            "purchase events, repeat purchases) and its dataset spec")
+    p.add_argument("--out", required=True, type=Path, help="directory for items.parquet, users.csv, events.*, "
+                                                           "spec.yaml")
+    p.add_argument("--users", type=positive_int, default=2000)
+    p.add_argument("--items", type=positive_int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--events-format", default="csv", choices=["csv", "parquet"])
+    p.set_defaults(func=cmd_example_data)
+
     p = sub.add_parser("refresh", help="the nightly loop: consume new events, re-embed (or warm-start train), "
                                        "index, batch-score, gate against CURRENT, publish, acknowledge")
     p.add_argument("--registry", required=True, type=Path)
@@ -118,7 +142,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grace-s", type=float, default=3600.0, help="keep retired versions' Redis keys this long")
     p.add_argument("--flags", type=Path, default=None, help="an A/B flags file: versions it pins keep their keys")
     p.add_argument("--item-features", type=Path, default=None,
-                   help='catalog feed, JSON lines {"item", "year", "genres", "title"}: new items join with these')
+                   help="catalog feed in the dataset spec's item schema (the items table's id, feature and "
+                        "title columns; CSV, Parquet, JSON lines): new items join with these features")
     p.add_argument("--schedule", default=None, help='run as a scheduler, e.g. "0 3 * * *" (cron, local time)')
     p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
@@ -131,7 +156,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a bundle, a directory of bundles (ensemble members), or a JSON config of members to train")
     p.add_argument("--out", required=True, type=Path, help="work directory: OUT/student (the bundle), OUT/teacher, "
                                                            "OUT/baseline")
-    p.add_argument("--dataset", default="ml-100k", help="ml-100k | a GroupLens directory | synthetic:UxI[:SEED]")
+    p.add_argument("--dataset", default="ml-100k", help=DATASET_HELP)
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the KL term (0: plain training)")
     p.add_argument("--kd-temperature", type=float, default=2.0, help="distillation temperature T")
     p.add_argument("--kl-over", choices=["batch", "catalog"], default="batch",
@@ -155,9 +180,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError("--out", f"{args.out} exists and is not a directory")
+    if args.engine == "ray":
+        from offline.ray_engine import INSTALL_HINT, ray_available
+
+        if not ray_available():  # before the dataset is read: fail fast, naming the flag
+            raise ConfigError("--engine", f"ray is not installed; {INSTALL_HINT}")
     ds = load_dataset(args.dataset, cache_dir=args.data_dir)
-    man = train(dataset=ds, dataset_spec=args.dataset, out=args.out,
-                train_cfg=TrainConfig(epochs=args.epochs, seed=args.seed), index_type=args.index)
+    repeats = int(ds.report.get("repeated_pairs", 0))
+    if repeats:
+        # Repeat-heavy data (groceries, music) is where the policy matters: say which is in
+        # force, so a zero-config (atomic files) user learns that the choice exists.
+        import sys
+
+        policy = ("true: past items are never recommended again" if ds.spec.policies.exclude_seen
+                  else "false: past items stay candidates (repeat-aware evaluation)")
+        print(f"{repeats:,} of {len(ds.interactions):,} interactions repeat a (user, item) pair; "
+              f"policies.exclude_seen is {policy} (set it in a dataset spec)",
+              file=sys.stderr if args.json else sys.stdout)
+    man = train(dataset=ds, dataset_spec=dataset_ref(args.dataset), out=args.out,
+                train_cfg=TrainConfig(epochs=args.epochs, seed=args.seed), index_type=args.index,
+                engine=args.engine, workers=args.workers)
     if args.json:
         print(json.dumps(man["metrics"]))
     else:
@@ -246,6 +288,17 @@ def cmd_synth_bundle(args: argparse.Namespace) -> int:
                                 index_type=args.index)
     print(f"synthetic bundle {man['version']} ({args.items:,} items, {args.users:,} users, "
           f"{man['index']['spec']['type']} recall@100 {man['index']['ann_recall@100']:.3f}) in {args.out}")
+    return 0
+
+
+def cmd_example_data(args: argparse.Namespace) -> int:
+    from offline.example_data import write_example_data
+
+    data = write_example_data(args.out, users=args.users, items=args.items, seed=args.seed,
+                              events_format=args.events_format)
+    print(f"wrote {', '.join(p.name for p in data.files)} to {data.directory}")
+    print(data.summary())
+    print(f"next: twotower train --dataset {data.spec} --out runs/shop/bundle")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Datasets: MovieLens-100k (recbole wheel or GroupLens layout), a synthetic
-generator, and the temporal leave-last-out split of DESIGN §6.
+"""Datasets: the user's own (a dataset spec or RecBole atomic files, ``offline.loading``),
+MovieLens-100k (a shipped spec over the recbole wheel's atomic files; GroupLens' own
+layout too), a synthetic generator, and the temporal leave-last-out split of DESIGN §6.
 
 Everything is columnar numpy with raw string ids; integer indices are the
 feature pipeline's business (``towers.features``).
@@ -9,23 +10,25 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import zipfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from towers.errors import DataError
+from towers.spec import DatasetSpec, load_spec
 
 RECBOLE_WHEEL = "recbole-1.2.1-py3-none-any.whl"
-_RECBOLE_PREFIX = "recbole/dataset_example/ml-100k/ml-100k"
 GROUPLENS_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
     "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
     "War", "Western",
 )
+SPECS_DIR = Path(__file__).with_name("specs")
+SHIPPED = {"ml-100k": SPECS_DIR / "ml-100k.yaml"}
 
 
 @dataclass(frozen=True)
@@ -34,42 +37,50 @@ class Interactions:
 
     user: np.ndarray  # <U, raw user id
     item: np.ndarray  # <U, raw item id
-    rating: np.ndarray  # float32
+    rating: np.ndarray  # float32: the rating, 1.0 for implicit events
     timestamp: np.ndarray  # int64, seconds
+    group: np.ndarray | None = None  # <U, order / basket / session id (the spec's group column)
+    context: dict[str, Any] = field(default_factory=dict)  # raw context values by column
+    weight: np.ndarray | None = None  # float32 training weight (the spec's event-type weights)
 
     def __len__(self) -> int:
         return len(self.user)
 
     def take(self, idx: np.ndarray) -> Interactions:
-        return Interactions(self.user[idx], self.item[idx], self.rating[idx], self.timestamp[idx])
+        ctx = {k: v[idx] if isinstance(v, np.ndarray) else [v[i] for i in np.asarray(idx).tolist()]
+               for k, v in self.context.items()}
+        return Interactions(self.user[idx], self.item[idx], self.rating[idx], self.timestamp[idx],
+                            None if self.group is None else self.group[idx], ctx,
+                            None if self.weight is None else self.weight[idx])
 
 
 @dataclass(frozen=True)
-class UserFeatures:
-    user: np.ndarray  # <U
-    age: np.ndarray  # int32, -1 when unknown
-    gender: np.ndarray  # <U
-    occupation: np.ndarray  # <U
-    zip: np.ndarray  # <U
+class EntityTable:
+    """Users or items with their raw feature columns (by column name), aligned with ``ids``."""
 
+    ids: np.ndarray  # <U, unique
+    columns: dict[str, Any] = field(default_factory=dict)
 
-@dataclass(frozen=True)
-class ItemFeatures:
-    item: np.ndarray  # <U
-    title: np.ndarray  # <U
-    year: np.ndarray  # int32, -1 when unknown
-    genres: list[tuple[str, ...]]
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def column(self, name: str) -> list[Any]:
+        v = self.columns[name]
+        return v.tolist() if isinstance(v, np.ndarray) else list(v)
 
 
 @dataclass(frozen=True)
 class Dataset:
     name: str
     interactions: Interactions
-    users: UserFeatures
-    items: ItemFeatures
+    users: EntityTable
+    items: EntityTable
+    spec: DatasetSpec  # resolved: what the feature pipeline is built from (saved in the bundle)
+    item_titles: dict[str, str] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)  # rows dropped, ids without a table row, repeats
 
     def titles(self) -> dict[str, str]:
-        return dict(zip(self.items.item.tolist(), self.items.title.tolist(), strict=True))
+        return dict(self.item_titles)
 
 
 # --------------------------------------------------------------------------- MovieLens
@@ -89,9 +100,15 @@ def fetch_recbole_wheel(cache_dir: Path) -> Path:
     return wheel
 
 
-def _rows(text: str, source: str, sep: str, ncols: int, skip_header: bool) -> Iterator[tuple[int, list[str]]]:
+def movielens_spec(name: str = "ml-100k") -> DatasetSpec:
+    """The shipped ML-100k spec's features and policies (the GroupLens loader and the
+    synthetic generator produce the same columns)."""
+    return load_spec(SHIPPED["ml-100k"]).model_copy(update={"name": name})
+
+
+def _rows(text: str, source: str, sep: str, ncols: int) -> Iterator[tuple[int, list[str]]]:
     for lineno, line in enumerate(text.splitlines(), start=1):
-        if (skip_header and lineno == 1) or not line.strip():
+        if not line.strip():
             continue
         parts = line.split(sep)
         if len(parts) < ncols:
@@ -106,60 +123,10 @@ def _int(value: str, source: str, lineno: int, field: str) -> int:
         raise DataError(f"{source}:{lineno}: {field} is not a number: {value!r}") from e
 
 
-def _parse_interactions(text: str, source: str, sep: str, skip_header: bool) -> Interactions:
-    users, items, ratings, stamps = [], [], [], []
-    for lineno, p in _rows(text, source, sep, 4, skip_header):
-        users.append(p[0].strip())
-        items.append(p[1].strip())
-        ratings.append(_int(p[2], source, lineno, "rating"))
-        stamps.append(_int(p[3], source, lineno, "timestamp"))
-    if not users:
-        raise DataError(f"{source}: no interactions")
-    return Interactions(
-        np.array(users), np.array(items), np.array(ratings, dtype=np.float32), np.array(stamps, dtype=np.int64)
-    )
-
-
-def _parse_users(text: str, source: str, sep: str, skip_header: bool) -> UserFeatures:
-    rows = [(p[0].strip(), _int(p[1], source, n, "age"), p[2], p[3], p[4].strip())
-            for n, p in _rows(text, source, sep, 5, skip_header)]
-    cols = list(zip(*rows, strict=True))
-    return UserFeatures(np.array(cols[0]), np.array(cols[1], dtype=np.int32), np.array(cols[2]),
-                        np.array(cols[3]), np.array(cols[4]))
-
-
-def _items(rows: list[tuple[str, str, int, tuple[str, ...]]]) -> ItemFeatures:
-    return ItemFeatures(
-        np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
-        np.array([r[2] for r in rows], dtype=np.int32), [r[3] for r in rows],
-    )
-
-
-def load_movielens_100k(cache_dir: Path) -> Dataset:
-    """MovieLens-100k from the recbole 1.2.1 wheel (atomic files, tab separated, with header)."""
-    wheel = fetch_recbole_wheel(cache_dir)
-    try:
-        zf = zipfile.ZipFile(wheel)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise DataError(f"{wheel}: not a readable wheel ({e}); delete it to re-download") from e
-
-    def read(suffix: str) -> tuple[str, str]:
-        name = f"{_RECBOLE_PREFIX}.{suffix}"
-        try:
-            return zf.read(name).decode("latin-1"), f"{wheel.name}!{name}"
-        except KeyError as e:
-            raise DataError(f"{wheel}: missing {name}") from e
-
-    text, src = read("inter")
-    inter = _parse_interactions(text, src, "\t", skip_header=True)
-    text, src = read("user")
-    users = _parse_users(text, src, "\t", skip_header=True)
-    text, src = read("item")
-    rows = []
-    for _n, p in _rows(text, src, "\t", 4, skip_header=True):
-        year = int(p[2]) if p[2].strip().isdigit() else -1  # the wheel has 'unkonwn' for one movie
-        rows.append((p[0].strip(), p[1].strip(), year, tuple(p[3].split())))
-    return Dataset("ml-100k", inter, users, _items(rows))
+def ml_dataset(name: str, inter: Interactions, users: EntityTable, items: EntityTable) -> Dataset:
+    """A dataset with ML-100k's columns, under the shipped spec's feature kinds."""
+    titles = dict(zip(items.ids.tolist(), items.column("movie_title"), strict=True))
+    return Dataset(name, inter, users, items, movielens_spec(name), titles)
 
 
 def load_grouplens(directory: Path) -> Dataset:
@@ -172,28 +139,47 @@ def load_grouplens(directory: Path) -> Dataset:
         except OSError as e:
             raise DataError(f"{path}: cannot read ({e.strerror})") from e
 
-    inter = _parse_interactions(read("u.data"), str(directory / "u.data"), "\t", skip_header=False)
-    users = _parse_users(read("u.user"), str(directory / "u.user"), "|", skip_header=False)
+    src = str(directory / "u.data")
+    cols: list[list[Any]] = [[], [], [], []]
+    for lineno, p in _rows(read("u.data"), src, "\t", 4):
+        cols[0].append(p[0].strip())
+        cols[1].append(p[1].strip())
+        cols[2].append(_int(p[2], src, lineno, "rating"))
+        cols[3].append(_int(p[3], src, lineno, "timestamp"))
+    if not cols[0]:
+        raise DataError(f"{src}: no interactions")
+    inter = Interactions(np.array(cols[0]), np.array(cols[1]), np.array(cols[2], dtype=np.float32),
+                         np.array(cols[3], dtype=np.int64))
+    src = str(directory / "u.user")
+    urows = [(p[0].strip(), float(_int(p[1], src, n, "age")), p[2], p[3], p[4].strip())
+             for n, p in _rows(read("u.user"), src, "|", 5)]
+    users = EntityTable(np.array([r[0] for r in urows], dtype=str), {
+        "age": np.array([r[1] for r in urows], dtype=np.float64), "gender": [r[2] for r in urows],
+        "occupation": [r[3] for r in urows], "zip_code": [r[4] for r in urows]})
     genres: tuple[str, ...] = GROUPLENS_GENRES
     if (directory / "u.genre").is_file():
         genres = tuple(line.split("|")[0] for line in read("u.genre").splitlines() if line.strip())
     src = str(directory / "u.item")
-    rows = []
-    for _n, p in _rows(read("u.item"), src, "|", 5 + len(genres), skip_header=False):
+    irows = []
+    for _n, p in _rows(read("u.item"), src, "|", 5 + len(genres)):
         date = p[2].strip()
-        year = int(date[-4:]) if date[-4:].isdigit() else -1
+        year = float(date[-4:]) if date[-4:].isdigit() else np.nan
         title = p[1].strip()
         if title.endswith(")") and title[-6:-5] == "(":  # "Toy Story (1995)" -> "Toy Story"
             title = title[:-6].strip()
         flags = p[5:5 + len(genres)]
-        rows.append((p[0].strip(), title, year, tuple(g for g, f in zip(genres, flags, strict=True) if f == "1")))
-    return Dataset(directory.name, inter, users, _items(rows))
+        irows.append((p[0].strip(), title, year, [g for g, f in zip(genres, flags, strict=True) if f == "1"]))
+    items = EntityTable(np.array([r[0] for r in irows], dtype=str), {
+        "movie_title": [r[1] for r in irows], "release_year": np.array([r[2] for r in irows], dtype=np.float64),
+        "class": [r[3] for r in irows]})
+    return ml_dataset(directory.name, inter, users, items)
 
 
 def write_grouplens(ds: Dataset, directory: Path, *, keep_users: set[str] | None = None) -> Path:
-    """Write ``ds`` in GroupLens' layout (what ``load_grouplens`` reads): the replay's
-    "everything known before DATE" dataset. ``keep_users``: the users listed in ``u.user``
-    (default: all); the others stay unknown to a pipeline fitted on it, i.e. new users later."""
+    """Write an ML-shaped ``ds`` (ML-100k's columns) in GroupLens' layout (what
+    ``load_grouplens`` reads): the replay's "everything known before DATE" dataset.
+    ``keep_users``: the users listed in ``u.user`` (default: all); the others stay unknown
+    to a pipeline fitted on it, i.e. new users later."""
     directory.mkdir(parents=True, exist_ok=True)
     i = ds.interactions
     (directory / "u.data").write_text("".join(
@@ -201,25 +187,46 @@ def write_grouplens(ds: Dataset, directory: Path, *, keep_users: set[str] | None
                                                                   i.rating.tolist(), i.timestamp.tolist(),
                                                                   strict=True)), encoding="latin-1")
     us = ds.users
+    ages = [int(a) if a == a else -1 for a in us.column("age")]
     (directory / "u.user").write_text("".join(
-        f"{u}|{a}|{g}|{o}|{z}\n" for u, a, g, o, z in zip(us.user.tolist(), us.age.tolist(), us.gender.tolist(),
-                                                          us.occupation.tolist(), us.zip.tolist(), strict=True)
+        f"{u}|{a}|{g}|{o}|{z}\n" for u, a, g, o, z in zip(us.ids.tolist(), ages, us.column("gender"),
+                                                          us.column("occupation"), us.column("zip_code"), strict=True)
         if keep_users is None or u in keep_users), encoding="latin-1")
-    genres = sorted({g for gs in ds.items.genres for g in gs}) or ["unknown"]
+    item_genres = [_genre_list(g) for g in ds.items.column("class")]
+    genres = sorted({g for gs in item_genres for g in gs}) or ["unknown"]
     (directory / "u.genre").write_text("".join(f"{g}|{n}\n" for n, g in enumerate(genres)), encoding="latin-1")
     lines = []
-    for it, title, year, gs in zip(ds.items.item.tolist(), ds.items.title.tolist(), ds.items.year.tolist(),
-                                   ds.items.genres, strict=True):
-        date = f"01-Jan-{year}" if year >= 0 else ""
-        lines.append("|".join([it, title, date, "", "", *("1" if g in gs else "0" for g in genres)]) + "\n")
+    for it, title, year, gs in zip(ds.items.ids.tolist(), ds.items.column("movie_title"),
+                                   ds.items.column("release_year"), item_genres, strict=True):
+        y = _year(year)
+        date = f"01-Jan-{y}" if y >= 0 else ""
+        lines.append("|".join([it, title or "", date, "", "", *("1" if g in gs else "0" for g in genres)]) + "\n")
     (directory / "u.item").write_text("".join(lines), encoding="latin-1")
     return directory
 
 
+def _genre_list(v: Any) -> list[str]:
+    if v is None:
+        return []
+    return [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v).split()
+
+
+def _year(v: Any) -> int:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return -1
+    return int(f) if f == f else -1
+
+
 def load_dataset(name: str, *, cache_dir: Path) -> Dataset:
-    """``ml-100k`` (recbole wheel), a GroupLens directory path, or ``synthetic:USERSxITEMS[:SEED]``."""
-    if name == "ml-100k":
-        return load_movielens_100k(cache_dir)
+    """A dataset by name: ``ml-100k`` (the shipped spec), a spec file (``.yaml``/``.yml``), a
+    directory of RecBole atomic files (zero-config), a GroupLens directory (``u.data``), or
+    ``synthetic:USERSxITEMS[:SEED]``."""
+    from offline.loading import dataset_from_spec
+
+    if name in SHIPPED:
+        return dataset_from_spec(load_spec(SHIPPED[name]), base=SPECS_DIR, data_dir=cache_dir)
     if name.startswith("synthetic:"):
         spec = name.split(":")
         try:
@@ -227,11 +234,29 @@ def load_dataset(name: str, *, cache_dir: Path) -> Dataset:
             seed = int(spec[2]) if len(spec) > 2 else 0
         except ValueError as e:
             raise DataError(f"dataset {name!r}: expected synthetic:USERSxITEMS[:SEED]") from e
+        if n_users < 1 or n_items < 1:
+            raise DataError(f"dataset {name!r}: USERS and ITEMS must be positive")
         return synthetic_dataset(n_users=n_users, n_items=n_items, seed=seed)
     path = Path(name)
-    if path.is_dir():
+    if path.suffix.lower() in (".yaml", ".yml"):
+        if not path.is_file():
+            raise DataError(f"{path}: dataset spec not found")
+        return dataset_from_spec(load_spec(path), base=path.resolve().parent, data_dir=cache_dir, source=str(path))
+    if path.is_dir() and any(path.glob("*.inter")):
+        return dataset_from_spec(DatasetSpec(name=path.name, atomic=str(path.resolve())), base=path,
+                                 data_dir=cache_dir)
+    if path.is_dir() and (path / "u.data").is_file():
         return load_grouplens(path)
-    raise DataError(f"dataset {name!r}: not 'ml-100k', 'synthetic:UxI[:SEED]' or a GroupLens directory")
+    if path.is_dir():
+        raise DataError(f"{path}: neither RecBole atomic files (NAME.inter, NAME.item, NAME.user) nor GroupLens "
+                        "files (u.data, u.item, u.user); for other tables write a dataset spec (.yaml) naming them")
+    if path.is_file():
+        raise DataError(f"{path}: a data file is read through a dataset spec (.yaml) that names its columns "
+                        "(interactions: {path: ..., user: ..., item: ..., time: ...})")
+    if len(path.parts) > 1 or path.suffix:
+        raise DataError(f"{path}: not found")
+    raise DataError(f"dataset {name!r}: not 'ml-100k', a spec file (.yaml), a directory of RecBole atomic files "
+                    "(NAME.inter, ...), a GroupLens directory (u.data, ...) or 'synthetic:UxI[:SEED]'")
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -241,7 +266,8 @@ def synthetic_dataset(
     *, n_users: int, n_items: int, seed: int = 0, per_user: int = 20, n_clusters: int | None = None,
     zipf_a: float = 1.1, chunk: int = 100_000,
 ) -> Dataset:
-    """Clustered users and items with power-law popularity, deterministic by ``seed``.
+    """Clustered users and items with power-law popularity, deterministic by ``seed``, in
+    ML-100k's columns (so the shipped spec's features apply).
 
     Each item belongs to a cluster; item popularity inside the catalog follows a
     Zipf law. Each user has a home cluster and draws ``per_user`` interactions:
@@ -283,14 +309,16 @@ def synthetic_dataset(
     item_ids = np.char.add("i", np.arange(n_items).astype("U"))
     inter = Interactions(user_ids[uidx], item_ids[iidx], np.full(len(uidx), 4.0, dtype=np.float32),
                          np.concatenate(stamps).astype(np.int64))
-    users_f = UserFeatures(user_ids, rng.integers(18, 70, size=n_users).astype(np.int32),
-                           rng.choice(np.array(["F", "M"]), size=n_users),
-                           np.char.add("occ", rng.integers(0, 20, size=n_users).astype("U")),
-                           np.char.add("z", rng.integers(0, 100, size=n_users).astype("U")))
-    genre_names = [f"g{g}" for g in range(16)]
-    items_f = ItemFeatures(item_ids, item_ids.copy(), rng.integers(1950, 2000, size=n_items).astype(np.int32),
-                           [(genre_names[c % 16],) for c in item_cluster.tolist()])
-    return Dataset(f"synthetic-{n_users}x{n_items}-s{seed}", inter, users_f, items_f)
+    users_t = EntityTable(user_ids, {
+        "age": rng.integers(18, 70, size=n_users).astype(np.float64),
+        "gender": rng.choice(np.array(["F", "M"]), size=n_users),
+        "occupation": np.char.add("occ", rng.integers(0, 20, size=n_users).astype("U")),
+        "zip_code": np.char.add("z", rng.integers(0, 100, size=n_users).astype("U"))})
+    genre_names = np.array([f"g{g}" for g in range(16)])
+    items_t = EntityTable(item_ids, {"movie_title": item_ids.copy(),
+                                     "release_year": rng.integers(1950, 2000, size=n_items).astype(np.float64),
+                                     "class": genre_names[item_cluster % 16]})
+    return ml_dataset(f"synthetic-{n_users}x{n_items}-s{seed}", inter, users_t, items_t)
 
 
 # --------------------------------------------------------------------------- split

@@ -300,7 +300,7 @@ def distill(*, teacher: Path, out: Path, dataset: Dataset, dataset_spec: str, al
         teacher = train_teacher(config, dataset=dataset, dataset_spec=dataset_spec, out=out / "teacher",
                                 threads=train_cfg.threads, log=log)
     t = load_teacher(teacher)
-    if t.features.dumps() != fit_pipeline(dataset).dumps():
+    if t.features.dumps() != fit_pipeline(dataset, temporal_split(dataset.interactions).train).dumps():
         raise ConfigError("--teacher", "the teacher was trained on another dataset than the student's")
     split = temporal_split(dataset.interactions)
     log(f"teacher: {len(t.members)} members, dim {t.dim}")

@@ -6,7 +6,11 @@ One run, each step checkpointed in the run directory (``offline.run_steps``), so
 1. ``read``      new events from the event stream (consumer group; pending entries of an
                  earlier, crashed run first), saved in the run dir;
 2. ``merge``     into the interaction store (Parquet by day; repeats by event identity are
-                 stored once, so a replay stores nothing twice);
+                 stored once, so a replay stores nothing twice). The bundle's dataset spec
+                 maps the events (``interactions.event_type``): only the ``positives`` types
+                 are interactions (the others are consumed, not stored), and ``weights`` are
+                 the per-type training weights of the ``train`` mode; a spec without event
+                 types takes every event at weight 1;
 3. ``candidate`` a new bundle from CURRENT's towers. Modes:
                  - ``embed``: re-embed the users with new events and every new user from their
                    history (the user tower reads it), append new items that have features;
@@ -14,7 +18,8 @@ One run, each step checkpointed in the run directory (``offline.run_steps``), so
                    holdout window for a few epochs, then re-embed every user and item;
 4. ``index``     rebuild the FAISS index (same type and search settings as CURRENT) when the
                  item embeddings changed;
-5. ``batch_score`` the precomputed top-K per user;
+5. ``batch_score`` the precomputed top-K per user (past items excluded or not, as the spec's
+                 ``policies.exclude_seen`` says; the gate below follows the same policy);
 6. ``evaluate``  candidate vs CURRENT on the holdout window (every new event in the most
                  recent ``holdout_s`` is a target, with what came before it as known), and the
                  gate: refused when measurably (95%, paired) worse than CURRENT by more than
@@ -42,9 +47,11 @@ from typing import Any
 
 import numpy as np
 
+from offline.datasets import Interactions
 from offline.evaluate import EvalSet, model_ranks
 from offline.event_log import EventLog
 from offline.interactions import InteractionRows, InteractionStore
+from offline.loading import read_item_feed, take_rows
 from offline.run_lock import RefreshLock
 from offline.run_steps import RunDir, write_json_atomic
 from towers import bundle as bundle_mod
@@ -53,12 +60,14 @@ from towers import registry as registry_mod
 from towers.errors import ConfigError, DataError, FeatureStoreError, RegistryError
 from towers.features import FeaturePipeline
 from towers.ranking import RankModel
+from towers.spec import DatasetSpec
 from towers.store_format import Event, RedisKeys, is_cluster_url
 
 MODES = ("embed", "train")
 ENGINES = ("local", "ray")
 STEPS = ("read", "merge", "candidate", "index", "batch_score", "evaluate", "publish", "ack", "gc")
 RETIRED_FILE = ".retired.json"  # in the registry: version -> unix time it stopped being CURRENT
+SEED_TYPE = "rating"  # the event type of the rows a new store is seeded with (CURRENT's dataset)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,8 +93,9 @@ class RefreshConfig:
     flags: Path | None = None  # versions a running experiment pins keep their keys
     lock_ttl_ms: int = 60_000
     seed: int = 0
-    # JSON lines {"item", "year", "genres", "title"}: how items that first appear in events get
-    # the features the item tower embeds them from (known items keep the features they have).
+    # A catalog feed in the spec's item schema (the items table's id, feature and title columns,
+    # any table format; ``offline.loading.read_item_feed``): how items that first appear in
+    # events get the features the item tower embeds them from (known items keep theirs).
     item_features: Path | None = None
     threads: int = 1  # torch threads of the train mode (1: a shared machine's OpenMP spin costs more)
 
@@ -156,6 +166,16 @@ class _Job:
         self.store = InteractionStore(cfg.store_root)
         self.cand_dir = run.path / "candidate"
         self._rows: InteractionRows | None = None
+        self._spec: DatasetSpec | None = None
+        self._spec_read = False
+
+    def spec(self) -> DatasetSpec | None:
+        """The parent's dataset spec (saved in its feature pipeline): how events map to
+        interactions and the repeat policy. None for a bundle without one."""
+        if not self._spec_read:
+            d = json.loads((self.cfg.registry / self.parent / "features.json").read_text()).get("spec")
+            self._spec, self._spec_read = (DatasetSpec.from_json(d) if d else None), True
+        return self._spec
 
     def _log(self) -> InteractionRows:
         """The whole interaction store, read once per process: only ``merge`` writes it, and
@@ -196,9 +216,14 @@ class _Job:
             "ids": ids, "events": [[e.user_id, e.item_id, e.type, e.timestamp] for e in unique]})
         return {"entries": len(ids), "events": len(unique), "dead": dead}
 
-    def _new_events(self) -> InteractionRows:
+    def _read_events(self) -> InteractionRows:
         data = json.loads((self.run.path / "events.json").read_text())
         return InteractionRows.from_events([Event(u, i, t, int(ts)) for u, i, t, ts in data["events"]])
+
+    def _new_events(self) -> InteractionRows:
+        """This run's new interactions: the events of a type the spec counts (every step reads
+        them through here, so what is stored, embedded and scored is the same set)."""
+        return interactions_of(self._read_events(), self.spec())
 
     def merge(self) -> dict[str, Any]:
         seeded = 0
@@ -212,10 +237,15 @@ class _Job:
 
             man = bundle_mod.read_manifest(self.cfg.registry / self.parent)
             ds = load_dataset(str(man["dataset"]), cache_dir=self.cfg.data_dir)
-            seeded = self.store.append(InteractionRows.from_interactions(ds.interactions))
+            seed = InteractionRows.from_interactions(ds.interactions)
+            if ds.spec.interactions.event_type is not None and ds.interactions.weight is not None:
+                seed = replace(seed, type=seed_types(ds.spec, ds.interactions.weight))
+            seeded = self.store.append(seed)
             write_json_atomic(marker, {"dataset": str(man["dataset"]), "version": self.parent, "rows": seeded})
-        new = self.store.append(self._new_events())
-        return {"seeded": seeded, "stored": new, "store_rows": len(self.store)}
+        events = self._new_events()
+        new = self.store.append(events)
+        return {"seeded": seeded, "stored": new, "store_rows": len(self.store),
+                "not_interactions": len(self._read_events()) - len(events)}
 
     # -- 3-5: the candidate bundle --------------------------------------------------------------
 
@@ -238,12 +268,18 @@ class _Job:
         log_rows = self._log()
         new = self._new_events()
         fp0 = parent.features
+        feed_titles: dict[str, str] = {}
         if self.cfg.item_features is not None:  # the catalog feed: features of items new or known
-            rows, titles = read_item_features(self.cfg.item_features)
-            fp0 = replace(fp0, item_rows={**rows, **fp0.item_rows}, item_titles={**titles, **fp0.item_titles})
+            spec = fp0.dataset_spec
+            if spec is None:
+                raise DataError(f"{self.parent}: its feature pipeline has no dataset spec to read a feed with")
+            ids, columns, feed_titles = read_item_feed(self.cfg.item_features, spec)
+            # Rows the bundle already has win: a feed never re-features an item that is served.
+            fresh = np.flatnonzero(fp0.item_table.ids.positions(ids) < 0)
+            fp0 = fp0.with_rows("item", ids[fresh].tolist(), {c: take_rows(v, fresh) for c, v in columns.items()})
         # New items join the catalog only when the item tower can embed them (they have features).
         new_items = [i for i in dict.fromkeys(new.item.tolist())
-                     if fp0.item_vocab.known(i) < 0 and i in fp0.item_rows]
+                     if fp0.item_vocab.known(i) < 0 and fp0.item_table.ids.known(i) >= 0]
         waiting = len({i for i in new.item.tolist() if fp0.item_vocab.known(i) < 0}) - len(new_items)
         new_users = [u for u in dict.fromkeys(new.user.tolist()) if fp0.user_vocab.known(u) < 0]
         fp = fp0.extended(user_ids=new_users, item_ids=new_items)
@@ -290,8 +326,8 @@ class _Job:
             "user_embeddings.npy": user_emb, "popularity.npy": popularity,
             "index.faiss": (parent.path / "index.faiss").read_bytes(),
         }
-        if "titles.json" in man["files"]:
-            files["titles.json"] = parent.titles
+        if "titles.json" in man["files"] or feed_titles:
+            files["titles.json"] = {**feed_titles, **parent.titles}
         if history:
             files["history.json"] = history
         # Embed mode keeps the towers and the items, so the parent's index and its measured
@@ -313,14 +349,19 @@ class _Job:
 
     def _warm_start(self, fp: FeaturePipeline, cfg_m: Any, arrays: dict[str, np.ndarray],
                     log_rows: InteractionRows) -> tuple[Any, list[dict[str, float]]]:
-        from offline.datasets import Dataset, ItemFeatures, UserFeatures, temporal_split
+        from offline.datasets import Dataset, EntityTable, temporal_split
         from offline.train import TrainConfig, train_model
 
-        # Train on what happened before the holdout window, so the gate's figures are honest.
-        before = log_rows.take(np.flatnonzero(log_rows.timestamp < self._holdout_start())).to_interactions()
-        empty = np.array([], dtype=str)
-        ds = Dataset("refresh", before, UserFeatures(empty, np.array([], np.int32), empty, empty, empty),
-                     ItemFeatures(empty, empty, np.array([], np.int32), []))
+        spec = fp.dataset_spec
+        if spec is None:
+            raise DataError(f"{self.parent}: its feature pipeline has no dataset spec to retrain with")
+        # Train on what happened before the holdout window, so the gate's figures are honest;
+        # each interaction weighs what its event type weighs in the spec.
+        before = training_interactions(log_rows.take(np.flatnonzero(log_rows.timestamp < self._holdout_start())),
+                                       spec)
+        # The pipeline is the parent's (extended): the tables only name the dataset's shape.
+        empty = EntityTable(np.array([], dtype=str))
+        ds = Dataset("refresh", before, empty, empty, spec)
         tc = TrainConfig(epochs=self.cfg.train_epochs, patience=self.cfg.train_epochs, seed=self.cfg.seed,
                          threads=self.cfg.threads)
         model, _, _, history = train_model(ds, model_cfg=cfg_m, train_cfg=tc, progress=False,
@@ -343,7 +384,8 @@ class _Job:
         return {"rebuilt": True, "ann_recall@100": recall, "version": new["version"]}
 
     def batch_score(self) -> dict[str, Any]:
-        """Top-K per user, excluding what the user interacted with. ``embed`` re-scores only
+        """Top-K per user, excluding what the user interacted with unless the spec keeps past
+        items as candidates (``exclude_seen: false``: nothing excluded). ``embed`` re-scores only
         the users it re-embedded when nothing else moved (same items, parent has recs of the
         same K); everyone else's rows are the parent's."""
         from offline.batch_score import batch_topk
@@ -356,14 +398,16 @@ class _Job:
                    and parent.recs_items is not None and parent.recs_items.shape[1] == k)
         users = (np.array(json.loads((self.run.path / "affected.json").read_text())["users"], dtype=np.int64)
                  if only_affected else np.arange(len(b.features.user_vocab)))
-        rows = self._log()
-        mine = rows.take(np.flatnonzero(np.isin(rows.user, [b.features.user_vocab.values[u] for u in users.tolist()])))
-        slot = {int(u): j for j, u in enumerate(users.tolist())}
         seen: list[list[int]] = [[] for _ in range(len(users))]
-        for u, i in zip(b.features.user_vocab.positions(mine.user).tolist(),
-                        b.features.item_vocab.positions(mine.item).tolist(), strict=True):
-            if u in slot and i >= 0:
-                seen[slot[u]].append(i)
+        if b.features.exclude_seen:
+            rows = self._log()
+            mine = rows.take(np.flatnonzero(np.isin(rows.user, [b.features.user_vocab.values[u]
+                                                                for u in users.tolist()])))
+            slot = {int(u): j for j, u in enumerate(users.tolist())}
+            for u, i in zip(b.features.user_vocab.positions(mine.user).tolist(),
+                            b.features.item_vocab.positions(mine.item).tolist(), strict=True):
+                if u in slot and i >= 0:
+                    seen[slot[u]].append(i)
         model = Model.from_bundle(b)
         if self.cfg.engine == "ray":
             from offline.ray_engine import batch_topk_ray
@@ -392,8 +436,9 @@ class _Job:
         """Every new event in the holdout window is a target, with everything before it in
         the user's log as known: the candidate embeds the user from that history with its
         towers, CURRENT serves the vector it has (none for a user it never saw); both get the
-        session and exclusions the server would (DESIGN §6's rules). So the gate measures what
-        the refresh adds without letting the candidate see the target.
+        session and exclusions the server would (DESIGN §6's rules, by the spec's repeat policy:
+        see :func:`_hits`). So the gate measures what the refresh adds without letting the
+        candidate see the target.
 
         The gate is paired: per target, hit@20 of candidate minus CURRENT. It refuses when the
         mean difference's upper 95% bound is below ``-max_drop`` x CURRENT's Recall@20: the
@@ -494,29 +539,42 @@ class _Job:
                                            prefix=self.cfg.prefix, grace_s=self.cfg.grace_s, flags=self.cfg.flags)}
 
 
-def read_item_features(path: Path) -> tuple[dict[str, tuple[int, list[str]]], dict[str, str]]:
-    """A catalog feed, JSON lines ``{"item": id, "year": int, "genres": [...], "title": str}``:
-    (item -> (year, genres), item -> title). A bad line is a DataError naming the file and line."""
-    rows: dict[str, tuple[int, list[str]]] = {}
-    titles: dict[str, str] = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the item features ({e.strerror})") from e
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-            item, year = str(d["item"]), int(d.get("year", -1))
-            genres = [str(g) for g in d.get("genres", [])]
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path}:{n}: expected {{\"item\", \"year\", \"genres\", \"title\"}}: {e}") from e
-        if not item:
-            raise DataError(f"{path}:{n}: empty item id")
-        rows[item] = (year, genres)
-        titles[item] = str(d.get("title", ""))
-    return rows, titles
+def interactions_of(rows: InteractionRows, spec: DatasetSpec | None) -> InteractionRows:
+    """The rows whose event type the spec counts as an interaction (``event_type.positives``;
+    every row when the spec declares no event types or no positives)."""
+    et = spec.interactions.event_type if spec is not None else None
+    if et is None or et.positives is None:
+        return rows
+    return rows.take(np.flatnonzero(np.isin(rows.type, np.asarray(et.positives, dtype=str))))
+
+
+def training_interactions(rows: InteractionRows, spec: DatasetSpec | None) -> Interactions:
+    """Rows as training interactions, each weighted by its type (``event_type.weights``; 1 for
+    a type the spec does not weigh). No event types in the spec: unweighted, as before."""
+    i = rows.to_interactions()
+    et = spec.interactions.event_type if spec is not None else None
+    if et is None or not et.weights:
+        return i
+    weight = np.ones(len(rows), np.float32)
+    for typ, w in et.weights.items():
+        weight[rows.type == typ] = w
+    return replace(i, weight=weight)
+
+
+def seed_types(spec: DatasetSpec, weight: np.ndarray) -> np.ndarray:
+    """An event type for each row of a loaded dataset, for seeding the store. The loader keeps
+    the rows the spec counts and their weights, not the type column; the mapping reads nothing
+    else, so each row is stored under a type of its weight (a weighed type, a positive type,
+    or ``SEED_TYPE`` for an unweighed one): the retraining weighs it as the training did."""
+    et = spec.interactions.event_type
+    assert et is not None
+    names = list(dict.fromkeys([*et.weights, *(et.positives or [])]))
+    out = np.full(len(weight), SEED_TYPE, dtype=object)
+    for w in np.unique(weight).tolist():
+        # Compared as stored (float32): 0.2 in the spec is 0.2000000030 in the weight column.
+        name = next((t for t in names if np.float32(et.weights.get(t, 1.0)) == np.float32(w)), SEED_TYPE)
+        out[weight == w] = name
+    return out.astype(str)
 
 
 def _clustered_se(d: np.ndarray, groups: list[str]) -> float:
@@ -554,12 +612,15 @@ def _hits(b: bundle_mod.Bundle, users: list[str], prefixes: list[list[str]], tar
           vectors: np.ndarray | None, k: int = 20) -> np.ndarray:
     """(T,) bool: whether each target is in ``b``'s top ``k``, served as the server would:
     the user's vector (``vectors``, else ``b``'s stored row), session = the last items known,
-    every known item excluded, pessimistic ties."""
+    pessimistic ties. Excluded: every known item (``exclude_seen``), or only the session items
+    when the spec keeps past items as candidates (the repeat-aware protocol; the interaction
+    store holds no group id, so the session is the most recent items, as the server's is)."""
     fp = b.features
     n = b.combiner.max_session
     known = [[r for r in fp.item_vocab.positions(p).tolist() if r >= 0] for p in prefixes]
     rows = fp.user_vocab.positions(users)
-    es = EvalSet(np.array(users), rows, [list(dict.fromkeys(seq[::-1]))[:n] for seq in known], known,
+    sessions = [list(dict.fromkeys(seq[::-1]))[:n] for seq in known]
+    es = EvalSet(np.array(users), rows, sessions, known if fp.exclude_seen else sessions,
                  fp.item_vocab.positions(targets), np.ones(len(users), bool))
     model = RankModel.from_bundle(b)
     if vectors is not None:

@@ -56,10 +56,7 @@ def make_synthetic_bundle(
     item_ids = [f"{item_prefix}{j}" for j in range(n_items)]
     user_ids = [f"u{j}" for j in range(n_users)]
     # Vocabulary sorts on fit; build directly so row j is id j's position.
-    fp = FeaturePipeline(
-        user_vocab=Vocabulary(user_ids), item_vocab=Vocabulary(item_ids), gender_vocab=Vocabulary([]),
-        occupation_vocab=Vocabulary([]), zip_vocab=Vocabulary([]), genre_vocab=Vocabulary([]),
-    )
+    fp = FeaturePipeline(user_vocab=Vocabulary(user_ids), item_vocab=Vocabulary(item_ids))
     comb = CombinerParams(
         W_s=np.eye(dim, dtype=np.float32), w_a=np.zeros(dim, np.float32),
         pos_bias=(-0.3 * np.arange(max_session)).astype(np.float32), w_g=np.zeros(2 * dim, np.float32),

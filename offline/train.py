@@ -3,7 +3,9 @@
 Each training interaction is an example: (user, session = the N interactions
 before it, most recent first) → target item. Loss: in-batch sampled softmax
 with logQ popularity correction (Yi et al., RecSys 2019) and a temperature;
-accidental hits (the same item as another row's target) are masked. AdamW;
+accidental hits (the same item as another row's target) are masked; each
+example's cross-entropy weighs its interaction's weight (the spec's event-type
+weights; normalised per batch, so unweighted data is the plain mean). AdamW;
 early stopping on validation Recall@20 (exact scoring, same combiner).
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from offline.datasets import Dataset, Split, temporal_split
+from offline.datasets import Dataset, Interactions, Split, temporal_split
 from offline.evaluate import eval_set, evaluate_model, item_counts, metrics_from_ranks
 from offline.histories import lagged_items, user_histories
 from towers import bundle as bundle_mod
@@ -32,6 +34,7 @@ from towers.model import ModelConfig, TwoTower, embed_items, embed_users, to_ten
 from towers.ranking import RankModel
 
 NEGATIVES = ("in_batch", "full")
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class TrainConfig:
     # each step: affordable at ML-100k's 1,682 items, meant for teachers and small catalogs);
     # no sampling, hence no logQ correction and no accidental hits to mask.
     negatives: str = "in_batch"
+    # Validation Recall@20 after each epoch (early stopping, best weights). False: none, the
+    # last epoch's weights are the result (the scale bench: exact scoring of every user over a
+    # million items would cost more than the epoch it follows).
+    validate: bool = True
 
     def __post_init__(self) -> None:
         if self.negatives not in NEGATIVES:
@@ -88,17 +95,20 @@ class SoftTargets:
         return self.alpha * t * t * terms.sum(dim=1).mean()
 
 
-def fit_pipeline(ds: Dataset) -> FeaturePipeline:
-    users = {u: (int(a), str(g), str(o), str(z)) for u, a, g, o, z in zip(
-        ds.users.user.tolist(), ds.users.age.tolist(), ds.users.gender.tolist(), ds.users.occupation.tolist(),
-        ds.users.zip.tolist(), strict=True)}
-    items = {i: (int(y), list(g)) for i, y, g in zip(ds.items.item.tolist(), ds.items.year.tolist(), ds.items.genres,
-                                                     strict=True)}
+def fit_pipeline(ds: Dataset, train: Interactions | None = None) -> FeaturePipeline:
+    """The feature pipeline the dataset's spec declares, fitted on its tables and, for the
+    context features, on the training interactions ``train`` (default: all of them)."""
+    part = train if train is not None else ds.interactions
+    ctx: dict[str, Any] = dict(part.context)
+    ctx["__time__"] = part.timestamp
     # Users get a row (and a trained id) only with interactions to learn from; a profile alone
-    # stays in user_rows, so that user arrives later as a new user with known features.
-    return FeaturePipeline.fit(user_ids=set(ds.interactions.user.tolist()),
-                               item_ids=set(items) | set(ds.interactions.item.tolist()), users=users, items=items,
-                               titles=ds.titles())
+    # stays in the user table, so that user arrives later as a new user with known features.
+    return FeaturePipeline.fit(
+        spec=ds.spec, user_ids=set(ds.interactions.user.tolist()),
+        item_ids=set(ds.items.ids.tolist()) | set(ds.interactions.item.tolist()),
+        users=(ds.users.ids.tolist(), ds.users.columns) if ds.users.columns else None,
+        items=(ds.items.ids.tolist(), ds.items.columns) if ds.items.columns else None,
+        context=ctx)
 
 
 def training_examples(split: Split, fp: FeaturePipeline, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -119,7 +129,7 @@ def _plot(history: list[dict[str, float]], path: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     ax[0].plot(ep, [h["loss"] for h in history], marker="o")
     ax[0].set(title="training loss (in-batch softmax, logQ)", xlabel="epoch")
-    ax[1].plot(ep, [h["val_recall@20"] for h in history], marker="o", color="tab:green")
+    ax[1].plot(ep, [h.get("val_recall@20", float("nan")) for h in history], marker="o", color="tab:green")
     ax[1].set(title="validation Recall@20", xlabel="epoch")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -138,6 +148,136 @@ def _validate(model: TwoTower, fp: FeaturePipeline, split: Split, cfg: ModelConf
     return metrics_from_ranks(model_ranks(rm, es))["recall@20"]
 
 
+def spec_model_config(ds: Dataset, model_cfg: ModelConfig) -> ModelConfig:
+    """``model_cfg`` as the dataset's spec allows it: the spec can switch the id embeddings off
+    (content-only towers for cold catalogs)."""
+    return replace(model_cfg, user_id=model_cfg.user_id and ds.spec.ids.user,
+                   item_id=model_cfg.item_id and ds.spec.ids.item)
+
+
+CTX = "ctx:"  # example_columns' prefix of the context features' columns
+
+
+def example_columns(split: Split, fp: FeaturePipeline, model_cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The training examples as flat columns of E rows each, what :func:`batch_loss` reads
+    (a batch is rows of them): ``user`` and ``target`` rows (E,), ``hist`` (E, n) the items
+    before the target (:func:`training_examples`), ``ctx:NAME`` each context feature's
+    encoding of the example's own row. The local engine indexes them in memory; ``--engine
+    ray`` (``offline.ray_train``) writes them as Parquet and its workers read shards of it."""
+    stale = model_cfg.history_staleness if model_cfg.history_len > 0 else 0
+    users, targets, hist = training_examples(split, fp, max(model_cfg.max_session, model_cfg.history_len + stale))
+    cols = {"user": users, "target": targets, "hist": hist}
+    # Each example's own context (its row of split.train: columns + event time), encoded once;
+    # the combiner adds what it learns from it to the query, as the server does from a request's.
+    for k, v in fp.context_features(split.train.context, split.train.timestamp).items():
+        cols[CTX + k] = v
+    # Per-example training weights (the spec's event-type weights): a ``weight`` column only
+    # when they are not all ones, so unweighted data trains on exactly the unweighted loss.
+    w = split.train.weight
+    if w is not None and len(w) and not np.all(w == 1.0):
+        if not np.all(np.isfinite(w)) or (w < 0).any():
+            raise ConfigError("interactions.event_type.weights", "training weights must be finite and >= 0")
+        cols["weight"] = np.asarray(w, dtype=np.float32)
+    return cols
+
+
+@dataclass
+class LossSetup:
+    """What a batch's loss reads beside the batch (built once per run by :func:`loss_setup`):
+    every user's and item's encoded features (the towers gather rows of them), the logQ
+    correction and the negatives mode."""
+
+    user_features: dict[str, torch.Tensor]
+    item_features: dict[str, torch.Tensor]
+    log_q: torch.Tensor  # (n_items,) log sampling probability of each item as a target
+    n_sess: int
+    stale: int
+    full: bool  # negatives == "full": the CE is over every catalog item
+    whole: bool  # the item tower runs over the whole catalog (full CE, or a full-catalog KL)
+    soft_targets: SoftTargets | None = None
+
+
+def loss_setup(model_cfg: ModelConfig, train_cfg: TrainConfig, fp: FeaturePipeline, split: Split,
+               soft_targets: SoftTargets | None = None) -> LossSetup:
+    counts = item_counts([split.train], fp).astype(np.float64)
+    full = train_cfg.negatives == "full"
+    return LossSetup(
+        user_features=to_tensors(fp.user_features(fp.user_vocab.values)),
+        item_features=to_tensors(fp.item_features(fp.item_vocab.values)),
+        log_q=torch.from_numpy(np.log(np.maximum(counts, 1.0) / counts.sum()).astype(np.float32)),
+        n_sess=model_cfg.max_session, stale=model_cfg.history_staleness if model_cfg.history_len > 0 else 0,
+        full=full, whole=full or (soft_targets is not None and soft_targets.full_catalog), soft_targets=soft_targets)
+
+
+def batch_loss(model: TwoTower, setup: LossSetup, batch: dict[str, torch.Tensor],
+               gen: torch.Generator) -> torch.Tensor:
+    """The training loss of one batch: ``batch`` holds rows of :func:`example_columns` and
+    ``idx``, their example indices (what a distillation teacher is asked about). Both engines
+    call it (the local loop, and each Ray Train worker on its shard's batches), so they train
+    the same model on the same loss. ``gen`` draws the history staleness."""
+    cfg = model.cfg
+    idx, b_users, b_targets, b_hist = batch["idx"], batch["user"], batch["target"], batch["hist"]
+    itf, uf, n_sess, stale, full = setup.item_features, setup.user_features, setup.n_sess, setup.stale, setup.full
+    soft_targets = setup.soft_targets
+    B = len(b_users)
+    all_rows = torch.arange(len(setup.log_q))
+    mask = b_hist >= 0
+    if setup.whole:
+        # Every catalog row is a candidate: (n_items, dim), histories gathered from it.
+        emb = model.item_tower(itf)
+        h_emb = emb[b_hist.clamp(min=0)] * mask[..., None]
+    else:
+        # Run the item tower once over the batch's distinct items (targets + histories,
+        # which hold the sessions): (B + B*L) rows gathered from at most n_items.
+        uniq, inv = torch.unique(torch.cat([b_targets, b_hist.clamp(min=0).reshape(-1)]), return_inverse=True)
+        emb = model.item_tower({k: v[uniq] for k, v in itf.items()})
+        pos = emb[inv[:B]]
+        h_emb = emb[inv[B:]].reshape(B, -1, emb.shape[1]) * mask[..., None]
+    s_emb, s_mask = h_emb[:, :n_sess], mask[:, :n_sess]
+    if cfg.history_len > 0:
+        # A served user embedding is as old as the last refresh, while the session is
+        # fresh: the user tower sees the history as of 0..stale interactions earlier.
+        L = cfg.history_len
+        lag = torch.randint(0, stale + 1, (B, 1), generator=gen)
+        cols = lag + torch.arange(L)[None, :]
+        h_u = torch.gather(h_emb, 1, cols[..., None].expand(-1, -1, h_emb.shape[2]))
+        u = model.user_tower({k: v[b_users] for k, v in uf.items()}, h_u, torch.gather(mask, 1, cols))
+    else:
+        u = model.user_tower({k: v[b_users] for k, v in uf.items()})
+    q = model.combiner(u, torch.ones(B, dtype=torch.bool), s_emb, s_mask,
+                       {k[len(CTX):]: v for k, v in batch.items() if k.startswith(CTX)})
+    all_logits: torch.Tensor | None = None
+    if setup.whole:  # (B, n_items) scored once; the in-batch candidates are its columns
+        all_logits = q @ emb.T / cfg.temperature
+        student = all_logits if full else all_logits[:, b_targets]
+    else:
+        student = q @ pos.T / cfg.temperature
+    if full:
+        labels, cands = b_targets, all_rows
+        hit = torch.zeros(student.shape, dtype=torch.bool)
+        logits = student
+    else:
+        labels, cands = torch.arange(B), b_targets
+        # Another row's copy of this row's target is not a negative.
+        hit = (b_targets[:, None] == b_targets[None, :]) & ~torch.eye(B, dtype=torch.bool)
+        logits = student - setup.log_q[b_targets][None, :] if cfg.logq else student
+        logits = logits.masked_fill(hit, float("-inf"))
+    if "weight" in batch:
+        # Weighted CE, normalised by the batch's weights: all ones would be the plain mean.
+        w = batch["weight"]
+        loss = (F.cross_entropy(logits, labels, reduction="none") * w).sum() / w.sum().clamp(min=1e-12)
+    else:
+        loss = F.cross_entropy(logits, labels)
+    if soft_targets is not None and soft_targets.full_catalog and not full:
+        # In-batch CE, KL over the whole catalog: the teacher's view of every item.
+        assert all_logits is not None
+        no_hits = torch.zeros(all_logits.shape, dtype=torch.bool)
+        loss = loss + soft_targets.kl(idx, all_rows, all_logits, no_hits)
+    elif soft_targets is not None:  # distillation: + alpha T^2 KL(teacher || student)
+        loss = loss + soft_targets.kl(idx, cands, student, hit)
+    return loss
+
+
 def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True,
                 split: Split | None = None, fp: FeaturePipeline | None = None,
                 init: dict[str, np.ndarray] | None = None,
@@ -149,91 +289,39 @@ def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     ``soft_targets``: distillation (see :class:`SoftTargets`); None = plain training."""
     torch.manual_seed(train_cfg.seed)
     torch.set_num_threads(train_cfg.threads)
+    model_cfg = spec_model_config(ds, model_cfg)
     split = split or temporal_split(ds.interactions)
-    fp = fp or fit_pipeline(ds)
+    fp = fp or fit_pipeline(ds, split.train)
     model = TwoTower(model_cfg, fp)
     if init is not None:
         model.load_arrays(init)
-    n_sess = model_cfg.max_session
-    stale = model_cfg.history_staleness if model_cfg.history_len > 0 else 0
-    users, targets, hist = training_examples(split, fp, max(n_sess, model_cfg.history_len + stale))
-    uf = to_tensors(fp.user_features(fp.user_vocab.values))
-    itf = to_tensors(fp.item_features(fp.item_vocab.values))
-    counts = item_counts([split.train], fp).astype(np.float64)
-    log_q = torch.from_numpy(np.log(np.maximum(counts, 1.0) / counts.sum()).astype(np.float32))
+    cols = {k: torch.from_numpy(v) for k, v in example_columns(split, fp, model_cfg).items()}
+    setup = loss_setup(model_cfg, train_cfg, fp, split, soft_targets)
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     gen = torch.Generator().manual_seed(train_cfg.seed)
-    t_users, t_targets, t_hist = torch.from_numpy(users), torch.from_numpy(targets), torch.from_numpy(hist)
-    full = train_cfg.negatives == "full"
-    # The item tower runs over the whole catalog when the CE or the KL term scores all of it.
-    whole = full or (soft_targets is not None and soft_targets.full_catalog)
-    all_rows = torch.arange(len(fp.item_vocab.values))
     history: list[dict[str, float]] = []
     best, best_state, bad = -1.0, model.state_dict(), 0
     bar = tqdm(range(1, train_cfg.epochs + 1), desc="train", disable=not progress, unit="epoch")
     for epoch in bar:
         model.train()
-        perm = torch.randperm(len(t_users), generator=gen)
+        perm = torch.randperm(len(cols["user"]), generator=gen)
         total, batches = 0.0, 0
+        t_epoch = time.perf_counter()
         for lo in range(0, len(perm), train_cfg.batch_size):
             idx = perm[lo:lo + train_cfg.batch_size]
-            b_users, b_targets, b_hist = t_users[idx], t_targets[idx], t_hist[idx]
-            mask = b_hist >= 0
-            if whole:
-                # Every catalog row is a candidate: (n_items, dim), histories gathered from it.
-                emb = model.item_tower(itf)
-                h_emb = emb[b_hist.clamp(min=0)] * mask[..., None]
-            else:
-                # Run the item tower once over the batch's distinct items (targets + histories,
-                # which hold the sessions): (B + B*L) rows gathered from at most n_items.
-                uniq, inv = torch.unique(torch.cat([b_targets, b_hist.clamp(min=0).reshape(-1)]),
-                                         return_inverse=True)
-                emb = model.item_tower({k: v[uniq] for k, v in itf.items()})
-                pos = emb[inv[: len(idx)]]
-                h_emb = emb[inv[len(idx):]].reshape(len(idx), -1, emb.shape[1]) * mask[..., None]
-            s_emb, s_mask = h_emb[:, :n_sess], mask[:, :n_sess]
-            if model_cfg.history_len > 0:
-                # A served user embedding is as old as the last refresh, while the session is
-                # fresh: the user tower sees the history as of 0..stale interactions earlier.
-                L = model_cfg.history_len
-                lag = torch.randint(0, stale + 1, (len(idx), 1), generator=gen)
-                cols = lag + torch.arange(L)[None, :]
-                h_u = torch.gather(h_emb, 1, cols[..., None].expand(-1, -1, h_emb.shape[2]))
-                u = model.user_tower({k: v[b_users] for k, v in uf.items()}, h_u, torch.gather(mask, 1, cols))
-            else:
-                u = model.user_tower({k: v[b_users] for k, v in uf.items()})
-            q = model.combiner(u, torch.ones(len(idx), dtype=torch.bool), s_emb, s_mask)
-            all_logits: torch.Tensor | None = None
-            if whole:  # (B, n_items) scored once; the in-batch candidates are its columns
-                all_logits = q @ emb.T / model_cfg.temperature
-                student = all_logits if full else all_logits[:, b_targets]
-            else:
-                student = q @ pos.T / model_cfg.temperature
-            if full:
-                labels, cands = b_targets, all_rows
-                hit = torch.zeros(student.shape, dtype=torch.bool)
-                logits = student
-            else:
-                labels, cands = torch.arange(len(idx)), b_targets
-                # Another row's copy of this row's target is not a negative.
-                hit = (b_targets[:, None] == b_targets[None, :]) & ~torch.eye(len(idx), dtype=torch.bool)
-                logits = student - log_q[b_targets][None, :] if model_cfg.logq else student
-                logits = logits.masked_fill(hit, float("-inf"))
-            loss = F.cross_entropy(logits, labels)
-            if soft_targets is not None and soft_targets.full_catalog and not full:
-                # In-batch CE, KL over the whole catalog: the teacher's view of every item.
-                assert all_logits is not None
-                no_hits = torch.zeros(all_logits.shape, dtype=torch.bool)
-                loss = loss + soft_targets.kl(idx, all_rows, all_logits, no_hits)
-            elif soft_targets is not None:  # distillation: + alpha T^2 KL(teacher || student)
-                loss = loss + soft_targets.kl(idx, cands, student, hit)
+            loss = batch_loss(model, setup, {"idx": idx, **{k: v[idx] for k, v in cols.items()}}, gen)
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach())
             batches += 1
+        train_s = round(time.perf_counter() - t_epoch, 3)
+        if not train_cfg.validate:
+            history.append({"epoch": epoch, "loss": total / max(batches, 1), "train_s": train_s})
+            best_state = model.state_dict()  # the live weights: the last epoch's
+            continue
         val = _validate(model, fp, split, model_cfg)
-        history.append({"epoch": epoch, "loss": total / max(batches, 1), "val_recall@20": val})
+        history.append({"epoch": epoch, "loss": total / max(batches, 1), "val_recall@20": val, "train_s": train_s})
         bar.set_postfix(loss=f"{total / max(batches, 1):.3f}", val_r20=f"{val:.4f}")
         if val > best:
             best, bad = val, 0
@@ -251,6 +339,7 @@ def train(
     *, dataset: Dataset, out: Path, dataset_spec: str | None = None, model_cfg: ModelConfig | None = None,
     train_cfg: TrainConfig | None = None,
     index_type: str = "auto", progress: bool = True, soft_targets: SoftTargets | None = None,
+    engine: str = "local", workers: int = 2,
 ) -> dict[str, Any]:
     """Train on ``dataset`` and write a verified bundle to ``out``; returns its manifest.
 
@@ -258,13 +347,27 @@ def train(
     exact search for small catalogs). The bundle's manifest carries the test and
     validation metrics (serving path) beside the popularity baseline. ``soft_targets``:
     distill from a teacher (``offline.distill``); the bundle is an ordinary one.
+    ``engine``: ``local`` (this process) or ``ray`` (Ray Train, ``workers`` data-parallel
+    workers: ``offline.ray_train``; its work files go beside ``out`` and are removed after).
     """
+    if engine not in ENGINES:
+        raise ConfigError("--engine", f"must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "ray" and soft_targets is not None:
+        raise ConfigError("--engine", "distillation trains on the local engine")
     model_cfg = model_cfg or ModelConfig()
     train_cfg = train_cfg or TrainConfig()
     t0 = time.perf_counter()
     ds = dataset
-    model, fp, split, history = train_model(ds, model_cfg=model_cfg, train_cfg=train_cfg, progress=progress,
-                                            soft_targets=soft_targets)
+    out = Path(out)
+    if engine == "ray":
+        from offline.ray_train import train_model_ray
+
+        model, fp, split, history = train_model_ray(ds, model_cfg=model_cfg, train_cfg=train_cfg, progress=progress,
+                                                    work_dir=out.parent / f".{out.name}.ray", workers=workers)
+    else:
+        model, fp, split, history = train_model(ds, model_cfg=model_cfg, train_cfg=train_cfg, progress=progress,
+                                                soft_targets=soft_targets)
+    model_cfg = model.cfg  # as trained (the spec may have switched the id embeddings off)
     train_s = time.perf_counter() - t0
     item_emb = embed_items(model, fp)
     user_emb = embed_users(model, fp, user_histories(fp, split.train, model_cfg.history_len), item_emb=item_emb)
@@ -289,6 +392,7 @@ def train(
         "shapes": {"n_items": fp.n_items, "n_users": fp.n_users, "dim": model_cfg.dim},
         "index": {"spec": spec.to_dict(), "ann_recall@100": recall},
         "metrics": metrics, "train_seconds": round(train_s, 1), "epochs_run": len(history),
+        "engine": engine, **({"ray_workers": workers} if engine == "ray" else {}),
     }
     bundle_mod.write_bundle(out, files, manifest)
     if spec.quantized:  # the figure publish gates on: this index vs exact search, same bundle

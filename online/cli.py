@@ -51,6 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--session", default="", help="comma-separated recent item ids, most recent first")
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--mode", choices=["auto", "online", "batch"], default="auto")
+    p.add_argument("--context", action="append", default=[], metavar="KEY=VALUE",
+                   help="a context value the model's spec declares (repeatable): --context device=mobile")
+    p.add_argument("--timestamp", type=int, default=0,
+                   help="request time, unix seconds, for derived context (hour/day); 0: the server's clock")
     p.add_argument("--target", default="127.0.0.1:50051")
     add_client_tls_flags(p)
     p.set_defaults(func=cmd_recommend)
@@ -131,13 +135,30 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from towers.errors import TwoTowerError
 
     session = [s for s in args.session.split(",") if s]
+    context = parse_context(args.context)
     with RecommenderClient(args.target, timeout=2.0, credentials=client_credentials(args)) as client:
         try:
-            resp = client.recommend(args.user, k=args.k, recent=session, mode=args.mode, include_titles=True)
+            resp = client.recommend(args.user, k=args.k, recent=session, mode=args.mode, include_titles=True,
+                                    context=context, timestamp=args.timestamp)
         except grpc.RpcError as e:
             raise TwoTowerError(f"{e.code().name}: {e.details()}") from e
     print(format_response(resp))
     return 0
+
+
+def parse_context(pairs: list[str]) -> dict[str, str]:
+    """``--context KEY=VALUE`` flags as a dict (the value may contain "=")."""
+    from towers.errors import ConfigError
+
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError("--context", f"expected KEY=VALUE, got {pair!r}")
+        if key in out and out[key] != value:
+            raise ConfigError("--context", f"{key} given twice ({out[key]!r} and {value!r})")
+        out[key] = value
+    return out
 
 
 def format_response(r: Any) -> str:

@@ -5,7 +5,7 @@ ready yet) with exponential backoff, and CANCELLED for the read-only Recommend."
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 
 import grpc
@@ -39,10 +39,15 @@ EVENT_TYPES = {"view": pb.EVENT_TYPE_VIEW, "click": pb.EVENT_TYPE_CLICK, "cart":
 
 def request(user_id: str, *, k: int | None = None, recent: Sequence[str] = (), cart: Sequence[str] = (),
             exclude: Sequence[str] = (), mode: str = "auto", include_titles: bool = False,
-            request_id: str = "") -> pb.RecommendRequest:
+            request_id: str = "", context: Mapping[str, str] | None = None, device: str = "",
+            timestamp: int = 0) -> pb.RecommendRequest:
+    """``context``: declared context feature name -> value (``Context.values``); ``device``:
+    the legacy ``Context.device``; ``timestamp``: unix seconds of the request (0: the server's
+    clock), which derived context features (hour of day, day of week) read."""
     msg = pb.RecommendRequest(user_id=user_id, session=pb.Session(recent_item_ids=recent, cart_item_ids=cart),
                               exclude_item_ids=exclude, mode=MODES[mode], include_titles=include_titles,
-                              request_id=request_id)
+                              request_id=request_id,
+                              context=pb.Context(device=device, timestamp=timestamp, values=dict(context or {})))
     if k is not None:
         msg.k = k
     return msg

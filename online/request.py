@@ -13,6 +13,9 @@ from online.wire import MalformedRequest
 from towers.errors import InvalidRequest
 
 MODES = {0: "auto", 1: "online", 2: "batch"}
+# Context.values bounds: a spec declares a handful of context features; anything near these is abuse.
+MAX_CONTEXT_VALUES = 64
+MAX_CONTEXT_KEY = 128
 
 
 @dataclass(slots=True)
@@ -35,6 +38,11 @@ class RecRequest:
     client_deadline: float = float("inf")
     # k was not in the request (the server's default): an experiment's default_k may replace it.
     k_default: bool = False
+    # Context.values by feature name (None: none sent); checked against the serving bundle's
+    # spec by the service (towers.context.ContextSchema), which alone knows the model.
+    context: dict[str, str] | None = None
+    device: str = ""  # Context.device: feeds a declared context feature named "device"
+    timestamp: int = 0  # Context.timestamp, unix seconds (0: the server's clock when encoded)
 
 
 @dataclass(slots=True)
@@ -99,8 +107,40 @@ def parse_recommend(msg: Any, cfg: ServeConfig, *, time_remaining: float | None)
     client_deadline = now + time_remaining if time_remaining is not None else float("inf")
     deadline = budget_deadline(now, total_ms=cfg.budget.total_ms, network_ms=cfg.budget.network_ms,
                                client_deadline=client_deadline)
+    context, device, timestamp = _context(msg.context, cfg)
     return RecRequest(user_id, int(k), recent, cart, exclude, mode, msg.request_id, msg.include_titles, deadline, now,
-                      client_deadline, not msg.HasField("k"))
+                      client_deadline, not msg.HasField("k"), context, device, timestamp)
+
+
+def _context(ctx: Any, cfg: ServeConfig) -> tuple[dict[str, str] | None, str, int]:
+    """(values, device, timestamp) of a ``Context``, bounded; which keys the model reads is
+    the service's check. Timestamp 0 (unset) is the server's clock."""
+    now = int(time.time())
+    ts = int(ctx.timestamp)
+    if ts < 0 or ts > now + cfg.max_event_skew_s:
+        # A millisecond timestamp would derive a wrong hour of day without any error.
+        raise InvalidRequest("context.timestamp", f"{ts} is not unix seconds up to now "
+                             f"(+{cfg.max_event_skew_s} s of clock skew); 0 means now")
+    device = ctx.device
+    if len(device) > cfg.max_id_length:
+        raise InvalidRequest("context.device", f"longer than {cfg.max_id_length} characters")
+    raw = ctx.values
+    if not raw:
+        return None, device, ts or now
+    if len(raw) > MAX_CONTEXT_VALUES:
+        raise InvalidRequest("context.values", f"{len(raw)} values exceed the limit of {MAX_CONTEXT_VALUES}")
+    values = dict(raw)
+    for key, value in values.items():
+        if not key:
+            raise InvalidRequest("context.values", "empty context key")
+        if len(key) > MAX_CONTEXT_KEY:
+            raise InvalidRequest("context.values", f"key longer than {MAX_CONTEXT_KEY} characters")
+        if len(value) > cfg.max_id_length:
+            raise InvalidRequest(f"context.values[{key}]", f"longer than {cfg.max_id_length} characters")
+    if device and values.get("device", device) != device:
+        raise InvalidRequest("context.device", f"{device!r} conflicts with context.values[device] "
+                             f"{values['device']!r}; send one of them")
+    return values, device, ts or now
 
 
 def budget_deadline(received: float, *, total_ms: float, network_ms: float, client_deadline: float) -> float:

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Protocol
 
@@ -34,6 +34,7 @@ from online.metrics import ServingMetrics
 from online.request import RecRequest, RecResult
 from online.settings import DEFAULT_SETTINGS, BatchSettings
 from towers import bundle as bundle_mod
+from towers.context import ContextSchema, request_term
 from towers.errors import FeatureStoreError, NotReady, Unsupported
 from towers.ranking import (
     SOURCES,
@@ -63,6 +64,11 @@ class LoadedModel:
     def load(cls, path: Path) -> LoadedModel:
         b = bundle_mod.load(path)
         return cls(b.version, b, RankModel.from_bundle(b), np.array(b.item_ids, dtype=object))
+
+    @cached_property
+    def context_schema(self) -> ContextSchema:
+        """The context keys this version's spec lets a request carry."""
+        return ContextSchema.of(self.bundle.features)
 
 
 class BatchRouter(Protocol):
@@ -178,6 +184,11 @@ class RecommendService:
     async def recommend(self, req: RecRequest) -> RecResult:
         if self.model is None:
             raise NotReady("no model loaded yet")
+        if req.context:
+            # Checked once, against CURRENT's spec, before the request joins a batch (an invalid
+            # key fails this request alone). A version an experiment pins reads only the keys
+            # its own spec declares (towers.context.encode_requests), never a foreign one.
+            self.model.context_schema.check(req.context)
         res = await self.batcher.submit(req, deadline=req.client_deadline)
         self.impressions.offer(req, res)
         return res
@@ -351,10 +362,17 @@ class RecommendService:
             user[idx] = bundle.user_emb[user_rows[idx]]
             has_user[idx] = True
         item_rows = bundle.features.item_vocab.positions([*s_ids, *x_ids])
+        context = None
+        if bundle.features.context_encoders:  # the spec declares context: what each request adds to its query
+            now = int(time.time())
+            context = request_term(bundle.features, bundle.combiner, [r.context for r in reqs],
+                                   np.fromiter((r.timestamp or now for r in reqs), dtype=np.int64, count=n),
+                                   [r.device for r in reqs])
         return QueryBatch.build(model.ranker, user=user, has_user=has_user,
                                 session_owner=np.asarray(s_owner, dtype=np.int64), session_rows=item_rows[: len(s_ids)],
                                 exclude_owner=np.asarray(x_owner, dtype=np.int64), exclude_rows=item_rows[len(s_ids):],
-                                k=np.fromiter((r.k for r in reqs), dtype=np.int64, count=n), max_session=max_session)
+                                k=np.fromiter((r.k for r in reqs), dtype=np.int64, count=n), max_session=max_session,
+                                context=context)
 
     async def _batch_recs(self, model: LoadedModel, reqs: Sequence[RecRequest], batch: QueryBatch, idx: np.ndarray,
                           batch_mode: np.ndarray, ladder: Ladder, rows: np.ndarray, scores: np.ndarray,

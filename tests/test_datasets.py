@@ -16,14 +16,21 @@ def test_ml100k_from_the_recbole_wheel(ml100k: Dataset) -> None:
     assert len(ml100k.interactions) == 100_000
     assert len(set(ml100k.interactions.user.tolist())) == 943
     assert len(set(ml100k.interactions.item.tolist())) == 1682
-    assert len(ml100k.users.user) == 943 and len(ml100k.items.item) == 1682
+    assert len(ml100k.users) == 943 and len(ml100k.items) == 1682
     titles = ml100k.titles()
     assert titles["1"] == "Toy Story"
-    i = ml100k.items.item.tolist().index("1")
-    assert set(ml100k.items.genres[i]) == {"Animation", "Children's", "Comedy"}
-    assert ml100k.items.year[i] == 1995
-    u = ml100k.users.user.tolist().index("1")
-    assert (ml100k.users.age[u], ml100k.users.gender[u], ml100k.users.occupation[u]) == (24, "M", "technician")
+    i = ml100k.items.ids.tolist().index("1")
+    assert ml100k.items.column("class")[i] == "Animation Children's Comedy"
+    assert ml100k.items.column("release_year")[i] == 1995
+    u = ml100k.users.ids.tolist().index("1")
+    us = ml100k.users
+    assert (us.column("age")[u], us.column("gender")[u], us.column("occupation")[u]) == (24, "M", "technician")
+    # The shipped spec: the kinds today's towers were tuned with.
+    kinds = {f.column: f.kind for f in ml100k.spec.features("user") + ml100k.spec.features("item")}
+    assert kinds == {"age": "bucketized", "gender": "categorical", "occupation": "categorical",
+                     "zip_code": "categorical", "release_year": "bucketized", "class": "multi_categorical",
+                     "movie_title": "text"}
+    assert ml100k.spec.policies.exclude_seen
 
 
 def _write_grouplens(d: Path) -> None:
@@ -44,8 +51,8 @@ def test_grouplens_layout(tmp_path: Path) -> None:
     assert ds.interactions.user.tolist() == ["1", "1", "2"]
     assert ds.interactions.timestamp.tolist() == [100, 200, 150]
     assert ds.titles()["10"] == "Toy Story"
-    assert ds.items.genres[0] == ("Animation", "Comedy")
-    assert ds.items.year.tolist() == [1995, -1]
+    assert ds.items.column("class")[0] == ["Animation", "Comedy"]
+    assert ds.items.column("release_year")[0] == 1995 and np.isnan(ds.items.column("release_year")[1])
     assert load_dataset(str(tmp_path / "ml"), cache_dir=tmp_path).name == "ml"
 
 

@@ -30,11 +30,12 @@ def test_unknown_values_land_in_oov_buckets(ml100k: Dataset) -> None:
     assert uf["user"][0] == len(fp.user_vocab)  # the OOV row, past the known users
     assert uf["user"][1] < len(fp.user_vocab)
     assert uf["age"][0] == 0  # unknown age bucket
-    for k in ("gender", "occupation", "zip"):
-        vocab = getattr(fp, f"{k}_vocab")
-        assert len(vocab) <= uf[k][0] < vocab.size
+    enc = {e.name: e for e in fp.user_encoders}
+    for k in ("gender", "occupation", "zip_code"):
+        vocab = enc[k].vocab
+        assert vocab is not None and len(vocab) <= uf[k][0] < vocab.size
     itf = fp.item_features(["ghost"])
-    assert itf["item"][0] == len(fp.item_vocab) and itf["genres"].sum() == 0 and itf["year"][0] == 0
+    assert itf["item"][0] == len(fp.item_vocab) and itf["class"].sum() == 0 and itf["release_year"][0] == 0
     assert fp.item_vocab.positions(["ghost", "1"]).tolist() == [-1, fp.item_vocab.known("1")]
 
 

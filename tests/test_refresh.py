@@ -56,6 +56,7 @@ class World:
         self.new_users = {e.user_id for e in self.events} - set(before.user.tolist())
         self.after: Interactions = after
         self.n_before = len(before)
+        self.genres = {i: str(g).split() for i, g in zip(ds.items.ids.tolist(), ds.items.column("class"), strict=True)}
 
 
 @pytest.fixture(scope="module")
@@ -314,9 +315,9 @@ def test_a_run_never_replaces_a_version_published_since_it_started(setup: Setup,
 
 def test_a_new_item_with_catalog_features_joins_and_one_without_waits(setup: Setup, tmp_path: Path) -> None:
     s, w = setup, setup.world
-    feed = tmp_path / "items.jsonl"
-    feed.write_text(json.dumps({"item": "new-film", "year": 1998, "genres": ["Horror", "Thriller"],
-                                "title": "Scream 3 (1998)"}) + "\n")
+    # The feed is in the spec's item schema: ML-100k's items table (id, title, year, genres).
+    feed = tmp_path / "items.csv"
+    feed.write_text("item_id,movie_title,release_year,class\nnew-film,Scream 3,1998,Horror Thriller\n")
     t = max(e.timestamp for e in w.events) + 60
     fresh = [Event(u, "new-film", "click", t + j) for j, u in enumerate(sorted({e.user_id for e in w.events})[:5])]
     s.send([*w.events, *fresh, Event(w.events[0].user_id, "no-features-film", "click", t + 10)])
@@ -327,22 +328,121 @@ def test_a_new_item_with_catalog_features_joins_and_one_without_waits(setup: Set
     new = bundle_mod.load(s.registry / str(registry_mod.current_version(s.registry)))
     row = new.features.item_vocab.known("new-film")
     assert row >= 0 and new.features.item_vocab.known("no-features-film") < 0
+    assert new.titles["new-film"] == "Scream 3"
     assert np.isfinite(new.item_emb[row]).all() and np.linalg.norm(new.item_emb[row]) > 0.5
     # Content alone places it: its nearest catalog items share a genre.
     sims = new.item_emb @ new.item_emb[row]
     near = [new.features.item_vocab.values[i] for i in np.argsort(-sims)[1:6]]
-    assert any({"Horror", "Thriller"} & set(new.features.item_rows[i][1]) for i in near)
+    assert any({"Horror", "Thriller"} & set(w.genres.get(i, [])) for i in near)
     assert steps["batch_score"]["users_scored"] == len(new.features.user_vocab)  # everyone re-scored
     assert new.index.ntotal == len(new.features.item_vocab)
 
 
 def test_a_bad_catalog_feed_line_is_named(tmp_path: Path) -> None:
-    from offline.refresh import read_item_features
+    from offline.datasets import movielens_spec
+    from offline.loading import read_item_feed
     from towers.errors import DataError
 
-    feed = tmp_path / "items.jsonl"
-    feed.write_text('{"item": "a", "year": 1990, "genres": ["Drama"], "title": "A"}\n\n{"year": 1991}\n')
-    with pytest.raises(DataError, match=r"items.jsonl:3: expected"):
-        read_item_features(feed)
-    feed.write_text('{"item": "a", "year": 1990, "genres": ["Drama"], "title": "A"}\n')
-    assert read_item_features(feed) == ({"a": (1990, ["Drama"])}, {"a": "A"})
+    spec = movielens_spec()
+    feed = tmp_path / "items.csv"
+    feed.write_text("item_id,movie_title,release_year,class\na,A,1990,Drama\nb,B,nineteen,Drama\n")
+    with pytest.raises(DataError, match=r"items.csv: column 'release_year' row 2: 'nineteen' is not a number"):
+        read_item_feed(feed, spec)
+    feed.write_text("item_id,movie_title,release_year,class\na,A,1990,Drama\na,B,1991,Drama\n")
+    with pytest.raises(DataError, match=r"items.csv: column 'item_id' row 2: duplicate item id 'a'"):
+        read_item_feed(feed, spec)
+    feed.write_text("item_id,movie_title,class\na,A,Drama\n")
+    with pytest.raises(DataError, match=r"items.csv: item column 'release_year' not found"):
+        read_item_feed(feed, spec)
+    feed.write_text("item_id,movie_title,release_year,class\na,A,1990,Drama Crime\n")
+    ids, columns, titles = read_item_feed(feed, spec)
+    assert ids.tolist() == ["a"] and titles == {"a": "A"} and columns["class"] == ["Drama Crime"]
+
+
+# --------------------------------------------------------------------------- the spec's events
+
+
+def test_event_types_map_to_interactions_and_weights_as_the_spec_says() -> None:
+    from offline.interactions import InteractionRows
+    from offline.refresh import SEED_TYPE, interactions_of, seed_types, training_interactions
+    from towers.spec import parse_spec
+
+    spec = parse_spec({"name": "s", "interactions": {"path": "x.csv", "event_type": {
+        "column": "event", "positives": ["cart", "purchase"], "weights": {"purchase": 3.0, "cart": 0.2}}}},
+        source="test")
+    rows = InteractionRows.build(user=["u"] * 4, item=["a", "b", "c", "d"], type=["view", "cart", "purchase", "click"],
+                                 timestamp=[1, 2, 3, 4])
+    kept = interactions_of(rows, spec)
+    assert kept.item.tolist() == ["b", "c"]  # view and click are not interactions here
+    w = training_interactions(kept, spec).weight
+    assert w is not None and w.tolist() == pytest.approx([0.2, 3.0])
+    # A spec without event types: every event, unweighted (as before).
+    plain = parse_spec({"name": "s", "interactions": {"path": "x.csv"}}, source="test")
+    assert len(interactions_of(rows, plain)) == 4 and training_interactions(rows, plain).weight is None
+    # Seeding from a loaded dataset (weights, no type column): each row gets a type of its weight.
+    assert seed_types(spec, np.array([3.0, 0.2, 3.0], np.float32)).tolist() == ["purchase", "cart", "purchase"]
+    only_pos = parse_spec({"name": "s", "interactions": {"path": "x.csv", "event_type": {
+        "column": "event", "weights": {"purchase": 3.0}}}}, source="test")
+    assert seed_types(only_pos, np.array([1.0, 3.0], np.float32)).tolist() == [SEED_TYPE, "purchase"]
+
+
+def test_a_shop_refresh_follows_its_spec_events_weights_and_repeat_policy(tmp_path: Path, redis_proc: Any) -> None:
+    """A spec dataset (event types with weights, order ids, ``exclude_seen: false``): the refresh
+    stores only the positive events (views are consumed, not stored), seeds the store with the
+    training rows under their own types, embeds a new buyer and not a new browser, batch-scores
+    past items again, and its gate scores only interactions."""
+    from test_repeats import write_shop
+
+    from offline.batch_score import batch_score_bundle, seen_rows
+    from offline.datasets import load_dataset
+    from offline.refresh import training_interactions
+
+    spec_path = write_shop(tmp_path / "shop")
+    inter = spec_path.parent / "inter.csv"
+    head, *lines = inter.read_text().splitlines()
+    rows = [line.split(",") for line in lines]
+    cut = int(np.quantile([int(r[2]) for r in rows], 0.85))
+    inter.write_text("\n".join([head, *(",".join(r) for r in rows if int(r[2]) < cut)]) + "\n")
+    after = [Event(u, i, e, int(t)) for u, i, t, e, _ in rows if int(t) >= cut]
+    t_end = max(e.timestamp for e in after)
+    after += [Event("newbie-browses", "p1", "view", t_end + 1), Event("newbie-browses", "p2", "view", t_end + 2),
+              Event("newbie-buys", "p1", "view", t_end + 3), Event("newbie-buys", "p1", "purchase", t_end + 4)]
+    base = tmp_path / "base"
+    train(dataset=load_dataset(str(spec_path), cache_dir=tmp_path), dataset_spec=str(spec_path), out=base,
+          model_cfg=ModelConfig(dim=16, id_dim=16, hidden=32, history_len=10),
+          train_cfg=TrainConfig(epochs=1, patience=1, threads=1), progress=False)
+    batch_score_bundle(base, k=10, seen=seen_rows(base, cache_dir=tmp_path), progress=False)
+    reg = tmp_path / "registry"
+    publish(base, registry=reg, redis_url=redis_proc.url, redis_prefix="shop")
+    r = redis.Redis.from_url(redis_proc.url)
+    for e in after:
+        r.xadd(RedisKeys("shop").events(), event_fields(e))  # type: ignore[arg-type]
+    cfg = RefreshConfig(registry=reg, redis_url=redis_proc.url, run_root=tmp_path / "runs",
+                        store_root=tmp_path / "store", data_dir=tmp_path, prefix="shop", grace_s=0,
+                        holdout_s=2 * 86_400, gate=False, mode="train", train_epochs=1, batch_k=10)
+    report = refresh(cfg, progress=False, log=lambda _m: None)
+    steps = {st["name"]: st["result"] for st in report["steps"]}
+    bought = [e for e in after if e.type != "view"]
+    assert steps["merge"]["stored"] == len(bought) and steps["merge"]["not_interactions"] == len(after) - len(bought)
+    t0 = max(e.timestamp for e in bought) - cfg.holdout_s + 1  # the warm start trains on what came before
+    assert steps["evaluate"]["targets"] == len([e for e in bought if e.timestamp >= t0]) > 0  # interactions only
+    assert steps["evaluate"]["holdout_start"] == t0 and min(int(r[2]) for r in rows) < t0
+    assert steps["publish"]["published"] and steps["ack"]["acked"] == len(after)  # views consumed too
+    store = InteractionStore(cfg.store_root).read()
+    assert "view" not in set(store.type.tolist())
+    # The seeded training rows kept their own types (the loader keeps weights, not types).
+    kept = {(u, i, e, int(t)) for u, i, t, e, _ in rows if int(t) < cut and e != "view"}
+    assert {x for x in store.identities() if x[3] < cut} == kept
+    w = training_interactions(store, bundle_mod.load(base).features.dataset_spec).weight
+    assert w is not None
+    assert set(w[store.type == "purchase"].tolist()) == {3.0} and set(w[store.type == "cart"].tolist()) == {1.0}
+    new = bundle_mod.load(reg / str(registry_mod.current_version(reg)))
+    assert new.features.user_vocab.known("newbie-buys") >= 0 and new.features.user_vocab.known("newbie-browses") < 0
+    # exclude_seen: false: the nightly lists recommend past purchases again.
+    assert new.recs_items is not None
+    again = 0
+    for u in ("u0", "u1", "u2", "u3", "u4", "u5"):
+        history = set(store.item[store.user == u].tolist())
+        again += len(history & {new.item_ids[x] for x in np.asarray(new.recs_items)[new.features.user_vocab.known(u)]
+                                .tolist() if x >= 0})
+    assert again > 0

@@ -47,6 +47,7 @@ import numpy as np
 from towers import bundle_paths
 from towers import index as faiss_index
 from towers.combiner import CombinerParams
+from towers.context import check as context_check
 from towers.errors import BundleError
 from towers.features import FeaturePipeline
 
@@ -363,6 +364,10 @@ def load(path: Path, *, verify_checksums: bool = True) -> Bundle:
         raise BundleError(f"{path}: feature vocabularies do not match the embedding shapes")
     with np.load(path / "combiner.npz", allow_pickle=False) as z:
         combiner = CombinerParams.from_arrays(dict(z))
+    try:  # one context array per declared context feature, sized by its fitted encoder
+        context_check(features, combiner)
+    except ValueError as e:
+        raise BundleError(f"{path / 'combiner.npz'}: {e}") from e
     spec = faiss_index.IndexSpec.from_dict(man["index"]["spec"])
     idx = faiss_index.from_bytes((path / "index.faiss").read_bytes(), spec)
     has_recs = "recs_items.npy" in man["files"]

@@ -12,18 +12,28 @@ Shapes (B = batch, N = session length, d = embedding dim)::
     logits = pos_bias[:N] + sess @ w_a          (B, N)     recency + content attention
     s      = (softmax(logits | mask) · sess) @ W_s  (B, d) W_s: asymmetric "what comes next"
     g      = sigmoid([user, s] @ w_g + b_g)     (B,)       how much to trust the user vs session
-    query  = normalize(g * user + (1 - g) * s)
+    c      = request-time context term          (B, d)     ``towers.context.context_term``
+    query  = normalize(g * user + (1 - g) * s + c)
 
-No session → g = 1 (the user alone); unknown user → g = 0 (the session alone).
+No session → g = 1 (the user alone); unknown user → g = 0 (the session alone). The
+context term is a sum of learned d-dim vectors, one per declared context feature (a table
+row for a categorical/bucketized value, ``z * w + missing * m`` for a numeric one), kept
+in ``CombinerParams.context`` by feature name; it only shifts a query that exists (a
+request with neither user nor session still gets no query).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
 PARAM_NAMES = ("W_s", "w_a", "pos_bias", "w_g", "b_g")
+# Context arrays are stored beside the core ones as ``context.<feature name>``: (rows, d) for a
+# categorical/bucketized feature's table, (2, d) = [w; m] for a numeric one. Bundles whose spec
+# declares no context features have none.
+CONTEXT_PREFIX = "context."
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,7 @@ class CombinerParams:
     pos_bias: np.ndarray  # (N,)
     w_g: np.ndarray  # (2d,)
     b_g: np.ndarray  # (1,)
+    context: Mapping[str, np.ndarray] = field(default_factory=dict)  # feature name -> (rows, d) float32
 
     @property
     def dim(self) -> int:
@@ -49,21 +60,34 @@ class CombinerParams:
             got = getattr(self, name).shape
             if got != shape:
                 raise ValueError(f"combiner {name} has shape {got}, expected {shape}")
+        for name, a in self.context.items():
+            # Which features and how many rows is the pipeline's business (towers.context.check).
+            if a.ndim != 2 or a.shape[1] != d or a.shape[0] < 1:
+                raise ValueError(f"combiner context array {name!r} has shape {a.shape}, expected (rows, {d})")
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {n: np.ascontiguousarray(getattr(self, n), dtype=np.float32) for n in PARAM_NAMES}
+        out = {n: np.ascontiguousarray(getattr(self, n), dtype=np.float32) for n in PARAM_NAMES}
+        out.update({CONTEXT_PREFIX + k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.context.items()})
+        return out
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> CombinerParams:
-        p = cls(**{n: np.asarray(arrays[n], dtype=np.float32) for n in PARAM_NAMES})
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> CombinerParams:
+        unknown = sorted(k for k in arrays if k not in PARAM_NAMES and not k.startswith(CONTEXT_PREFIX))
+        if unknown:
+            raise ValueError(f"unknown combiner array {unknown[0]!r}")
+        context = {k[len(CONTEXT_PREFIX):]: np.asarray(v, dtype=np.float32)
+                   for k, v in arrays.items() if k.startswith(CONTEXT_PREFIX)}
+        p = cls(**{n: np.asarray(arrays[n], dtype=np.float32) for n in PARAM_NAMES}, context=context)
         p.validate()
         return p
 
 
 def combine(
-    p: CombinerParams, user: np.ndarray, has_user: np.ndarray, sess: np.ndarray, mask: np.ndarray
+    p: CombinerParams, user: np.ndarray, has_user: np.ndarray, sess: np.ndarray, mask: np.ndarray,
+    context: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Queries (B, d), float32, unit norm; all-zero rows where there is neither user nor session."""
+    """Queries (B, d), float32, unit norm; all-zero rows where there is neither user nor session.
+    ``context``: the (B, d) context term (``towers.context.context_term``); None = no context."""
     _, n, d = sess.shape
     has_sess = mask.any(axis=1)
     logits = p.pos_bias[:n][None, :] + sess @ p.w_a
@@ -80,5 +104,7 @@ def combine(
     g = np.where(has_sess, g, 1.0)
     g = np.where(has_user, g, 0.0)
     q = g[:, None] * user + (1.0 - g)[:, None] * s
+    if context is not None:
+        q = q + np.where((has_user | has_sess)[:, None], context, 0.0)
     norm = np.linalg.norm(q, axis=1, keepdims=True)
     return (q / np.maximum(norm, 1e-12)).astype(np.float32)

@@ -16,14 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from towers.combiner import CombinerParams
-from towers.features import TITLE_BUCKETS, FeaturePipeline
+from towers.context import table_shape
+from towers.encoders import Encoder
+from towers.errors import ConfigError
+from towers.features import FeaturePipeline
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int = 64  # output embedding size (FAISS dimension)
     id_dim: int = 64  # user/item id embedding size
-    side_dim: int = 8  # each categorical side feature's embedding size
+    side_dim: int = 8  # a categorical/bucketized/numeric feature's width (multi-valued and text: twice it)
     hidden: int = 128  # tower MLP width
     dropout: float = 0.1
     max_session: int = 10  # N: recent items the combiner reads, most recent first
@@ -39,7 +42,6 @@ class ModelConfig:
     history_staleness: int = 2
     user_id: bool = True  # the user id embedding (off: a user is their features + history)
     item_id: bool = True  # the item id embedding (off: an item is its content features)
-    title_tokens: bool = True  # the item tower reads hashed title words (new items embed by content)
     item_id_dropout: float = 0.0  # train-time: zero item ids so content carries signal for new items
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,9 +50,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in fields(cls)}
-        # Bundles from before the history tower have none of its fields: they meant "off".
-        legacy = {"history_len": 0, "title_tokens": False} if "history_len" not in d else {}
-        return cls(**{**legacy, **{k: v for k, v in d.items() if k in known}})
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def _mlp(inp: int, cfg: ModelConfig) -> nn.Sequential:
@@ -63,6 +63,62 @@ def _dropout_rows(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * (torch.rand(x.shape[0], 1) >= p).to(x.dtype)
 
 
+def feature_width(enc: Encoder, cfg: ModelConfig) -> int:
+    """The width of a feature's layer output: the spec's ``dim``, else by kind."""
+    if enc.spec.dim is not None:
+        return enc.spec.dim
+    return 2 * cfg.side_dim if enc.kind in ("multi_categorical", "text") else cfg.side_dim
+
+
+class FeatureLayer(nn.Module):
+    """One encoded feature (``towers.encoders``) → (B, width)::
+
+        categorical, bucketized   an embedding row
+        multi_categorical, text   the rows of its values, pooled (mean over real values, or sum)
+        numeric                   a linear map of the standardised value; missing → a learned value
+    """
+
+    def __init__(self, enc: Encoder, width: int) -> None:
+        super().__init__()
+        self.kind = enc.kind
+        self.mean = enc.spec.pooling == "mean" or enc.kind == "text"
+        if enc.kind == "numeric":
+            self.missing = nn.Parameter(torch.zeros(1))
+            self.linear = nn.Linear(1, width)
+            return
+        pad = 0 if enc.kind in ("multi_categorical", "text") else None
+        self.table = nn.Embedding(max(enc.table_rows, 1), width, padding_idx=pad)
+        if enc.kind == "multi_categorical" and not self.mean:
+            # Sum pooling is a linear map of the multi-hot vector: initialise it like one.
+            bound = 1.0 / max(enc.table_rows - 1, 1) ** 0.5
+            with torch.no_grad():
+                nn.init.uniform_(self.table.weight, -bound, bound)
+                self.table.weight[0].zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "numeric":
+            v = torch.where(x[:, 1:2] > 0.5, self.missing.expand(x.shape[0], 1), x[:, 0:1])
+            return self.linear(v)
+        if x.dim() == 1:
+            return self.table(x)
+        mask = (x > 0).to(torch.float32)
+        pooled = (self.table(x) * mask[..., None]).sum(dim=1)
+        return pooled / mask.sum(dim=1, keepdim=True).clamp(min=1.0) if self.mean else pooled
+
+
+class _Features(nn.Module):
+    """The spec's features of one side, concatenated in declaration order."""
+
+    def __init__(self, encoders: list[Encoder], cfg: ModelConfig) -> None:
+        super().__init__()
+        self.names = [e.name for e in encoders]
+        self.layers = nn.ModuleDict({e.name: FeatureLayer(e, feature_width(e, cfg)) for e in encoders})
+        self.width = sum(feature_width(e, cfg) for e in encoders)
+
+    def forward(self, f: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [self.layers[n](f[n]) for n in self.names]
+
+
 class UserTower(nn.Module):
     def __init__(self, cfg: ModelConfig, fp: FeaturePipeline) -> None:
         super().__init__()
@@ -71,17 +127,17 @@ class UserTower(nn.Module):
         # Ids past the trained rows (users added by a refresh, unknown ids) read as "no id",
         # the state user_id_dropout trains for, not as an untrained OOV row.
         self.id_rows = fp.user_vocab.id_rows
-        self.age = nn.Embedding(fp.n_age_buckets, cfg.side_dim)
-        self.gender = nn.Embedding(fp.gender_vocab.size, cfg.side_dim)
-        self.occupation = nn.Embedding(fp.occupation_vocab.size, cfg.side_dim)
-        self.zip = nn.Embedding(fp.zip_vocab.size, cfg.side_dim)
-        width = cfg.id_dim * cfg.user_id + 4 * cfg.side_dim
+        self.features = _Features(fp.user_encoders, cfg)
+        width = cfg.id_dim * cfg.user_id + self.features.width
         if cfg.history_len > 0:
             # Attention pooling over the history (recency bias + content score), beside a plain
             # mean; both (B, dim) go into the MLP with a log-length feature.
             self.hist_pos = nn.Parameter(-0.02 * torch.arange(cfg.history_len, dtype=torch.float32))
             self.hist_att = nn.Linear(cfg.dim, 1, bias=False)
             width += 2 * cfg.dim + 1
+        if width == 0:
+            raise ConfigError("model", "the user tower has no inputs: enable the user id, declare user "
+                              "features or read history")
         self.mlp = _mlp(width, cfg)
         if self.user is not None:
             nn.init.normal_(self.user.weight, std=0.05)
@@ -91,7 +147,7 @@ class UserTower(nn.Module):
         """``hist``: (B, L, dim) item-tower embeddings of the history, most recent first;
         ``hist_mask``: (B, L) bool. Required when the config reads history (an empty mask row
         is a user with no history)."""
-        parts = [self.age(f["age"]), self.gender(f["gender"]), self.occupation(f["occupation"]), self.zip(f["zip"])]
+        parts = self.features(f)
         if self.user is not None:
             ids = f["user"]
             uid = self.user(ids) * (ids < self.id_rows).to(torch.float32)[:, None]
@@ -116,32 +172,32 @@ class ItemTower(nn.Module):
         self.cfg = cfg
         self.item = nn.Embedding(fp.item_vocab.size, cfg.id_dim) if cfg.item_id else None
         self.id_rows = fp.item_vocab.id_rows  # as in UserTower: a new item is its content
-        self.year = nn.Embedding(fp.n_year_buckets, cfg.side_dim)
-        self.genres = nn.Linear(max(len(fp.genre_vocab), 1), cfg.side_dim * 2, bias=False)
-        self.title = nn.EmbeddingBag(TITLE_BUCKETS + 1, cfg.side_dim * 2, mode="sum", padding_idx=0) \
-            if cfg.title_tokens else None
-        self.mlp = _mlp(cfg.id_dim * cfg.item_id + 3 * cfg.side_dim + 2 * cfg.side_dim * cfg.title_tokens, cfg)
+        self.features = _Features(fp.item_encoders, cfg)
+        width = cfg.id_dim * cfg.item_id + self.features.width
+        if width == 0:
+            raise ConfigError("model", "the item tower has no inputs: enable the item id (ids.item) or "
+                              "declare item features")
+        self.mlp = _mlp(width, cfg)
         if self.item is not None:
             nn.init.normal_(self.item.weight, std=0.05)
 
     def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [self.year(f["year"]), self.genres(f["genres"])]
+        parts = self.features(f)
         if self.item is not None:
             ids = f["item"]
             iid = self.item(ids) * (ids < self.id_rows).to(torch.float32)[:, None]
             parts.insert(0, _dropout_rows(iid, self.cfg.item_id_dropout, self.training))
-        if self.title is not None:
-            tok = f["title"]
-            # Mean over the real words (padding rows contribute zero, the count excludes them).
-            n = (tok > 0).sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
-            parts.append(self.title(tok) / n)
         return F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=1)
 
 
 class SessionCombiner(nn.Module):
-    """Torch twin of ``towers.combiner.combine``; the formulas must stay identical."""
+    """Torch twin of ``towers.combiner.combine``; the formulas must stay identical.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    ``context_encoders`` (the pipeline's): one learned d-dim vector per context feature
+    added to the query (``towers.context``), zero-initialised, so that a model starts out
+    ranking as if there were no context."""
+
+    def __init__(self, cfg: ModelConfig, context_encoders: list[Encoder] | None = None) -> None:
         super().__init__()
         d = cfg.dim
         self.W_s = nn.Parameter(torch.eye(d))
@@ -150,9 +206,25 @@ class SessionCombiner(nn.Module):
         self.pos_bias = nn.Parameter(-0.3 * torch.arange(cfg.max_session, dtype=torch.float32))
         self.w_g = nn.Parameter(torch.zeros(2 * d))
         self.b_g = nn.Parameter(torch.zeros(1))
+        encs = context_encoders or []
+        # A list, not a dict: feature names may hold "." (a column name), which module keys may not.
+        self.context_names = [e.name for e in encs]
+        self.context = nn.ParameterList(
+            [nn.Parameter(torch.zeros(table_shape(e.kind, e.table_rows, d))) for e in encs])
+
+    def context_term(self, context: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B, d): categorical/bucketized (B,) → a table row; numeric (B, 2) → z * w + missing * m."""
+        out: torch.Tensor | None = None
+        for name, table in zip(self.context_names, self.context, strict=True):
+            x = context[name]
+            v = table[x] if x.dim() == 1 else x[:, 0:1] * table[0] + x[:, 1:2] * table[1]
+            out = v if out is None else out + v
+        return out
 
     def forward(self, user: torch.Tensor, has_user: torch.Tensor, sess: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor, context: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``context``: the encoded context features (``FeaturePipeline.context_features``)
+        by name; None = no context (the term is left out, as for a spec without context)."""
         _b, n, d = sess.shape
         has_sess = mask.any(dim=1)
         h = sess @ self.W_s
@@ -166,15 +238,20 @@ class SessionCombiner(nn.Module):
         g = torch.where(has_sess, g, torch.ones_like(g))
         g = torch.where(has_user, g, torch.zeros_like(g))
         q = g[:, None] * user + (1.0 - g)[:, None] * s
+        c = self.context_term(context) if context is not None and self.context_names else None
+        if c is not None:
+            q = q + torch.where((has_user | has_sess)[:, None], c, torch.zeros_like(c))
         return F.normalize(q, dim=1, eps=1e-12)
 
     def export(self) -> CombinerParams:
         with torch.no_grad():
-            return CombinerParams.from_arrays({
-                "W_s": self.W_s.numpy().copy(), "w_a": self.w_a.numpy().copy(),
-                "pos_bias": self.pos_bias.numpy().copy(), "w_g": self.w_g.numpy().copy(),
-                "b_g": self.b_g.numpy().copy(),
-            })
+            p = CombinerParams(
+                W_s=self.W_s.numpy().copy(), w_a=self.w_a.numpy().copy(), pos_bias=self.pos_bias.numpy().copy(),
+                w_g=self.w_g.numpy().copy(), b_g=self.b_g.numpy().copy(),
+                context={n: t.detach().numpy().copy() for n, t in zip(self.context_names, self.context, strict=True)},
+            )
+        p.validate()
+        return p
 
 
 class TwoTower(nn.Module):
@@ -183,7 +260,7 @@ class TwoTower(nn.Module):
         self.cfg = cfg
         self.user_tower = UserTower(cfg, fp)
         self.item_tower = ItemTower(cfg, fp)
-        self.combiner = SessionCombiner(cfg)
+        self.combiner = SessionCombiner(cfg, fp.context_encoders)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Weights as plain arrays (saved without pickle)."""

@@ -10,7 +10,8 @@ K = the largest k in the batch, C = candidates per query)::
 
     QueryBatch  user (B, d), has_user (B,), session (B, N) item rows -1 padded,
                 banned: sorted unique keys ``b * n_items + row`` (B requests' exclusions
-                and session items in one array), k (B,)
+                and session items in one array), k (B,), context term (B, d) or None
+                (``towers.context``: what the request's context adds to its query)
     combine     → queries (B, d) float32, unit norm (zero rows: nothing to query with)
     search      → (B, C) scores and rows from the index, C = K + most banned + margin
     select      → Ranked: rows (B, K) -1 padded, scores, counts, source per request
@@ -105,6 +106,7 @@ class QueryBatch:
     n_banned: np.ndarray  # (B,) distinct banned rows per request
     k: np.ndarray  # (B,) int64 results wanted per request
     n_items: int
+    context: np.ndarray | None = None  # (B, d) float32 context term (towers.context); None: no context
 
     def __len__(self) -> int:
         return len(self.k)
@@ -136,7 +138,8 @@ class QueryBatch:
         keep = new_owner >= 0
         return QueryBatch(user=self.user[which], has_user=self.has_user[which], session=self.session[which],
                           banned=new_owner[keep] * n + (self.banned[keep] - owner[keep] * n),
-                          n_banned=self.n_banned[which], k=self.k[which], n_items=n)
+                          n_banned=self.n_banned[which], k=self.k[which], n_items=n,
+                          context=None if self.context is None else self.context[which])
 
     def banned_rows(self, i: int) -> np.ndarray:
         """Request ``i``'s banned item rows."""
@@ -147,8 +150,10 @@ class QueryBatch:
     @classmethod
     def build(cls, model: RankModel, *, user: np.ndarray, has_user: np.ndarray, session_owner: np.ndarray,
               session_rows: np.ndarray, exclude_owner: np.ndarray, exclude_rows: np.ndarray,
-              k: int | np.ndarray, max_session: int | None = None) -> QueryBatch:
+              k: int | np.ndarray, max_session: int | None = None,
+              context: np.ndarray | None = None) -> QueryBatch:
         """From flat (owner, row) arrays, grouped by owner, unknown rows (< 0) allowed and dropped.
+        ``context``: the (B, d) context term (``towers.context.request_term``), None for none.
 
         Sessions are most recent first and are cut to the combiner's ``max_session`` (or to
         ``max_session`` when smaller: an experiment's override of how much session the query
@@ -167,13 +172,14 @@ class QueryBatch:
         has_user = np.asarray(has_user, dtype=bool)
         user = np.where(has_user[:, None], np.asarray(user, dtype=np.float32).reshape(b, model.dim), 0.0)
         ks = np.broadcast_to(np.asarray(k, dtype=np.int64), (b,)).copy()
+        ctx = None if context is None else np.asarray(context, dtype=np.float32).reshape(b, model.dim)
         return cls(user=user.astype(np.float32), has_user=has_user, session=session, banned=banned,
-                   n_banned=n_banned, k=ks, n_items=n)
+                   n_banned=n_banned, k=ks, n_items=n, context=ctx)
 
     @classmethod
     def from_lists(cls, model: RankModel, *, sessions: Sequence[Sequence[int]], excludes: Sequence[Iterable[int]],
                    k: int | np.ndarray, user_rows: Sequence[int] | np.ndarray | None = None,
-                   user_vectors: np.ndarray | None = None) -> QueryBatch:
+                   user_vectors: np.ndarray | None = None, context: np.ndarray | None = None) -> QueryBatch:
         """Per-request lists of item rows. The user comes from ``user_rows`` (the bundle's
         embeddings; -1 unknown) or ``user_vectors`` (B, d) with ``user_rows`` marking who has one."""
         b = len(sessions)
@@ -186,7 +192,7 @@ class QueryBatch:
         s_owner, s_rows = flatten(sessions)
         e_owner, e_rows = flatten(excludes)
         return cls.build(model, user=user, has_user=has_user, session_owner=s_owner, session_rows=s_rows,
-                         exclude_owner=e_owner, exclude_rows=e_rows, k=k)
+                         exclude_owner=e_owner, exclude_rows=e_rows, k=k, context=context)
 
 
 @dataclass(frozen=True)
@@ -240,10 +246,10 @@ def take_eligible(batch: QueryBatch, which: np.ndarray, cand_rows: np.ndarray,
 
 
 def combine_queries(model: RankModel, batch: QueryBatch) -> np.ndarray:
-    """Queries (B, d): the combiner over user vectors and session item embeddings."""
+    """Queries (B, d): the combiner over user vectors, session item embeddings and context."""
     mask = batch.session >= 0
     sess = model.item_emb[np.maximum(batch.session, 0)] * mask[..., None]
-    return combine(model.combiner, batch.user, batch.has_user, sess.astype(np.float32), mask)
+    return combine(model.combiner, batch.user, batch.has_user, sess.astype(np.float32), mask, batch.context)
 
 
 # -- stage: search ---------------------------------------------------------------------------

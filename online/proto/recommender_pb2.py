@@ -24,45 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtwotower/v1/recommender.proto\x12\x0btwotower.v1\"9\n\x07Session\x12\x17\n\x0frecent_item_ids\x18\x01 \x03(\t\x12\x15\n\rcart_item_ids\x18\x02 \x03(\t\",\n\x07\x43ontext\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\"\xee\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x01k\x18\x02 \x01(\rH\x00\x88\x01\x01\x12%\n\x07session\x18\x03 \x01(\x0b\x32\x14.twotower.v1.Session\x12%\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x14.twotower.v1.Context\x12\x18\n\x10\x65xclude_item_ids\x18\x05 \x03(\t\x12\x1f\n\x04mode\x18\x06 \x01(\x0e\x32\x11.twotower.v1.Mode\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x16\n\x0einclude_titles\x18\x08 \x01(\x08\x42\x04\n\x02_k\"~\n\x0cStageTimings\x12\x10\n\x08queue_us\x18\x01 \x01(\r\x12\x10\n\x08\x66\x65tch_us\x18\x02 \x01(\r\x12\x12\n\ncombine_us\x18\x03 \x01(\r\x12\x11\n\tsearch_us\x18\x04 \x01(\r\x12\x11\n\tfilter_us\x18\x05 \x01(\r\x12\x10\n\x08total_us\x18\x06 \x01(\r\"\x83\x02\n\x11RecommendResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x1f\n\x04rung\x18\x05 \x01(\x0e\x32\x11.twotower.v1.Rung\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12*\n\x07timings\x18\x07 \x01(\x0b\x32\x19.twotower.v1.StageTimings\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0e\n\x06titles\x18\t \x03(\t\x12\x0e\n\x06source\x18\n \x01(\t\x12\x12\n\nbatch_size\x18\x0b \x01(\r\"v\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12$\n\x04type\x18\x03 \x01(\x0e\x32\x16.twotower.v1.EventType\x12\x11\n\ttimestamp\x18\x04 \x01(\x03\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"9\n\x13RecordEventsRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.twotower.v1.Event\"(\n\x14RecordEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\x0f\n\rStatusRequest\"\x0f\n\rReloadRequest\"\xfd\x02\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nlast_error\x18\x03 \x01(\t\x12\x11\n\tcandidate\x18\x04 \x01(\t\x12\x10\n\x08registry\x18\x05 \x01(\t\x12\r\n\x05swaps\x18\x06 \x01(\r\x12\x10\n\x08rejected\x18\x07 \x01(\r\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x0b\n\x03pid\x18\t \x01(\x05\x12\x12\n\nflags_file\x18\n \x01(\t\x12\x14\n\x0c\x66lags_sha256\x18\x0b \x01(\t\x12\x13\n\x0b\x66lags_error\x18\x0c \x01(\t\x12\x15\n\rflags_reloads\x18\r \x01(\r\x12\x16\n\x0e\x66lags_rejected\x18\x0e \x01(\r\x12\x19\n\x11resident_versions\x18\x0f \x03(\t\x12\x16\n\x0eresident_bytes\x18\x10 \x01(\x04\x12*\n\x07shadows\x18\x11 \x03(\x0b\x32\x19.twotower.v1.ShadowStatus\"\xcd\x01\n\x0cShadowStatus\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07sampled\x18\x04 \x01(\x04\x12\x0e\n\x06scored\x18\x05 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x06 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x07 \x01(\x04\x12\x14\n\x0cmean_overlap\x18\x08 \x01(\x01\x12\x17\n\x0fmean_latency_ms\x18\t \x01(\x01\x12\x16\n\x0emax_latency_ms\x18\n \x01(\x01*6\n\x04Mode\x12\r\n\tMODE_AUTO\x10\x00\x12\x0f\n\x0bMODE_ONLINE\x10\x01\x12\x0e\n\nMODE_BATCH\x10\x02*e\n\x04Rung\x12\x14\n\x10RUNG_UNSPECIFIED\x10\x00\x12\r\n\tRUNG_FULL\x10\x01\x12\x13\n\x0fRUNG_NO_SESSION\x10\x02\x12\x0e\n\nRUNG_BATCH\x10\x03\x12\x13\n\x0fRUNG_POPULARITY\x10\x04*\x80\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45VENT_TYPE_VIEW\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x13\n\x0f\x45VENT_TYPE_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x32\xae\x01\n\x0bRecommender\x12J\n\tRecommend\x12\x1d.twotower.v1.RecommendRequest\x1a\x1e.twotower.v1.RecommendResponse\x12S\n\x0cRecordEvents\x12 .twotower.v1.RecordEventsRequest\x1a!.twotower.v1.RecordEventsResponse2\x8d\x01\n\x05\x41\x64min\x12\x41\n\x06Status\x12\x1a.twotower.v1.StatusRequest\x1a\x1b.twotower.v1.StatusResponse\x12\x41\n\x06Reload\x12\x1a.twotower.v1.ReloadRequest\x1a\x1b.twotower.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtwotower/v1/recommender.proto\x12\x0btwotower.v1\"9\n\x07Session\x12\x17\n\x0frecent_item_ids\x18\x01 \x03(\t\x12\x15\n\rcart_item_ids\x18\x02 \x03(\t\"\x8d\x01\n\x07\x43ontext\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\x12\x30\n\x06values\x18\x03 \x03(\x0b\x32 .twotower.v1.Context.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xee\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x01k\x18\x02 \x01(\rH\x00\x88\x01\x01\x12%\n\x07session\x18\x03 \x01(\x0b\x32\x14.twotower.v1.Session\x12%\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x14.twotower.v1.Context\x12\x18\n\x10\x65xclude_item_ids\x18\x05 \x03(\t\x12\x1f\n\x04mode\x18\x06 \x01(\x0e\x32\x11.twotower.v1.Mode\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x16\n\x0einclude_titles\x18\x08 \x01(\x08\x42\x04\n\x02_k\"~\n\x0cStageTimings\x12\x10\n\x08queue_us\x18\x01 \x01(\r\x12\x10\n\x08\x66\x65tch_us\x18\x02 \x01(\r\x12\x12\n\ncombine_us\x18\x03 \x01(\r\x12\x11\n\tsearch_us\x18\x04 \x01(\r\x12\x11\n\tfilter_us\x18\x05 \x01(\r\x12\x10\n\x08total_us\x18\x06 \x01(\r\"\x83\x02\n\x11RecommendResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x1f\n\x04rung\x18\x05 \x01(\x0e\x32\x11.twotower.v1.Rung\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12*\n\x07timings\x18\x07 \x01(\x0b\x32\x19.twotower.v1.StageTimings\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0e\n\x06titles\x18\t \x03(\t\x12\x0e\n\x06source\x18\n \x01(\t\x12\x12\n\nbatch_size\x18\x0b \x01(\r\"v\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12$\n\x04type\x18\x03 \x01(\x0e\x32\x16.twotower.v1.EventType\x12\x11\n\ttimestamp\x18\x04 \x01(\x03\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"9\n\x13RecordEventsRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.twotower.v1.Event\"(\n\x14RecordEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\x0f\n\rStatusRequest\"\x0f\n\rReloadRequest\"\xfd\x02\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nlast_error\x18\x03 \x01(\t\x12\x11\n\tcandidate\x18\x04 \x01(\t\x12\x10\n\x08registry\x18\x05 \x01(\t\x12\r\n\x05swaps\x18\x06 \x01(\r\x12\x10\n\x08rejected\x18\x07 \x01(\r\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x0b\n\x03pid\x18\t \x01(\x05\x12\x12\n\nflags_file\x18\n \x01(\t\x12\x14\n\x0c\x66lags_sha256\x18\x0b \x01(\t\x12\x13\n\x0b\x66lags_error\x18\x0c \x01(\t\x12\x15\n\rflags_reloads\x18\r \x01(\r\x12\x16\n\x0e\x66lags_rejected\x18\x0e \x01(\r\x12\x19\n\x11resident_versions\x18\x0f \x03(\t\x12\x16\n\x0eresident_bytes\x18\x10 \x01(\x04\x12*\n\x07shadows\x18\x11 \x03(\x0b\x32\x19.twotower.v1.ShadowStatus\"\xcd\x01\n\x0cShadowStatus\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07sampled\x18\x04 \x01(\x04\x12\x0e\n\x06scored\x18\x05 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x06 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x07 \x01(\x04\x12\x14\n\x0cmean_overlap\x18\x08 \x01(\x01\x12\x17\n\x0fmean_latency_ms\x18\t \x01(\x01\x12\x16\n\x0emax_latency_ms\x18\n \x01(\x01*6\n\x04Mode\x12\r\n\tMODE_AUTO\x10\x00\x12\x0f\n\x0bMODE_ONLINE\x10\x01\x12\x0e\n\nMODE_BATCH\x10\x02*e\n\x04Rung\x12\x14\n\x10RUNG_UNSPECIFIED\x10\x00\x12\r\n\tRUNG_FULL\x10\x01\x12\x13\n\x0fRUNG_NO_SESSION\x10\x02\x12\x0e\n\nRUNG_BATCH\x10\x03\x12\x13\n\x0fRUNG_POPULARITY\x10\x04*\x80\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45VENT_TYPE_VIEW\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x13\n\x0f\x45VENT_TYPE_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x32\xae\x01\n\x0bRecommender\x12J\n\tRecommend\x12\x1d.twotower.v1.RecommendRequest\x1a\x1e.twotower.v1.RecommendResponse\x12S\n\x0cRecordEvents\x12 .twotower.v1.RecordEventsRequest\x1a!.twotower.v1.RecordEventsResponse2\x8d\x01\n\x05\x41\x64min\x12\x41\n\x06Status\x12\x1a.twotower.v1.StatusRequest\x1a\x1b.twotower.v1.StatusResponse\x12\x41\n\x06Reload\x12\x1a.twotower.v1.ReloadRequest\x1a\x1b.twotower.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'twotower.v1.recommender_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=1629
-  _globals['_MODE']._serialized_end=1683
-  _globals['_RUNG']._serialized_start=1685
-  _globals['_RUNG']._serialized_end=1786
-  _globals['_EVENTTYPE']._serialized_start=1789
-  _globals['_EVENTTYPE']._serialized_end=1917
+  _globals['_CONTEXT_VALUESENTRY']._loaded_options = None
+  _globals['_CONTEXT_VALUESENTRY']._serialized_options = b'8\001'
+  _globals['_MODE']._serialized_start=1727
+  _globals['_MODE']._serialized_end=1781
+  _globals['_RUNG']._serialized_start=1783
+  _globals['_RUNG']._serialized_end=1884
+  _globals['_EVENTTYPE']._serialized_start=1887
+  _globals['_EVENTTYPE']._serialized_end=2015
   _globals['_SESSION']._serialized_start=46
   _globals['_SESSION']._serialized_end=103
-  _globals['_CONTEXT']._serialized_start=105
-  _globals['_CONTEXT']._serialized_end=149
-  _globals['_RECOMMENDREQUEST']._serialized_start=152
-  _globals['_RECOMMENDREQUEST']._serialized_end=390
-  _globals['_STAGETIMINGS']._serialized_start=392
-  _globals['_STAGETIMINGS']._serialized_end=518
-  _globals['_RECOMMENDRESPONSE']._serialized_start=521
-  _globals['_RECOMMENDRESPONSE']._serialized_end=780
-  _globals['_EVENT']._serialized_start=782
-  _globals['_EVENT']._serialized_end=900
-  _globals['_RECORDEVENTSREQUEST']._serialized_start=902
-  _globals['_RECORDEVENTSREQUEST']._serialized_end=959
-  _globals['_RECORDEVENTSRESPONSE']._serialized_start=961
-  _globals['_RECORDEVENTSRESPONSE']._serialized_end=1001
-  _globals['_STATUSREQUEST']._serialized_start=1003
-  _globals['_STATUSREQUEST']._serialized_end=1018
-  _globals['_RELOADREQUEST']._serialized_start=1020
-  _globals['_RELOADREQUEST']._serialized_end=1035
-  _globals['_STATUSRESPONSE']._serialized_start=1038
-  _globals['_STATUSRESPONSE']._serialized_end=1419
-  _globals['_SHADOWSTATUS']._serialized_start=1422
-  _globals['_SHADOWSTATUS']._serialized_end=1627
-  _globals['_RECOMMENDER']._serialized_start=1920
-  _globals['_RECOMMENDER']._serialized_end=2094
-  _globals['_ADMIN']._serialized_start=2097
-  _globals['_ADMIN']._serialized_end=2238
+  _globals['_CONTEXT']._serialized_start=106
+  _globals['_CONTEXT']._serialized_end=247
+  _globals['_CONTEXT_VALUESENTRY']._serialized_start=202
+  _globals['_CONTEXT_VALUESENTRY']._serialized_end=247
+  _globals['_RECOMMENDREQUEST']._serialized_start=250
+  _globals['_RECOMMENDREQUEST']._serialized_end=488
+  _globals['_STAGETIMINGS']._serialized_start=490
+  _globals['_STAGETIMINGS']._serialized_end=616
+  _globals['_RECOMMENDRESPONSE']._serialized_start=619
+  _globals['_RECOMMENDRESPONSE']._serialized_end=878
+  _globals['_EVENT']._serialized_start=880
+  _globals['_EVENT']._serialized_end=998
+  _globals['_RECORDEVENTSREQUEST']._serialized_start=1000
+  _globals['_RECORDEVENTSREQUEST']._serialized_end=1057
+  _globals['_RECORDEVENTSRESPONSE']._serialized_start=1059
+  _globals['_RECORDEVENTSRESPONSE']._serialized_end=1099
+  _globals['_STATUSREQUEST']._serialized_start=1101
+  _globals['_STATUSREQUEST']._serialized_end=1116
+  _globals['_RELOADREQUEST']._serialized_start=1118
+  _globals['_RELOADREQUEST']._serialized_end=1133
+  _globals['_STATUSRESPONSE']._serialized_start=1136
+  _globals['_STATUSRESPONSE']._serialized_end=1517
+  _globals['_SHADOWSTATUS']._serialized_start=1520
+  _globals['_SHADOWSTATUS']._serialized_end=1725
+  _globals['_RECOMMENDER']._serialized_start=2018
+  _globals['_RECOMMENDER']._serialized_end=2192
+  _globals['_ADMIN']._serialized_start=2195
+  _globals['_ADMIN']._serialized_end=2336
 # @@protoc_insertion_point(module_scope)

@@ -51,12 +51,21 @@ class Session(_message.Message):
     def __init__(self, recent_item_ids: _Optional[_Iterable[str]] = ..., cart_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Context(_message.Message):
-    __slots__ = ("device", "timestamp")
+    __slots__ = ("device", "timestamp", "values")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
     device: str
     timestamp: int
-    def __init__(self, device: _Optional[str] = ..., timestamp: _Optional[int] = ...) -> None: ...
+    values: _containers.ScalarMap[str, str]
+    def __init__(self, device: _Optional[str] = ..., timestamp: _Optional[int] = ..., values: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "k", "session", "context", "exclude_item_ids", "mode", "request_id", "include_titles")
