@@ -43,7 +43,8 @@ ALLOWED = ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")
 # INVALID_ARGUMENT must name a field of the request it answers.
 FIELD_OF = {
     "Recommend": re.compile(r"^(user_id|k|mode|session|session\.recent_item_ids|session\.cart_item_ids"
-                            r"|exclude_item_ids): "),
+                            r"|exclude_item_ids|context|context\.device|context\.timestamp"
+                            r"|context\.values(\[[^\]]*\])?): "),
     "RecordEvents": re.compile(r"^(events|events\[(?P<j>\d+)\]\.(user_id|item_id|type|timestamp|request_id)): "),
 }
 SENTINEL_USERS = [f"sentinel-{j}" for j in range(8)]
@@ -169,7 +170,7 @@ def recommend_cases(*, users: Sequence[str], items: Sequence[str]) -> st.SearchS
         if draw(st.booleans()):
             context = pb.Context(device=draw(ids(["ios", "web"])), timestamp=draw(times))
             msg.context.CopyFrom(context)
-            raw += _field(4, 2, context.SerializeToString() + draw(unknown_fields(first_free=3)))
+            raw += _field(4, 2, context.SerializeToString() + draw(unknown_fields(first_free=4)))
         return Case("Recommend", raw + draw(unknown_fields(first_free=9)), msg)
 
     return build()

@@ -8,7 +8,7 @@ hour derived from the event time; repeat purchases of each user's staples), writ
 way a user would hand it over (the interactions as Parquet shards, an items and a users
 Parquet table, a spec YAML), and for each size trains ONE epoch through the normal path:
 ``load_dataset(spec)`` → ``temporal_split`` → ``fit_pipeline`` → ``train_model`` (a small
-model: history_len 4, batch 2048; no per-epoch validation, which at 1M items would cost more
+model: history_len 4, batch 4096; no per-epoch validation, which at 1M items would cost more
 than the epoch).
 
 Each size runs in its own child process, so the sizes do not contaminate each other's peak
@@ -49,7 +49,7 @@ STAPLES = 4  # items a user buys again and again
 REPEAT, HOME = 0.25, 0.50  # shares of rows: a staple bought again, a home-category item; the rest: anywhere
 MODEL = {"dim": 32, "id_dim": 32, "side_dim": 8, "hidden": 64, "history_len": 4, "history_staleness": 1,
          "max_session": 4}
-BATCH = 2048
+BATCH = 4096
 
 SPEC = """\
 # A synthetic e-commerce log at scale (bench/train_scale.py).
@@ -242,7 +242,7 @@ def _held_bytes(ds: Any) -> dict[str, int]:
     return out
 
 
-def run_one(spec: Path) -> dict[str, Any]:
+def run_one(spec: Path, *, fused_adam: bool = False, max_steps: int | None = None) -> dict[str, Any]:
     """Load, split, fit and train one epoch on ``spec``; seconds and peak RSS per phase."""
     t_import = time.perf_counter()
     import torch
@@ -253,7 +253,7 @@ def run_one(spec: Path) -> dict[str, Any]:
 
     rep: dict[str, Any] = {"phases": {}, "peak_reset": _reset_peak()}
 
-    cpu0 = [_cpu_s()]
+    cpu0 = [0.0]  # the import phase counts from the process start
 
     def phase(name: str, t0: float) -> None:
         # CPU seconds beside wall seconds: on a shared machine the wall clock also counts the
@@ -281,10 +281,17 @@ def run_one(spec: Path) -> dict[str, Any]:
     cfg = ModelConfig(**MODEL)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     model, _fp, _split, history = train_model(ds, model_cfg=cfg, progress=False, split=split, fp=fp,
-                                              train_cfg=TrainConfig(epochs=1, batch_size=BATCH, validate=False))
+                                              train_cfg=TrainConfig(epochs=1, batch_size=BATCH, validate=False,
+                                                                    fused_adam=fused_adam, max_steps=max_steps))
     phase("train", t0)
-    rep["epoch_s"] = history[0]["train_s"]
     rep["train_examples"] = len(split.train)
+    rep["steps_per_epoch"] = -(-len(split.train) // BATCH)
+    rep["steps"] = min(rep["steps_per_epoch"], max_steps or rep["steps_per_epoch"])
+    rep["s_per_step"] = round(history[0]["train_s"] / max(rep["steps"], 1), 4)
+    rep["partial_epoch"] = rep["steps"] < rep["steps_per_epoch"]
+    # A capped run's epoch is its measured seconds per step times the epoch's steps.
+    rep["epoch_s"] = round(rep["s_per_step"] * rep["steps_per_epoch"], 1) if rep["partial_epoch"] \
+        else history[0]["train_s"]
     rep["users"], rep["items"] = fp.n_users, fp.n_items
     params = sum(p.numel() for p in model.parameters())
     rep["model_params"] = params
@@ -315,10 +322,15 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     bottom = np.zeros(len(runs))
     for ph in phases:
-        v = np.array([r["phases"][ph]["s"] for r in runs])
-        ax[0].bar(labels, v, bottom=bottom, label=ph)
+        # The train bar is one whole epoch: measured, or seconds per step x steps (hatched).
+        v = np.array([r["epoch_s"] if ph == "train" else r["phases"][ph]["s"] for r in runs])
+        bars = ax[0].bar(labels, v, bottom=bottom, label="one epoch" if ph == "train" else ph)
+        if ph == "train":
+            for bar, r in zip(bars, runs, strict=True):
+                if r["partial_epoch"]:
+                    bar.set_hatch("//")
         bottom += v
-    ax[0].set(title="seconds per phase (one epoch; shared 2-core machine)", ylabel="s")
+    ax[0].set(title="seconds: load, split, fit, one epoch (hatched: projected)", ylabel="s")
     ax[0].legend()
     x = np.arange(len(runs))
     for k, ph in enumerate(phases):
@@ -332,6 +344,11 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _total_s(run: dict[str, Any]) -> float:
+    """Load + split + fit + one whole epoch (projected when the run was capped)."""
+    return sum(run["phases"][k]["s"] for k in ("load", "split", "fit_pipeline")) + run["epoch_s"]
+
+
 def growth(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """How ``b`` (the larger size) grew from ``a``: ratios, and the RSS per extra interaction
     beyond the model's own growth."""
@@ -340,9 +357,10 @@ def growth(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {
         "interactions_ratio": round(rows, 2),
         "epoch_s_ratio": round(b["epoch_s"] / a["epoch_s"], 2),
+        "s_per_step_ratio": round(b["s_per_step"] / a["s_per_step"], 2),
+        "epoch_measured_whole": not (a["partial_epoch"] or b["partial_epoch"]),
         "load_s_ratio": round(b["phases"]["load"]["s"] / a["phases"]["load"]["s"], 2),
-        "total_s_ratio": round(sum(p["s"] for p in b["phases"].values()) /
-                               sum(p["s"] for p in a["phases"].values()), 2),
+        "total_s_ratio": round(_total_s(b) / _total_s(a), 2),
         "train_cpu_s_ratio": round(b["phases"]["train"]["cpu_s"] / a["phases"]["train"]["cpu_s"], 2),
         "load_cpu_s_ratio": round(b["phases"]["load"]["cpu_s"] / a["phases"]["load"]["cpu_s"], 2),
         "peak_rss_ratio": round(b["peak_rss"] / a["peak_rss"], 2),
@@ -361,13 +379,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/train_scale.json"))
     ap.add_argument("--max-prev-s", type=float, default=300.0,
                     help="run a size only if the previous one's load + train took less than this")
+    ap.add_argument("--fused-adam", action="store_true", help="TrainConfig.fused_adam (default: the default AdamW)")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="train at most this many steps of the epoch (TrainConfig.max_steps); the epoch's time is "
+                         "then seconds per step x its steps, reported as partial_epoch")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)  # one size: SPEC -> JSON on stdout
     args = ap.parse_args()
     if args.child is not None:
-        print(json.dumps(run_one(args.child)))
+        print(json.dumps(run_one(args.child, fused_adam=args.fused_adam, max_steps=args.max_steps)))
         return
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     report: dict[str, Any] = {"model": MODEL, "batch_size": BATCH, "epochs": 1, "items": args.items,
+                              "fused_adam": args.fused_adam, "max_steps": args.max_steps,
                               "cpus": os.cpu_count(), "runs": [],
                               "note": "a shared 2-core machine (other jobs beside it): seconds are noisy"}
     prev_s: float | None = None
@@ -379,8 +402,9 @@ def main() -> None:
         d = args.work / f"{_label(n)}-{_label(args.items)}"
         info = generate(d, n_rows=n, n_items=args.items)
         print(f"{_label(n)}: data in {d} ({info})", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "bench.train_scale", "--child", str(d / "spec.yaml")],
-                              capture_output=True, text=True, check=False)
+        cmd = [sys.executable, "-m", "bench.train_scale", "--child", str(d / "spec.yaml")]
+        cmd += ["--fused-adam"] * args.fused_adam + (["--max-steps", str(args.max_steps)] if args.max_steps else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             report["runs"].append({"interactions": n, "error": proc.stderr.strip().splitlines()[-1:]})
             print(proc.stderr[-3000:], file=sys.stderr)
@@ -390,14 +414,19 @@ def main() -> None:
         prev_s = sum(p["s"] for k, p in run["phases"].items() if k != "import")
         print(f"{_label(n)}: " + ", ".join(f"{k} {p['s']} s / peak {p['peak_rss'] / 2**30:.2f} GiB"
                                            for k, p in run["phases"].items()), flush=True)
+        _write(report, args.out)  # after every size: a long run that dies keeps what it measured
+    _write(report, args.out)
+    print(json.dumps(report.get("growth", {})))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def _write(report: dict[str, Any], out: Path) -> None:
     done = [r for r in report["runs"] if "phases" in r]
     if len(done) >= 2:
         report["growth"] = growth(done[0], done[-1])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    _plot(report, args.out.with_suffix(".png"))
-    print(json.dumps(report.get("growth", {})))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    _plot(report, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

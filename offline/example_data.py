@@ -7,7 +7,8 @@ shaped the way a shop's exports are shaped, not the way MovieLens is:
                     tags (a list column: multi_categorical)
     users.csv       user_id, country (categorical), age (bucketized by quantiles)
     events.csv      user_id, item_id, timestamp (ISO 8601, UTC), event (view | cart | purchase),
-                    order_id (one per checkout; empty for a visit that bought nothing), device
+                    order_id (numbered by checkout time, on the purchase and cart rows of an
+                    order; empty on views and on visits that bought nothing), device
                     (or events.parquet, with a typed timestamp column)
     spec.yaml       the dataset spec that declares all of the above (``towers.spec``)
 
@@ -28,7 +29,7 @@ Deterministic by ``seed``: the same arguments give the same tables, byte for byt
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,6 @@ class ExampleData:
     events: dict[str, int]  # rows by event type
     orders: int
     repeat_purchases: int  # purchases of an item the same user had bought before
-    stats: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         total = sum(self.events.values())

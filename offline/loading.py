@@ -1,4 +1,4 @@
-"""A dataset spec → a :class:`offline.datasets.Dataset`: resolve the spec (RecBole
+"""A dataset spec → a :class:`offline.data.Dataset`: resolve the spec (RecBole
 atomic headers, the shipped ML-100k files), read its tables, apply its columns and
 policies, and report what was dropped or defaulted.
 
@@ -26,19 +26,17 @@ import datetime as dt
 import math
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from offline.data import Dataset, EntityTable, Interactions, fetch_recbole_wheel
 from offline.tables import Parts, atomic_files, atomic_header, atomic_kind, read_parts
 from towers.encoders import factorize
 from towers.errors import ConfigError, DataError
 from towers.spec import RESERVED, DatasetSpec, FeatureSpec, InteractionsSpec, TableSpec, parse_spec
-
-if TYPE_CHECKING:
-    from offline.datasets import Dataset
 
 _RECBOLE_PREFIX = "recbole/dataset_example/ml-100k/ml-100k"
 # Strings a numeric column may hold for "no value" (besides the spec's missing_values).
@@ -56,8 +54,6 @@ def _path(p: str, *, base: Path, data_dir: Path) -> Path:
 
 def fetch_ml100k(data_dir: Path) -> Path:
     """The recbole wheel's ML-100k atomic files, extracted (as UTF-8) into ``data_dir/ml-100k``."""
-    from offline.datasets import fetch_recbole_wheel
-
     out = data_dir / "ml-100k"
     if all((out / f"ml-100k.{s}").is_file() for s in ("inter", "item", "user")):
         return out
@@ -541,7 +537,6 @@ def _nothing_left(path: str, report: dict[str, Any]) -> str:
 def dataset_from_spec(spec: DatasetSpec, *, base: Path, data_dir: Path, source: str = "dataset spec") -> Dataset:
     """Read everything ``spec`` declares (paths relative to ``base``) into a Dataset;
     ``source`` names the spec in configuration errors."""
-    from offline.datasets import Dataset, EntityTable, Interactions
 
     r = resolve(spec, base=base, data_dir=data_dir, source=source)
     cols, report = read_interactions(r.interactions)

@@ -1,12 +1,12 @@
 """``twotower train --engine ray``: the towers trained on Ray Train, data-parallel.
 
 The driver splits the log, fits the feature pipeline and builds the training examples
-exactly as the local engine does (``offline.train.example_columns``), then writes them as
+exactly as the local engine does (``offline.train_loop.example_columns``), then writes them as
 Parquet shards in a work directory, in one seeded random order. A ``TorchTrainer`` starts
 ``workers`` processes (DDP over gloo, CPU); Ray Data reads the shards, and each worker
 iterates its own shard (``ray.train.get_dataset_shard``: an equal split, so every worker
 takes the same number of steps and no all-reduce waits for a worker that has finished).
-Every batch's loss is ``offline.train.batch_loss``, the local engine's function: the model
+Every batch's loss is ``offline.train_loop.batch_loss``, the local engine's function: the model
 and the loss are the same, only the data parallelism differs.
 
 What differs, and why it is small:
@@ -45,11 +45,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from offline.train import LossSetup, batch_loss
+from offline.train_loop import LossSetup, batch_loss
 
 if TYPE_CHECKING:
     from offline.datasets import Dataset, Split
-    from offline.train import TrainConfig
+    from offline.train_loop import TrainConfig
     from towers.features import FeaturePipeline
     from towers.model import ModelConfig, TwoTower
 
@@ -106,7 +106,7 @@ def _worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
-    from offline.train import TrainConfig, _validate, loss_setup
+    from offline.train_loop import TrainConfig, _validate, loss_setup, make_optimizer
     from towers.features import FeaturePipeline
     from towers.model import ModelConfig, TwoTower
 
@@ -128,7 +128,7 @@ def _worker(config: dict[str, Any]) -> None:
                                         parallel_strategy_kwargs={"find_unused_parameters": True})
     torch.manual_seed(train_cfg.seed + 7919 * rank)  # dropout masks differ between workers
     gen = torch.Generator().manual_seed(train_cfg.seed + 7919 * rank)
-    opt = torch.optim.AdamW(net.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    opt = make_optimizer(net.parameters(), train_cfg)
     shard = ray.train.get_dataset_shard("train")
     history: list[dict[str, float]] = []
     best, bad = -1.0, 0
@@ -140,6 +140,8 @@ def _worker(config: dict[str, Any]) -> None:
         for batch in shard.iter_torch_batches(batch_size=train_cfg.batch_size,
                                               local_shuffle_buffer_size=SHUFFLE_BATCHES * train_cfg.batch_size,
                                               local_shuffle_seed=train_cfg.seed * 100_003 + epoch * 101 + rank):
+            if train_cfg.max_steps is not None and batches >= train_cfg.max_steps:
+                break  # every worker at the same step: their shards are equal
             loss = net(batch, gen)
             opt.zero_grad()
             loss.backward()
@@ -184,13 +186,13 @@ def train_model_ray(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConf
                     fp: FeaturePipeline | None = None,
                     init: dict[str, np.ndarray] | None = None) -> tuple[TwoTower, FeaturePipeline, Split,
                                                                        list[dict[str, float]]]:
-    """``offline.train.train_model`` on Ray Train with ``workers`` data-parallel workers: the
+    """``offline.train_loop.train_model`` on Ray Train with ``workers`` data-parallel workers: the
     same arguments (no distillation) and the same result, the best towers by validation
     Recall@20. ``work_dir``: where the example shards, Ray Train's results and, when Ray is
     started here, its temp dir go (removed after)."""
     from offline.datasets import temporal_split
     from offline.ray_engine import local_ray
-    from offline.train import example_columns, fit_pipeline, spec_model_config
+    from offline.train_loop import example_columns, fit_pipeline, spec_model_config
     from towers.errors import ConfigError
     from towers.model import TwoTower
 
@@ -222,8 +224,14 @@ def _fit(run: Path, config: dict[str, Any], workers: int, *,
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from towers.errors import ConfigError
+
+    del progress  # Ray's own progress output stays off: off a terminal it is a log line a second
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    if cpus < workers:  # Ray Train would wait for them forever
+        raise ConfigError("--workers", f"{workers} workers need a CPU each; the running Ray has {cpus:g}")
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     # Read once into the object store: each epoch then only re-orders and splits those blocks
     # (a fresh read per epoch costs seconds of task start-up for every epoch).

@@ -7,11 +7,13 @@ import numpy as np
 from offline.datasets import Interactions
 from offline.histories import lagged_items, user_histories
 from towers.features import FeaturePipeline
+from towers.spec import DatasetSpec
 
 
 def _pipeline(n_users: int, n_items: int) -> FeaturePipeline:
-    return FeaturePipeline.fit(user_ids=[f"u{i}" for i in range(n_users)], item_ids=[f"i{i}" for i in range(n_items)],
-                               users={}, items={})
+    spec = DatasetSpec(name="ids-only", interactions={"path": "unused.csv"})
+    return FeaturePipeline.fit(spec=spec, user_ids=[f"u{i}" for i in range(n_users)],
+                               item_ids=[f"i{i}" for i in range(n_items)])
 
 
 def _log(rng: np.random.Generator, n: int, n_users: int, n_items: int) -> Interactions:

@@ -55,7 +55,7 @@ def test_an_unknown_engine_and_distillation_on_ray_are_refused_before_training(t
     with pytest.raises(ConfigError, match="--engine"):
         train(dataset=shop, out=tmp_path / "b", engine="spark", progress=False)
     teacher = SoftTargets(teacher=lambda idx, cands: np.zeros((len(idx), len(cands))))  # type: ignore[arg-type,return-value]
-    with pytest.raises(ConfigError, match="--engine.*distillation"):
+    with pytest.raises(ConfigError, match=r"--engine.*distillation"):
         train(dataset=shop, out=tmp_path / "b", engine="ray", soft_targets=teacher, progress=False)
     assert not (tmp_path / "b").exists()
 
