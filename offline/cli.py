@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from towers.cliargs import default_data_dir, existing_dir, positive_int
+from towers.cliargs import add_redis_url, default_data_dir, existing_dir, positive_int
 from towers.errors import ConfigError
 from towers.index import INDEX_TYPES
 
@@ -89,8 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", help="install a verified bundle into a registry and flip CURRENT")
     p.add_argument("bundle", type=existing_dir)
     p.add_argument("--registry", required=True, type=Path)
-    p.add_argument("--redis", dest="redis_url", default=None,
-                   help="load user embeddings and precomputed recs into this Redis before the flip")
+    add_redis_url(p, flag="--redis", required=False,
+                  help="load user embeddings and precomputed recs into this Redis before the flip")
     p.add_argument("--redis-dtype", default=None, choices=["float32", "float16", "int8"],
                    help="user-embedding encoding in Redis (default: what the bundle declares, else float32)")
     p.set_defaults(func=cmd_publish)
@@ -123,7 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("refresh", help="the nightly loop: consume new events, re-embed (or warm-start train), "
                                        "index, batch-score, gate against CURRENT, publish, acknowledge")
     p.add_argument("--registry", required=True, type=Path)
-    p.add_argument("--redis-url", required=True, help="the Redis the servers write events to (and serve from)")
+    add_redis_url(p, required=True, help="the Redis the servers write events to (and serve from)")
     p.add_argument("--prefix", default="tt", help="the serve config's redis.prefix")
     p.add_argument("--mode", default="embed", choices=["embed", "train"])
     p.add_argument("--engine", default="local", choices=["local", "ray"],
@@ -380,7 +380,7 @@ def register_ab_report(asub: argparse._SubParsersAction) -> None:
     """``twotower ab report`` (added to the ``ab`` group by the CLI front)."""
     p = asub.add_parser("report", help="outcomes per variant: impressions joined with events (CTR, conversion, "
                                        "lift, sample ratio)")
-    p.add_argument("--redis-url", required=True, help="the Redis the servers log to")
+    add_redis_url(p, required=True, help="the Redis the servers log to")
     p.add_argument("--prefix", default="tt", help="the serve config's redis.prefix")
     p.add_argument("--experiment", required=True, help="the experiment's name in the flags file")
     p.add_argument("--flags", type=Path, default=None, help="the flags file: its weights drive the sample-ratio check")

@@ -55,13 +55,14 @@ from offline.loading import read_item_feed, take_rows
 from offline.run_lock import RefreshLock
 from offline.run_steps import RunDir, write_json_atomic
 from towers import bundle as bundle_mod
+from towers import bundle_paths
 from towers import index as faiss_index
 from towers import registry as registry_mod
 from towers.errors import ConfigError, DataError, FeatureStoreError, RegistryError
 from towers.features import FeaturePipeline
 from towers.ranking import RankModel
 from towers.spec import DatasetSpec
-from towers.store_format import Event, RedisKeys, is_cluster_url
+from towers.store_format import Event, RedisKeys, is_cluster_url, redact_url
 
 MODES = ("embed", "train")
 ENGINES = ("local", "ray")
@@ -133,7 +134,8 @@ def refresh(cfg: RefreshConfig, *, resume: Path | None = None, fault: Fault = _n
     lock.acquire()  # before any run directory exists: a refused start leaves nothing behind
     try:
         run = RunDir.open(resume) if resume is not None else RunDir.create(
-            cfg.run_root, params={**{k: str(v) for k, v in asdict(cfg).items()}, "parent": current})
+            cfg.run_root, params={**{k: str(v) for k, v in asdict(cfg).items()}, "parent": current,
+                                  "redis_url": redact_url(cfg.redis_url)})  # run.json is on a shared volume
         parent = str(run.params.get("parent", current))
         if resume is not None:
             for name, flag in (("mode", "--mode"), ("engine", "--engine")):
@@ -663,8 +665,10 @@ def collect_garbage(*, registry: Path, redis_url: str, prefix: str, grace_s: flo
 
         try:
             head = f"{prefix}:v:"  # version ids hold no colon: the id is what follows the head
-            live = {k.decode()[len(head):].split(":", 1)[0]
-                    for k in r.scan_iter(match=f"{head}*:ready*", count=1000)}
+            # Only names that are version ids: GC builds a SCAN pattern from each, and a key
+            # written under another name (``*``, ``[a-z]*``) would match other versions' keys.
+            live = {v for k in r.scan_iter(match=f"{head}*:ready*", count=1000)
+                    if bundle_paths.version_problem(v := k.decode()[len(head):].split(":", 1)[0]) is None}
             for version in (current, *pinned):  # serving again: a later retirement starts afresh
                 retired.pop(str(version), None)
             for version in sorted(live - {current} - pinned):
@@ -678,7 +682,7 @@ def collect_garbage(*, registry: Path, redis_url: str, prefix: str, grace_s: flo
                 deleted.append(version)
                 retired.pop(version, None)
         except (redis.RedisError, OSError) as e:
-            raise FeatureStoreError(f"refresh gc on {redis_url} failed: {type(e).__name__}: {e}") from e
+            raise FeatureStoreError(f"refresh gc on {redact_url(redis_url)} failed: {type(e).__name__}: {e}") from e
     finally:
         r.close()
     write_json_atomic(path, retired)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from online.tls import add_client_tls_flags
+from towers.cliargs import secret_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--registry", type=Path, help="serve CURRENT and hot-swap when it changes (production)")
     what.add_argument("--bundle", type=Path, help="serve this one bundle directory, no registry (one process)")
     store = p.add_mutually_exclusive_group()
-    store.add_argument("--redis-url", default=None, help="use Redis as the feature store")
+    store.add_argument("--redis-url", default=None, help="use Redis as the feature store (or --redis-url-file)")
+    store.add_argument("--redis-url-file", dest="redis_url", type=secret_file, default=None, metavar="FILE",
+                       help="--redis-url's URL from the first line of FILE (keeps a password off the command line)")
     store.add_argument("--feature-store", choices=["memory", "redis"], default=None)
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)

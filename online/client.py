@@ -5,6 +5,7 @@ ready yet) with exponential backoff, and CANCELLED for the read-only Recommend."
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 
@@ -25,7 +26,9 @@ SERVICE_CONFIG = {
             "retryPolicy": {**_BACKOFF, "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]},
         },
         {
-            # RecordEvents appends: retry only what certainly did not reach the store.
+            # RecordEvents is idempotent (an event is stored and logged once by identity, and
+            # record_events stamps times before the first try), so UNAVAILABLE is retried also
+            # when it is a store timeout whose write may have landed.
             "name": [{"service": "twotower.v1.Recommender"}],
             "retryPolicy": {**_BACKOFF, "retryableStatusCodes": ["UNAVAILABLE"]},
         },
@@ -70,8 +73,11 @@ class RecommenderClient:
         return resp
 
     def record_events(self, events: Iterable[tuple[str, str, str, int]], *, timeout: float | None = None) -> int:
-        """``(user_id, item_id, type, timestamp)`` tuples; type is view|click|cart|purchase."""
-        msg = pb.RecordEventsRequest(events=[pb.Event(user_id=u, item_id=i, type=EVENT_TYPES[t], timestamp=ts)
+        """``(user_id, item_id, type, timestamp)`` tuples; type is view|click|cart|purchase.
+        A timestamp of 0 is stamped with this machine's clock before the first try, so the
+        channel's retries send the same events and the server stores and logs each once."""
+        now = int(time.time())
+        msg = pb.RecordEventsRequest(events=[pb.Event(user_id=u, item_id=i, type=EVENT_TYPES[t], timestamp=ts or now)
                                              for u, i, t, ts in events])
         resp: pb.RecordEventsResponse = self.stub.RecordEvents(msg, timeout=timeout or self.timeout)
         return int(resp.accepted)

@@ -14,7 +14,7 @@ import asyncio
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -30,7 +30,6 @@ from towers.store_format import (
     decode_event,
     decode_recs,
     encode_event,
-    event_fields,
     event_scores,
     impression_fields,
     is_cluster_url,
@@ -166,11 +165,13 @@ class InMemoryFeatureStore:
     async def record(self, events: Sequence[Event], *, timeout: float) -> int:
         for e, score in zip(events, event_scores(events), strict=True):
             sess = self._sessions.setdefault(e.user_id, {})
-            sess[encode_event(e)] = (score, e)
+            member = encode_event(e)
+            if member not in sess:  # logged once, however often it is retried (as Redis's RECORD_LUA)
+                self.event_log.append(e)
+            sess[member] = (score, e)
             if len(sess) > self._cap:  # keep the newest session_cap, as ZREMRANGEBYRANK does
                 oldest = min(sess.items(), key=lambda kv: (kv[1][0], kv[0]))[0]
                 del sess[oldest]
-        self.event_log.extend(events)
         return len(events)
 
     async def log_impressions(self, impressions: Sequence[Impression], *, timeout: float) -> None:
@@ -196,13 +197,53 @@ return out
 """
 
 
-def _group_by_user(events: Sequence[Event]) -> dict[str, dict[bytes, float]]:
-    """Per user: encoded event -> its score. An event repeated within a call keeps its last
-    score, as sequential ZADDs would."""
-    out: dict[str, dict[bytes, float]] = {}
+# KEYS[1]: the log stream; KEYS[2..]: the session keys of the call's users.
+# ARGV[1..3]: session TTL (s), session cap, stream cap (0: none); then per event, in call order,
+# 7 values: the KEYS index of its session, member, score, user, item, type, ts; then each
+# event's rid. An event enters the log only when its ZADD adds it to the session: a retried
+# call (the same events with the same scores; clients stamp the time before the first try)
+# logs nothing twice. One call is one command: 10,000 events as a MULTI of 10,000 XADDs took
+# over the 1 s record timeout in client-side packing alone on a loaded 2-core machine. A
+# script is atomic: an acknowledged event is in its session and in the log, or in neither.
+RECORD_LUA = """
+local ttl, cap, maxlen = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local n = (#ARGV - 3) / 8
+for j = 0, n - 1 do
+  local a = 4 + 7 * j
+  local key = KEYS[tonumber(ARGV[a])]
+  if redis.call('ZADD', key, ARGV[a + 2], ARGV[a + 1]) == 1 then
+    local rid = ARGV[4 + 7 * n + j]
+    if maxlen > 0 then
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'user', ARGV[a + 3], 'item', ARGV[a + 4],
+                 'type', ARGV[a + 5], 'ts', ARGV[a + 6], 'rid', rid)
+    else
+      redis.call('XADD', KEYS[1], '*', 'user', ARGV[a + 3], 'item', ARGV[a + 4], 'type', ARGV[a + 5],
+                 'ts', ARGV[a + 6], 'rid', rid)
+    end
+  end
+end
+for k = 2, #KEYS do
+  redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -cap - 1)
+  redis.call('EXPIRE', KEYS[k], ttl)
+end
+return n
+"""
+
+
+def _record_call(keys: RedisKeys, stream: str, events: Sequence[Event], *, ttl: int, cap: int,
+                 maxlen: int) -> tuple[list[str], list[bytes | str | int]]:
+    """RECORD_LUA's keys and arguments for ``events``, all of whose users log to ``stream``."""
+    index: dict[str, int] = {}
+    script_keys: list[str] = [stream]
+    args: list[bytes | str | int] = [ttl, cap, maxlen]
     for e, score in zip(events, event_scores(events), strict=True):
-        out.setdefault(e.user_id, {})[encode_event(e)] = score
-    return out
+        k = index.get(e.user_id)
+        if k is None:
+            script_keys.append(keys.session(e.user_id))
+            k = index[e.user_id] = len(script_keys)
+        args += [k, encode_event(e), repr(score), e.user_id, e.item_id, e.type, e.timestamp]
+    args += [e.request_id for e in events]
+    return script_keys, args
 
 
 def _consume(task: asyncio.Future[object]) -> None:
@@ -230,6 +271,7 @@ class RedisFeatureStore:
             socket_connect_timeout=socket_timeout_s, retry_on_timeout=False,
         )
         self._fetch_script = self._redis.register_script(FETCH_LUA)  # EVALSHA, loaded again after a restart
+        self._record_script = self._redis.register_script(RECORD_LUA)
 
     async def _run(self, what: str, coro_fn: object, timeout: float) -> list[object]:
         import redis
@@ -247,7 +289,10 @@ class RedisFeatureStore:
         if not done:
             task.cancel()
             task.add_done_callback(_consume)
-            raise FeatureStoreTimeout(f"redis {what} timed out after {timeout * 1000:.1f} ms")
+            # Unknown, not "not applied": a write may still land. Recording is idempotent, so
+            # the caller may retry (the client's retry policy does).
+            unknown = "; it may still be applied (retrying is safe)" if what == "record" else ""
+            raise FeatureStoreTimeout(f"redis {what} timed out after {timeout * 1000:.1f} ms{unknown}")
         try:
             return list(task.result())
         except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as e:
@@ -283,36 +328,15 @@ class RedisFeatureStore:
 
         return [decode_recs(r) for r in await self._run("batch recs", go, timeout)]  # type: ignore[arg-type]
 
-    def _queue_session_writes(self, pipe: Any, user_id: str, members: dict[bytes, float]) -> None:
-        """A user's events as three commands, however many there are: one ZADD (idempotent:
-        a retried event is stored once), one trim to the newest ``session_cap``, one EXPIRE.
-        Trimming once after the ZADD keeps the same members as trimming after every event."""
-        key = self.keys.session(user_id)
-        pipe.zadd(key, members)
-        pipe.zremrangebyrank(key, 0, -self._cap - 1)
-        pipe.expire(key, self._ttl)
-
     async def record(self, events: Sequence[Event], *, timeout: float) -> int:
-        by_user = _group_by_user(events)
+        keys, args = _record_call(self.keys, self.keys.events(), events, ttl=self._ttl, cap=self._cap,
+                                  maxlen=self._stream_maxlen)
 
         async def go() -> list[object]:
-            # One MULTI: every user's push/trim/expire land together. Grouped by user, a call
-            # at max_events_per_call is ~3 commands per user rather than 3 per event (10,000
-            # events for 97 users took longer than the 1 s record timeout one per event).
-            pipe = self._redis.pipeline(transaction=True)
-            for user_id, members in by_user.items():
-                self._queue_session_writes(pipe, user_id, members)
-            # ...and in the same MULTI, the durable log: acknowledged means in both, or neither.
-            self._queue_log_writes(pipe, events)
-            return list(await pipe.execute())
+            return [await self._record_script(keys=keys, args=args)]
 
         await self._run("record", go, timeout)
         return len(events)
-
-    def _queue_log_writes(self, pipe: Any, events: Sequence[Event]) -> None:
-        key = self.keys.events()
-        for e in events:
-            pipe.xadd(key, event_fields(e), maxlen=self._stream_maxlen, approximate=True)
 
     async def log_impressions(self, impressions: Sequence[Impression], *, timeout: float) -> None:
         async def go() -> list[object]:
@@ -379,6 +403,7 @@ class RedisClusterFeatureStore(RedisFeatureStore):
             password=c.password, max_connections=max_connections, socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
         )
+        self._record_script = self._redis.register_script(RECORD_LUA)
 
     async def fetch(self, version: str, user_ids: Sequence[str], *, dim: int, n_recent: int,
                     timeout: float) -> list[UserFeatures]:
@@ -403,26 +428,21 @@ class RedisClusterFeatureStore(RedisFeatureStore):
         return [decode_recs(r) for r in await self._run("batch recs", go, timeout)]  # type: ignore[arg-type]
 
     async def record(self, events: Sequence[Event], *, timeout: float) -> int:
-        # One MULTI per log shard: its users' session writes and the XADDs of their events to
-        # the shard's stream, all in one slot (towers.store_format), so an acknowledged event
-        # is in its session and in the log, or in neither. Shards go concurrently, at most
-        # ``max_connections`` at a time; a call is not atomic across shards (a cluster cannot
-        # be), but each shard's part is, and a retried call is idempotent (the session) and
-        # deduplicated by readers (the log).
+        # One script call per log shard: its users' sessions and the shard's stream share one
+        # slot (towers.store_format), so an acknowledged event is in its session and in the log,
+        # or in neither. Shards go concurrently, at most ``max_connections`` at a time; a call is
+        # not atomic across shards (a cluster cannot be), but each shard's part is, and a
+        # retried call stores and logs each event once.
         by_shard: dict[int, list[Event]] = {}
         for e in events:
             by_shard.setdefault(log_shard(e.user_id), []).append(e)
         gate = asyncio.Semaphore(self._max_connections)
 
-        async def one(shard: int, part: list[Event]) -> list[object]:
+        async def one(shard: int, part: list[Event]) -> object:
+            keys, args = _record_call(self.keys, self.keys.events(shard), part, ttl=self._ttl, cap=self._cap,
+                                      maxlen=self._shard_maxlen)
             async with gate:
-                pipe = self._redis.pipeline(transaction=True)
-                for user_id, members in _group_by_user(part).items():
-                    self._queue_session_writes(pipe, user_id, members)
-                for e in part:
-                    pipe.xadd(self.keys.events(shard), event_fields(e),  # type: ignore[arg-type]
-                              maxlen=self._shard_maxlen, approximate=True)
-                return list(await pipe.execute())
+                return await self._record_script(keys=keys, args=args)
 
         async def go() -> list[object]:
             tasks = [asyncio.ensure_future(one(s, part)) for s, part in by_shard.items()]

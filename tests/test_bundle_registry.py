@@ -212,3 +212,46 @@ def test_concurrent_publishers_do_not_break_each_others_copies(synth_bundle_fact
     assert registry_mod.versions(reg) == want
     for v in want:
         bundle_mod.verify(reg / v)
+
+
+@pytest.mark.parametrize("version", ["*", "../x", "v1", "v20260101T000000-*", "v20260101T000000-abcdef/..", ""])
+def test_a_manifest_version_that_is_not_a_version_id_is_refused(synth_bundle: Path, tmp_path: Path,
+                                                                version: str) -> None:
+    """A version names a registry directory and a Redis key prefix: ``../x`` would copy the
+    bundle out of the registry, ``*`` would match every version's keys in GC's SCAN."""
+    man = json.loads((synth_bundle / "manifest.json").read_text())
+    man["version"] = version
+    (synth_bundle / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BundleError, match="is not a version id"):
+        bundle_mod.verify(synth_bundle)
+    with pytest.raises(BundleError, match="is not a version id"):
+        registry_mod.publish(synth_bundle, tmp_path / "reg")
+    assert not (tmp_path / "x").exists() and not registry_mod.versions(tmp_path / "reg")
+
+
+def test_current_naming_a_glob_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "CURRENT").write_text("*\n")
+    with pytest.raises(RegistryError, match="is not a version id"):
+        registry_mod.current_version(tmp_path)
+
+
+def test_gc_deletes_only_the_keys_of_version_ids_it_listed(synth_bundle: Path, tmp_path: Path, redis_proc) -> None:  # type: ignore[no-untyped-def]
+    import redis
+
+    from offline.refresh import collect_garbage
+    from towers.redis_load import load_bundle_into_redis
+    from towers.store_format import RedisKeys
+
+    reg = tmp_path / "reg"
+    version = registry_mod.publish(synth_bundle, reg)
+    load_bundle_into_redis(synth_bundle, redis_url=redis_proc.url, prefix="gc", progress=False)
+    r = redis.Redis(port=redis_proc.port)
+    keys = RedisKeys("gc")
+    r.set(keys.ready("*"), 1)  # written by hand or by an old bug: a name GC must not glob with
+    r.set(keys.ready("v20200101T000000-0000aaaa"), 1)  # a retired version id
+    r.set(keys.user_embedding("v20200101T000000-0000aaaa", "u1"), b"x")
+    n_current = len(r.keys(f"gc:v:{version}:*"))
+    assert collect_garbage(registry=reg, redis_url=redis_proc.url, prefix="gc", grace_s=0) == [
+        "v20200101T000000-0000aaaa"]
+    assert len(r.keys(f"gc:v:{version}:*")) == n_current > 0  # CURRENT's keys untouched
+    assert r.get(keys.ready("*")) is not None and r.get(keys.user_embedding("v20200101T000000-0000aaaa", "u1")) is None

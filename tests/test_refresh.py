@@ -446,3 +446,34 @@ def test_a_shop_refresh_follows_its_spec_events_weights_and_repeat_policy(tmp_pa
         again += len(history & {new.item_ids[x] for x in np.asarray(new.recs_items)[new.features.user_vocab.known(u)]
                                 .tolist() if x >= 0})
     assert again > 0
+
+
+def test_a_redis_password_reaches_no_file_and_no_error_message(tmp_path: Path, world: World, redis_proc: Any,
+                                                               capfd: pytest.CaptureFixture[str]) -> None:
+    """Issue 22 item 5: a refresh against ``redis://u:SECRET@...`` that fails at publish (its
+    keys refused by an ACL) and, resumed, at GC leaves no ``SECRET`` in the registry, the run
+    directory, the interaction store, the errors or the output."""
+    admin = redis.Redis(port=redis_proc.port)
+    admin.acl_setuser("u", enabled=True, passwords=["+SECRET"], keys=["*"], channels=["*"], commands=["+@all"])
+    url = f"redis://u:SECRET@127.0.0.1:{redis_proc.port}/0"
+    s = Setup(tmp_path, world, url, "sec")
+    s.send(world.events[:150])
+
+    def deny_version_keys(point: str, at: str) -> None:
+        if point == at:  # the lock and the event log stay writable; the version keys do not
+            admin.acl_setuser("u", enabled=True, reset_keys=True, keys=["~sec:refresh:*", "~sec:events*"])
+
+    with pytest.raises(FeatureStoreError) as publish_failed:
+        refresh(s.cfg, fault=lambda p: deny_version_keys(p, "after:evaluate"), progress=True)
+    admin.acl_setuser("u", enabled=True, reset_keys=True, keys=["*"])
+    (run,) = list(s.cfg.run_root.iterdir())
+    with pytest.raises(FeatureStoreError) as gc_failed:  # the base version's keys, past their grace
+        refresh(s.cfg, resume=run, fault=lambda p: deny_version_keys(p, "after:ack"), progress=True)
+    for err in (publish_failed.value, gc_failed.value):  # each names the Redis it failed on
+        assert "SECRET" not in str(err) and f"redis://u:***@127.0.0.1:{redis_proc.port}" in str(err), str(err)
+    assert json.loads((run / "run.json").read_text())["params"]["redis_url"] == \
+        f"redis://u:***@127.0.0.1:{redis_proc.port}/0"
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and b"SECRET" in p.read_bytes()]
+    assert leaked == []
+    out, err = capfd.readouterr()
+    assert "SECRET" not in out + err

@@ -159,6 +159,8 @@ def write_bundle(out: Path, files: Mapping[str, Any], manifest: dict[str, Any]) 
     content.update(json.dumps(manifest.get("seed_tag", ""), sort_keys=True).encode())
     now = _dt.datetime.now(_dt.timezone.utc)
     version = manifest.get("version") or f"v{now:%Y%m%dT%H%M%S}-{content.hexdigest()[:10]}"
+    if (bad := bundle_paths.version_problem(version)) is not None:
+        raise BundleError(f"cannot write bundle: {bad}")
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -262,6 +264,8 @@ def verify(path: Path, *, checksums: bool = True) -> dict[str, Any]:
     """
     man = read_manifest(path)
     problems: list[str] = []
+    if (bad := bundle_paths.version_problem(man.get("version"))) is not None:  # names a registry dir
+        problems.append(bad)
     files: dict[str, Any] = man.get("files", {})
     for name in REQUIRED:
         if name not in files:

@@ -13,7 +13,21 @@ version ``CURRENT`` names.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
+
+# A version id: ``v<UTC time>-<content hash prefix>`` (towers.bundle writes 10 hex digits). One
+# fixed pattern, checked at write, verify (so load and publish), CURRENT, flags and Redis GC: a
+# manifest's ``version`` names a registry directory and a Redis key prefix, so ``../x`` would
+# copy a bundle out of the registry and ``*`` would match every version's keys in a SCAN.
+VERSION_RE = re.compile(r"v\d{8}T\d{6}-[0-9a-f]{1,64}")
+
+
+def version_problem(version: object) -> str | None:
+    """Why ``version`` is not a version id, or ``None`` when it is one."""
+    if isinstance(version, str) and VERSION_RE.fullmatch(version):
+        return None
+    return f"version {str(version)[:80]!r} is not a version id (v<yyyymmdd>T<hhmmss>-<hex>)"
 
 
 def name_problem(name: object, *, what: str = "file name") -> str | None:

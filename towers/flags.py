@@ -40,7 +40,6 @@ Decisions (each one is checked here or in ``towers.assign``):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -50,13 +49,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from towers.bundle_paths import VERSION_RE
 from towers.errors import ConfigError
 
 N_BUCKETS = 10_000
 CURRENT = "CURRENT"
 WEIGHT_TOLERANCE = 1e-6
-# The registry's ids: ``v<UTC time>-<content hash prefix>`` (towers.bundle writes 10 hex digits).
-VERSION_RE = re.compile(r"v\d{8}T\d{6}-[0-9a-f]+")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # names end up in metric labels
 RUNGS = ("full", "no_session", "batch", "popularity")
 Status = Literal["running", "paused", "stopped"]

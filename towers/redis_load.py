@@ -20,6 +20,7 @@ from towers.store_format import (
     encode_recs,
     is_cluster_url,
     parse_cluster_url,
+    redact_url,
 )
 
 
@@ -88,7 +89,8 @@ def load_bundle_into_redis(bundle_dir: Path, *, redis_url: str, prefix: str = "t
             pipe.execute()
         r.set(keys.ready(b.version), len(users))
     except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as e:
-        raise FeatureStoreError(f"loading {b.version} into {redis_url} failed: {type(e).__name__}: {e}") from e
+        raise FeatureStoreError(f"loading {b.version} into {redact_url(redis_url)} failed: "
+                                f"{type(e).__name__}: {e}") from e
     finally:
         if r is not None:
             r.close()

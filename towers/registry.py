@@ -65,7 +65,7 @@ def current_version(registry: Path) -> str | None:
         return None
     except OSError as e:
         raise RegistryError(f"{registry / POINTER}: unreadable ({e.strerror})") from e
-    if text and (bad := bundle_paths.name_problem(text, what="version")) is not None:  # ../elsewhere, /abs
+    if text and (bad := bundle_paths.version_problem(text)) is not None:  # ../elsewhere, /abs, *
         raise RegistryError(f"{registry / POINTER}: {bad}")
     return text or None
 

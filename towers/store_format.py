@@ -43,6 +43,7 @@ decoded with the wrong scale.
 
 from __future__ import annotations
 
+import re
 import threading
 import zlib
 from collections.abc import Mapping, Sequence
@@ -147,6 +148,16 @@ class ClusterURL:
     password: str | None = None
 
 
+_USERINFO = re.compile(r"(?P<head>://(?P<user>[^:@/]*)):[^/]*@")  # greedy: a raw "@" in the password
+_QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|pass|pwd)=)[^&]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (``redis://user:***@host``, also in a
+    ``?password=`` option): what a file, a log line, an exception or a status may show."""
+    return _QUERY_SECRET.sub(r"\g<key>***", _USERINFO.sub(r"\g<head>:***@", url, count=1))
+
+
 def is_cluster_url(url: str) -> bool:
     return url.partition("://")[0].lower() in CLUSTER_SCHEMES
 
@@ -157,10 +168,10 @@ def parse_cluster_url(url: str) -> ClusterURL:
 
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in CLUSTER_SCHEMES:
-        raise FeatureStoreError(f"{url!r} is not a redis+cluster:// or rediss+cluster:// URL")
+        raise FeatureStoreError(f"{redact_url(url)!r} is not a redis+cluster:// or rediss+cluster:// URL")
     netloc, _, path = rest.partition("/")
     if path.split("?")[0] not in ("", "0") or "?" in rest:
-        raise FeatureStoreError(f"{url!r}: a cluster has only database 0 and takes no options in the URL")
+        raise FeatureStoreError(f"{redact_url(url)!r}: a cluster has only database 0 and takes no options in the URL")
     userinfo, _, hosts = netloc.rpartition("@")
     username = password = None
     if userinfo:
@@ -175,7 +186,7 @@ def parse_cluster_url(url: str) -> ClusterURL:
         elif ":" in part:
             host, _, port = part.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise FeatureStoreError(f"{url!r}: bad node {part!r} (expected host:port)")
+            raise FeatureStoreError(f"{redact_url(url)!r}: bad node {part!r} (expected host:port)")
         nodes.append((host, int(port)))
     return ClusterURL(tuple(nodes), CLUSTER_SCHEMES[scheme.lower()], username, password)
 
