@@ -97,7 +97,7 @@ def run_corrupt(workdir: Path, duration: float, rate: float) -> dict[str, Any]:
 
     (first, version), = _versions(workdir, 1)
     reg = _fresh_registry(workdir, first)
-    bad = reg / "v-corrupt"
+    bad = reg / "v20000101T000000-badbad"
     shutil.copytree(first, bad)
     data = bytearray((bad / "index.faiss").read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -106,7 +106,7 @@ def run_corrupt(workdir: Path, duration: float, rate: float) -> dict[str, Any]:
         run = LoadRun(_spec(target, duration, rate))
         start = time.time() + 1.0
         time.sleep(max(0.0, start + duration / 3 - time.time()))
-        registry_mod.set_current(reg, "v-corrupt")
+        registry_mod.set_current(reg, "v20000101T000000-badbad")
         events = [("CURRENT -> corrupt bundle", time.time())]
         res = run.result()
     return _report("corrupt", res, events, start, serving_version=version,

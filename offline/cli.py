@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from towers.cliargs import add_redis_url, default_data_dir, existing_dir, positive_int
 from towers.errors import ConfigError
 from towers.index import INDEX_TYPES
+
+# refresh ran, but the event log had lost entries before it read them (its byte cap trimmed them)
+EXIT_EVENTS_LOST = 3
 
 DATASET_HELP = ("ml-100k | a dataset spec (SPEC.yaml) | a directory of RecBole atomic files (NAME.inter, .item, "
                 ".user) | a GroupLens directory | synthetic:UxI[:SEED]")
@@ -341,7 +345,12 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         return report
 
     if args.schedule is None:
-        once()
+        report = once()
+        read: dict[str, Any] = next((st["result"] for st in report["steps"] if st["name"] == "read"), {})
+        if read.get("lost", 0) != 0:  # None (unknown) counts as a loss
+            print(f"refresh: event log entries were lost before this run read them: {read.get('lost')} "
+                  "(see the read step in the report)", file=sys.stderr)
+            return EXIT_EVENTS_LOST
         return 0
     import signal
     import threading

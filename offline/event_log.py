@@ -7,6 +7,11 @@ reads the same entries again. The log is at least once (a timed-out RecordEvents
 still land, and its retry lands again), so readers drop repeats by event identity (user,
 item, type, timestamp). An entry that does not parse goes to the dead-letter stream with the
 reason and is acknowledged: one bad entry never stops a consumer.
+
+Consumers trim the log (``trim_acknowledged``, after their ack): only below what every
+group still needs. Only the server's byte cap can drop unread entries; a reader finds out
+exactly how many (``lost_undelivered`` before reading, ``ReadBatch.lost`` for delivered
+entries that came back empty) and reports them.
 """
 
 from __future__ import annotations
@@ -25,12 +30,25 @@ from towers.store_format import (
     is_cluster_url,
 )
 
+REFRESH_GROUP = "refresh"  # the nightly refresh's consumer group (publish --redis creates it)
+
 
 @dataclass(frozen=True)
 class ReadBatch:
     ids: list[str]  # stream entry ids to acknowledge once the events are used
     events: list[Event]  # parsed, repeats (same identity) dropped
     dead: int  # entries moved to the dead letters
+    lost: int = 0  # delivered entries the log's byte cap trimmed before they were acknowledged
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _id(raw: Any) -> tuple[int, int]:
+    """A stream entry id as (ms, seq), comparable."""
+    ms, _, seq = _text(raw).partition("-")
+    return int(ms), int(seq or 0)
 
 
 @dataclass
@@ -39,6 +57,7 @@ class _Collect:
     events: list[Event] = field(default_factory=list)
     seen: set[Event] = field(default_factory=set)
     dead: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
 
 
 class EventLog:
@@ -101,9 +120,9 @@ class EventLog:
             if left <= 0:
                 break
             self._take(out, shard, stream, self._xreadgroup(group, consumer, stream, ">", left))
-        if out.dead:
-            self.ack(group=group, ids=out.dead)
-        return ReadBatch(out.ids, out.events, len(out.dead))
+        if out.dead or out.lost:  # nothing more can come of them: off the pending list
+            self.ack(group=group, ids=out.dead + out.lost)
+        return ReadBatch(out.ids, out.events, len(out.dead), len(out.lost))
 
     def _xreadgroup(self, group: str, consumer: str, stream: str, start: str, count: int) -> list[Any]:
         reply = self._call("xreadgroup", self._redis.xreadgroup, group, consumer, {stream: start}, count=count)
@@ -112,6 +131,9 @@ class EventLog:
     def _take(self, out: _Collect, shard: int, stream: str, entries: list[Any]) -> None:
         for raw_id, fields in entries:
             entry_id = self._entry_id(shard, raw_id)
+            if not fields:  # a pending entry the byte cap trimmed: its id is all that is left
+                out.lost.append(entry_id)
+                continue
             try:
                 e = decode_event_fields(fields)
             except ValueError as err:
@@ -137,6 +159,72 @@ class EventLog:
     def ack(self, *, group: str, ids: list[str]) -> int:
         return sum(int(self._call("xack", self._redis.xack, stream, group, *part))
                    for stream, part in self._by_stream(ids).items())
+
+    def lost_undelivered(self, *, group: str) -> int | None:
+        """Entries trimmed from the log before ``group`` was delivered them (the byte cap's
+        doing: consumers trim only what every group acknowledged). Measure before reading: a
+        gap shows as the group's last delivered id older than the stream's first entry. None
+        when Redis cannot tell (a group without a known read counter)."""
+        import redis
+
+        lost = 0
+        for stream in self._streams:
+            try:
+                info = self._redis.xinfo_stream(stream)
+                groups = self._redis.xinfo_groups(stream)
+            except redis.ResponseError:  # no such stream yet: nothing was written, nothing lost
+                continue
+            except self._errors as e:
+                raise FeatureStoreError(f"redis xinfo failed: {type(e).__name__}: {e}") from e
+            g = next((g for g in groups if _text(g["name"]) == group), None)
+            if g is None:
+                continue
+            first = info.get("first-entry")
+            if first and _id(first[0]) <= _id(g["last-delivered-id"]):
+                continue  # trimming goes oldest first: nothing after the delivered point is gone
+            present = int(info["length"]) if first else 0
+            if g.get("entries-read") is not None and g.get("lag") is not None:
+                # lag: entries added after the group's last delivered one; present: those still here
+                lost += int(g["lag"]) - present
+            elif _id(g["last-delivered-id"]) == (0, 0):
+                # A group that never read: Redis then reports lag = length, blind to a trimmed
+                # head. Every entry added is one it needed (publish creates the group with the
+                # stream, so nothing was added before it existed).
+                lost += int(info["entries-added"]) - present
+            else:
+                return None
+        return lost
+
+    def overflow_total(self) -> int:
+        """Entries the server's byte cap has trimmed unread, ever (``{stream}:overflow``)."""
+        return sum(int(self._call("get", self._redis.get, self.keys.overflow(s)) or 0) for s in self._streams)
+
+    def trim_acknowledged(self) -> int:
+        """``XTRIM MINID`` each stream to the oldest entry some consumer group still needs (its
+        oldest pending entry, else the one after its last delivered); returns entries removed.
+        A stream with no group is left to its byte cap: nobody has said what it needs."""
+        import redis
+
+        removed = 0
+        for stream in self._streams:
+            try:
+                groups = self._redis.xinfo_groups(stream)
+            except redis.ResponseError:  # no such stream
+                continue
+            except self._errors as e:
+                raise FeatureStoreError(f"redis xinfo failed: {type(e).__name__}: {e}") from e
+            need = []
+            for g in groups:
+                if int(g["pending"]):
+                    need.append(_id(self._call("xpending", self._redis.xpending, stream, _text(g["name"]))["min"]))
+                else:
+                    ms, seq = _id(g["last-delivered-id"])
+                    need.append((ms, seq + 1))
+            if need:
+                ms, seq = min(need)
+                removed += int(self._call("xtrim", self._redis.xtrim, stream, minid=f"{ms}-{seq}",
+                                          approximate=False))
+        return removed
 
     def pending_count(self, *, group: str) -> int:
         return sum(int(self._call("xpending", self._redis.xpending, stream, group)["pending"])

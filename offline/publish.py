@@ -14,14 +14,23 @@ def publish(bundle_dir: Path, *, registry: Path, redis_url: str | None = None,
             redis_prefix: str = "tt", expect_current: Collection[str | None] | None = None) -> str:
     """Copy + verify (and gate: ``towers.registry.quality_gate``) into the registry; with
     ``redis_url``, load the version's user embeddings (``redis_dtype``, default the bundle's
-    declared dtype) and precomputed recs into Redis before the pointer flips."""
+    declared dtype) and precomputed recs into Redis before the pointer flips. The refresh's
+    consumer group is created on the event log then too (if missing), so that everything
+    logged from the first served event on is tracked: entries trimmed before a group existed
+    could not be told apart from entries nobody needed."""
     before = None
     if redis_url is not None:
+        from offline.event_log import REFRESH_GROUP, EventLog
         from towers.redis_load import load_bundle_into_redis
 
         def before(version: str) -> None:
             load_bundle_into_redis(registry / version, redis_url=redis_url, dtype=redis_dtype, prefix=redis_prefix,
                                    progress=False)
+            log = EventLog(redis_url=redis_url, prefix=redis_prefix)
+            try:
+                log.ensure_group(REFRESH_GROUP)
+            finally:
+                log.close()
 
     kwargs = {"fault": fault} if fault is not None else {}
     return registry_mod.publish(bundle_dir, registry, before_switch=before, expect_current=expect_current, **kwargs)

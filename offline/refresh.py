@@ -49,7 +49,7 @@ import numpy as np
 
 from offline.datasets import Interactions
 from offline.evaluate import EvalSet, model_ranks
-from offline.event_log import EventLog
+from offline.event_log import REFRESH_GROUP, EventLog
 from offline.interactions import InteractionRows, InteractionStore
 from offline.loading import read_item_feed, take_rows
 from offline.run_lock import RefreshLock
@@ -81,7 +81,7 @@ class RefreshConfig:
     mode: str = "embed"  # embed | train (see the module docstring)
     engine: str = "local"
     prefix: str = "tt"  # Redis key prefix (the server's)
-    group: str = "refresh"  # consumer group on the event stream
+    group: str = REFRESH_GROUP  # consumer group on the event stream
     consumer: str = "refresh"  # one name: a later run finds a crashed run's pending entries
     holdout_s: int = 86_400  # the gate's window: the newest events within this many seconds
     max_drop: float = 0.01  # gate: refuse a candidate measurably worse than CURRENT by more (see evaluate)
@@ -201,9 +201,11 @@ class _Job:
         ev = self._events_log()
         try:
             ev.ensure_group(self.cfg.group)
+            # Before reading: reading past a gap moves the group's delivered point over it.
+            lost_new = ev.lost_undelivered(group=self.cfg.group)
             # A crashed or refused run's delivered-unacknowledged entries (read whole), then new ones.
             batch = ev.read(group=self.cfg.group, consumer=self.cfg.consumer, pending=True)
-            ids, events, dead = list(batch.ids), list(batch.events), batch.dead
+            ids, events, dead, lost_pending = list(batch.ids), list(batch.events), batch.dead, batch.lost
             while True:
                 batch = ev.read(group=self.cfg.group, consumer=self.cfg.consumer)
                 dead += batch.dead
@@ -211,12 +213,20 @@ class _Job:
                     break
                 ids += batch.ids
                 events += batch.events
+            overflow = ev.overflow_total()
         finally:
             ev.close()
         unique = list(dict.fromkeys(events))  # identity repeats across reads
         write_json_atomic(self.run.path / "events.json", {
             "ids": ids, "events": [[e.user_id, e.item_id, e.type, e.timestamp] for e in unique]})
-        return {"entries": len(ids), "events": len(unique), "dead": dead}
+        lost = None if lost_new is None else lost_new + lost_pending
+        if lost != 0:
+            self.log(f"refresh: EVENTS LOST: {'an unknown number of' if lost is None else f'{lost:,}'} event log "
+                     f"entries were trimmed by the log's byte cap before this consumer read them "
+                     f"({lost_pending:,} of them delivered to an earlier run and never acknowledged); "
+                     f"the cap has trimmed {overflow:,} unread entries in all (redis.events_max_bytes)")
+        return {"entries": len(ids), "events": len(unique), "dead": dead, "lost": lost,
+                "lost_pending": lost_pending, "overflow_total": overflow}
 
     def _read_events(self) -> InteractionRows:
         data = json.loads((self.run.path / "events.json").read_text())
@@ -532,9 +542,10 @@ class _Job:
             n = 0
             for lo in range(0, len(ids), 10_000):
                 n += ev.ack(group=self.cfg.group, ids=ids[lo:lo + 10_000])
+            trimmed = ev.trim_acknowledged()  # the log shrinks only here: below what every group acked
         finally:
             ev.close()
-        return {"acked": n, "entries": len(ids)}
+        return {"acked": n, "entries": len(ids), "trimmed": trimmed}
 
     def gc(self) -> dict[str, Any]:
         return {"deleted": collect_garbage(registry=self.cfg.registry, redis_url=self.cfg.redis_url,

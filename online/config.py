@@ -39,7 +39,10 @@ class RedisConfig:
     socket_timeout_ms: float = 200.0  # hard ceiling; each call also gets the remaining budget
     session_ttl_s: int = 7 * 24 * 3600
     session_cap: int = 100  # events kept per user
-    stream_maxlen: int = 10_000_000  # event and impression logs: XADD MAXLEN ~ (towers.store_format)
+    stream_maxlen: int = 10_000_000  # the impression log: XADD MAXLEN ~ (towers.store_format)
+    # The event log's safety cap per stream, in bytes (0: none). Consumers trim what they have
+    # acknowledged; past this the oldest entries go unread, counted (towers.store_format).
+    events_max_bytes: int = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,8 @@ class ServeConfig:
             ("transport", self.transport in ("aio", "sync"), "must be 'aio' or 'sync'"),
             ("impression_sample_rate", 0.0 <= self.impression_sample_rate <= 1.0, "must be in [0, 1]"),
             ("redis.stream_maxlen", self.redis.stream_maxlen >= 1, "must be >= 1"),
+            ("redis.events_max_bytes", self.redis.events_max_bytes == 0 or self.redis.events_max_bytes >= 1 << 16,
+             "must be 0 (no cap) or >= 65536"),
             ("sync_threads", self.sync_threads >= 1, "must be >= 1"),
             ("max_resident_mb", self.max_resident_mb >= 0, "must be >= 0 (0: no limit)"),
             ("max_shadow_inflight", self.max_shadow_inflight >= 0, "must be >= 0 (0: shadows never run)"),

@@ -91,7 +91,11 @@ class RegistryWatcher:
         from the last rejected one, so a corrupt bundle is not retried every poll)."""
         try:
             version = registry_mod.current_version(self.registry)
-        except TwoTowerError as e:
+        except TwoTowerError as e:  # unreadable, or not a version id: a rejected candidate too
+            if str(e) != self.state.last_error:  # counted once per bad pointer, not once per poll
+                self.state.rejected += 1
+                self.service.metrics.rejected()
+                log.error("CURRENT refused, still serving %s: %s", self.state.version or "nothing", e)
             self.state.last_error = str(e)
             return False
         if version is None or version == self.state.version:

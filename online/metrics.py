@@ -158,6 +158,8 @@ class ServingMetrics:
                 self._store_errors.labels(op, kind)
         self._rpc_errors = Counter(f"{PREFIX}rpc_errors", "RPCs answered with an error status.", ["code"],
                                    registry=r)
+        self._overflow = Counter(f"{PREFIX}event_log_overflow_entries", "Event log entries no consumer had "
+                                 "acknowledged, trimmed by the log's byte cap (redis.events_max_bytes).", registry=r)
         self._swaps = Counter(f"{PREFIX}model_swaps", "Bundle versions installed (the first load included).",
                               registry=r)
         self._rejected = Counter(f"{PREFIX}model_rejected", "Candidate versions rejected (load, verify, feature "
@@ -286,6 +288,12 @@ class ServingMetrics:
         from towers.errors import FeatureStoreTimeout
 
         self._store_errors.labels(op, "timeout" if isinstance(error, FeatureStoreTimeout) else "error").inc()
+
+    def event_log_overflow(self, entries: int) -> None:
+        """The event log's safety cap trimmed ``entries`` no consumer had acknowledged."""
+        self._overflow.inc(entries)
+        log.error("event log over its byte cap (redis.events_max_bytes): %d unconsumed entries trimmed; "
+                   "is the nightly refresh running?", entries)
 
     def rpc_failed(self, code: Any) -> None:
         """``code``: a ``grpc.StatusCode`` (its name is the label)."""

@@ -201,10 +201,13 @@ class RecommendService:
                               "(serve with --redis-url)")
         # Acknowledged means stored: a store failure here is an error to the caller, not a silent drop.
         try:
-            return await self.store.record(events, timeout=self.cfg.redis.socket_timeout_ms / 1000.0 * 5)
+            trimmed = await self.store.record(events, timeout=self.cfg.redis.socket_timeout_ms / 1000.0 * 5)
         except FeatureStoreError as e:
             self.metrics.store_failed("record", e)
             raise
+        if trimmed:  # the consumers stopped and the log hit its byte cap: never silent
+            self.metrics.event_log_overflow(trimmed)
+        return len(events)
 
     # -- the batch handler ----------------------------------------------------
     async def _handle(self, reqs: Sequence[RecRequest], queue_s: Sequence[float]) -> list[RecResult | BaseException]:

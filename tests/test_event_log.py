@@ -43,8 +43,8 @@ def test_acknowledged_events_are_in_the_session_and_the_stream(logged_server) ->
     assert [(f[b"user"], f[b"item"], f[b"type"], f[b"ts"]) for _, f in entries] == [
         (b"7", b"50", b"click", b"100"), (b"8", b"181", b"cart", b"101"), (b"7", b"1", b"view", b"102")]
     assert {m.split(b"\t")[0] for m in r.zrange(keys.session("7"), 0, -1)} == {b"50", b"1"}
-    # The stream is capped with approximate trimming (MAXLEN ~), not left to grow without bound.
-    assert srv.cfg.redis.stream_maxlen == 10_000_000
+    # Trimmed by its consumers; a byte cap (not an entry count) bounds it if they stop.
+    assert srv.cfg.redis.events_max_bytes == 1 << 30
 
 
 def test_served_responses_are_sampled_into_the_impression_log(logged_server) -> None:  # type: ignore[no-untyped-def]

@@ -88,18 +88,18 @@ def test_three_versions_published_under_load_and_a_corrupt_one_rejected(tmp_path
 
         # A corrupt version lands in the registry (a bad disk, a hand edit): rejected, v3 serves on.
         last_path, last_version, _ = versions[-1]
-        bad = reg / "v-corrupt"
+        bad = reg / "v20000101T000000-badbad"
         import shutil
 
         shutil.copytree(last_path, bad)
         data = bytearray((bad / "item_embeddings.npy").read_bytes())
         data[-3] ^= 0xFF
         (bad / "item_embeddings.npy").write_bytes(bytes(data))
-        registry_mod.set_current(reg, "v-corrupt")
+        registry_mod.set_current(reg, "v20000101T000000-badbad")
         wait_until(lambda: admin_status(admin).rejected == 1)
         st = admin_status(admin)
         assert st.version == last_version and st.state == "serving"
-        assert "sha256 mismatch" in st.last_error and st.candidate == "v-corrupt"
+        assert "sha256 mismatch" in st.last_error and st.candidate == "v20000101T000000-badbad"
         n = len(load.responses)
         wait_until(lambda: len(load.responses) > n + 20)
         with grpc.insecure_channel(admin) as ch:

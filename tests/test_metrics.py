@@ -224,7 +224,7 @@ def test_a_server_exports_its_traffic(metered: tuple[ServerThread, str], registr
     assert srv.running.service.requests_served == 11
 
     # A CURRENT naming a version that is not there: rejected, the old version serves on.
-    (registry / "CURRENT").write_text("v-missing\n")
+    (registry / "CURRENT").write_text("v20200101T000000-0000\n")
     try:
         assert srv.call(srv.running.watcher.check(force=True)) is False  # type: ignore[union-attr]
     finally:

@@ -477,3 +477,32 @@ def test_a_redis_password_reaches_no_file_and_no_error_message(tmp_path: Path, w
     assert leaked == []
     out, err = capfd.readouterr()
     assert "SECRET" not in out + err
+
+
+def test_entries_the_byte_cap_trimmed_unread_are_reported_and_fail_the_exit_status(
+        setup: Setup, capfd: pytest.CaptureFixture[str]) -> None:
+    """Issue 22 item 1: the server's byte cap trimmed 30 entries before the refresh read them
+    (simulated here with the same XTRIM and counter the record script uses); the run still
+    publishes what it has, reports the 30 in its read step, and exits with status 3. After its
+    ack the log is trimmed to what the group still needs: nothing."""
+    from twotower.cli import main
+
+    s, w = setup, setup.world
+    s.send(w.events[:200])
+    stream = s.keys.events()
+    assert s.r.xtrim(stream, maxlen=170, approximate=False) == 30
+    s.r.incrby(RedisKeys.overflow(stream), 30)
+    rc = main(["refresh", "--registry", str(s.registry), "--redis-url", s.url, "--prefix", s.prefix,
+               "--run-dir", str(s.cfg.run_root), "--store", str(s.cfg.store_root), "--data-dir", str(s.cfg.data_dir),
+               "--no-gate", "--grace-s", "0", "--json"])
+    out, err = capfd.readouterr()
+    report = json.loads(out.strip().splitlines()[-1])
+    steps = {st["name"]: st["result"] for st in report["steps"]}
+    assert rc == 3 and "were lost before this run read them: 30" in err
+    assert (steps["read"]["lost"], steps["read"]["lost_pending"], steps["read"]["overflow_total"]) == (30, 0, 30)
+    assert steps["read"]["entries"] == 170 and steps["publish"]["published"]
+    assert steps["ack"]["trimmed"] == 170 and s.r.xlen(stream) == 0
+    s.send(w.events[200:210])
+    assert main(["refresh", "--registry", str(s.registry), "--redis-url", s.url, "--prefix", s.prefix,
+                 "--run-dir", str(s.cfg.run_root), "--store", str(s.cfg.store_root), "--data-dir",
+                 str(s.cfg.data_dir), "--no-gate", "--grace-s", "0", "--json"]) == 0  # no new loss

@@ -88,6 +88,8 @@ def versions(registry: Path) -> list[str]:
 
 
 def set_current(registry: Path, version: str, *, fault: FaultHook = _noop) -> None:
+    if (bad := bundle_paths.version_problem(version)) is not None:
+        raise RegistryError(f"{registry}: {bad}")
     if not (registry / version).is_dir():
         raise RegistryError(f"{registry}: no version {version}")
     fault("before_pointer")

@@ -126,6 +126,11 @@ class RedisKeys:
     def dead_letters(self) -> str:
         return f"{self.prefix}:events:dead"
 
+    @staticmethod
+    def overflow(stream: str) -> str:
+        """Entries the safety cap trimmed from ``stream`` unread (a counter in its slot)."""
+        return f"{stream}:overflow"
+
 
 LOG_SHARDS = 256  # a cluster's event log: streams, each in the slot of its users' keys
 
@@ -204,18 +209,28 @@ def event_scores(events: Sequence[Event]) -> list[float]:
 # -- Event log -----------------------------------------------------------------------------
 #
 # Every event RecordEvents accepts is appended to ``{p}:events`` (a cluster: the user's shard
-# stream ``{p}:events:{logS}``) in the same MULTI/EXEC as the session update, so an
-# acknowledged event is in both or in neither. Entry
-# fields: user, item, type, ts (unix s), rid (the impression's request id, may be empty).
+# stream ``{p}:events:{logS}``) in the same script call as the session update, so an
+# acknowledged event is in both or in neither, and once (online/feature_store.py RECORD_LUA).
+# Entry fields: user, item, type, ts (unix s), rid (the impression's request id, may be empty).
+#
+# The event log is trimmed only below what every consumer group has acknowledged: the
+# refresh, after its ack, runs ``XTRIM MINID`` to the oldest entry some group still needs (its
+# oldest pending entry, else the one after its last delivered) (offline/event_log.py). A
+# consumer that stops for days must not take Redis down with it, so the server also holds a
+# hard safety cap in *bytes* per stream (``MEMORY USAGE``, default STREAM_MAX_BYTES): past it
+# the oldest entries are trimmed whether read or not, the count is added to
+# ``{stream}:overflow`` and to the server's ``twotower_event_log_overflow_entries`` counter,
+# and the next refresh reports exactly how many entries it lost (never silent). Entries take
+# ~45 bytes each in Redis's listpacks (measured: 1M entries, 40-45 MB), so 1 GiB is ~24M
+# events, ~2.7 days at 100 events/s.
 # Served impressions are sampled into ``{p}:impressions``: rid, user, variant, version, items
-# (tab-joined ids). Both streams are capped with approximate trimming (``XADD MAXLEN ~ N``:
-# Redis trims whole macro nodes, so a stream may briefly hold a little more than N): the
-# default cap, 10M events, is ~1 GB of Redis memory at ~100 bytes an entry, and is what the
-# nightly refresh must consume within (at 100 events/s, 10M is ~28 hours of traffic).
+# (tab-joined ids), capped at STREAM_MAXLEN entries (``XADD MAXLEN ~``; no group consumes it,
+# reports read it by time).
 # Entries a consumer cannot parse go to ``{p}:events:dead`` with the reason; never lost, never
 # blocking.
 
 STREAM_MAXLEN = 10_000_000
+STREAM_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
