@@ -144,7 +144,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="publish even a candidate the holdout says is worse (still measured and reported)")
     p.add_argument("--epochs", type=positive_int, default=3, help="train mode: warm-start epochs")
     p.add_argument("--grace-s", type=float, default=3600.0, help="keep retired versions' Redis keys this long")
-    p.add_argument("--flags", type=Path, default=None, help="an A/B flags file: versions it pins keep their keys")
+    p.add_argument("--flags", type=Path, default=None,
+                   help="an A/B flags file: versions a running or paused experiment pins keep their keys and files")
+    p.add_argument("--max-events", type=int, default=10_000_000,
+                   help="take at most N log entries this run (pending ones first); the rest wait for the next run")
+    p.add_argument("--keep-versions", type=int, default=2,
+                   help="registry retention: keep the newest N versions beside CURRENT and pinned ones (rollbacks)")
     p.add_argument("--item-features", type=Path, default=None,
                    help="catalog feed in the dataset spec's item schema (the items table's id, feature and "
                         "title columns; CSV, Parquet, JSON lines): new items join with these features")
@@ -330,7 +335,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
                         store_root=args.store or args.data_dir / "interactions", data_dir=args.data_dir,
                         holdout_s=int(args.holdout_hours * 3600), max_drop=args.max_drop, train_epochs=args.epochs,
                         gate=not args.no_gate, item_features=args.item_features,
-                        grace_s=int(args.grace_s), flags=args.flags)
+                        grace_s=int(args.grace_s), flags=args.flags, keep_versions=args.keep_versions,
+                        max_events=args.max_events)
     log = (lambda *_: None) if args.json else print
 
     def once() -> dict[str, Any]:

@@ -104,22 +104,33 @@ class EventLog:
         """Up to ``count`` entries not yet delivered to ``group`` (``pending``: every entry
         delivered to ``consumer`` and not acknowledged, e.g. after a crash: read whole, page
         by page). Malformed entries are moved to the dead letters and acknowledged here."""
+        if pending:
+            pages = list(self.pending_pages(group=group, consumer=consumer, count=count))
+            return ReadBatch([i for p in pages for i in p.ids], list(dict.fromkeys(e for p in pages for e in p.events)),
+                             sum(p.dead for p in pages), sum(p.lost for p in pages))
         out = _Collect()
         for shard, stream in enumerate(self._streams):
-            if pending:
-                start = "0"
-                while True:  # XREADGROUP from an id pages through the consumer's pending list
-                    entries = self._xreadgroup(group, consumer, stream, start, count)
-                    if not entries:
-                        break
-                    self._take(out, shard, stream, entries)
-                    last = entries[-1][0]
-                    start = last.decode() if isinstance(last, bytes) else str(last)
-                continue
-            left = count - len(out.ids) - len(out.dead)
+            left = count - len(out.ids) - len(out.dead) - len(out.lost)
             if left <= 0:
                 break
             self._take(out, shard, stream, self._xreadgroup(group, consumer, stream, ">", left))
+        return self._finish(group, out)
+
+    def pending_pages(self, *, group: str, consumer: str, count: int = 10_000) -> Iterator[ReadBatch]:
+        """The entries delivered to ``consumer`` and not acknowledged (a crashed or refused
+        run's), ``count`` at a time: the caller holds one page, not the whole list."""
+        for shard, stream in enumerate(self._streams):
+            start = "0"
+            while True:  # XREADGROUP from an id pages through the consumer's pending list
+                entries = self._xreadgroup(group, consumer, stream, start, count)
+                if not entries:
+                    break
+                out = _Collect()
+                self._take(out, shard, stream, entries)
+                yield self._finish(group, out)
+                start = _text(entries[-1][0])
+
+    def _finish(self, group: str, out: _Collect) -> ReadBatch:
         if out.dead or out.lost:  # nothing more can come of them: off the pending list
             self.ack(group=group, ids=out.dead + out.lost)
         return ReadBatch(out.ids, out.events, len(out.dead), len(out.lost))
@@ -194,6 +205,25 @@ class EventLog:
             else:
                 return None
         return lost
+
+    def backlog(self, *, group: str) -> int | None:
+        """Entries not yet delivered to ``group`` (its lag; None when Redis cannot tell)."""
+        import redis
+
+        total = 0
+        for stream in self._streams:
+            try:
+                groups = self._redis.xinfo_groups(stream)
+            except redis.ResponseError:
+                continue
+            except self._errors as e:
+                raise FeatureStoreError(f"redis xinfo failed: {type(e).__name__}: {e}") from e
+            g = next((g for g in groups if _text(g["name"]) == group), None)
+            if g is not None:
+                if g.get("lag") is None:
+                    return None
+                total += int(g["lag"])
+        return total
 
     def overflow_total(self) -> int:
         """Entries the server's byte cap has trimmed unread, ever (``{stream}:overflow``)."""

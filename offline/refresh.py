@@ -27,8 +27,11 @@ One run, each step checkpointed in the run directory (``offline.run_steps``), so
 7. ``publish``   (gate passed, lock still ours) install, load the version's keys into Redis,
                  flip CURRENT;
 8. ``ack``       ``XACK`` the consumed entries: after publish, so a crash replays them;
-9. ``gc``        delete Redis keys of versions retired more than ``grace_s`` ago, never
-                 CURRENT's nor a version a flags file pins.
+9. ``gc``        retention (``offline.retention``): delete Redis keys of versions retired
+                 more than ``grace_s`` ago, and registry directories beyond the newest
+                 ``keep_versions``; never CURRENT's nor a version a flags file pins.
+
+A run that ends removes its directory and keeps its report (``RUNS/reports/RUN.json``).
 
 Two refreshes never overlap: the run holds a Redis lock (``offline.run_lock``) and checks it
 right before publishing. A run with no new events says so and publishes nothing.
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import time
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -49,25 +52,25 @@ import numpy as np
 
 from offline.datasets import Interactions
 from offline.evaluate import EvalSet, model_ranks
-from offline.event_log import REFRESH_GROUP, EventLog
+from offline.event_log import REFRESH_GROUP, EventLog, ReadBatch
 from offline.interactions import InteractionRows, InteractionStore
 from offline.loading import read_item_feed, take_rows
+from offline.retention import collect_garbage, mark_retired, prune_registry
+from offline.run_events import EventPages
 from offline.run_lock import RefreshLock
 from offline.run_steps import RunDir, write_json_atomic
 from towers import bundle as bundle_mod
-from towers import bundle_paths
 from towers import index as faiss_index
 from towers import registry as registry_mod
-from towers.errors import ConfigError, DataError, FeatureStoreError, RegistryError
+from towers.errors import ConfigError, DataError, RegistryError
 from towers.features import FeaturePipeline
 from towers.ranking import RankModel
 from towers.spec import DatasetSpec
-from towers.store_format import Event, RedisKeys, is_cluster_url, redact_url
+from towers.store_format import redact_url
 
 MODES = ("embed", "train")
 ENGINES = ("local", "ray")
 STEPS = ("read", "merge", "candidate", "index", "batch_score", "evaluate", "publish", "ack", "gc")
-RETIRED_FILE = ".retired.json"  # in the registry: version -> unix time it stopped being CURRENT
 SEED_TYPE = "rating"  # the event type of the rows a new store is seeded with (CURRENT's dataset)
 
 
@@ -91,7 +94,11 @@ class RefreshConfig:
     train_epochs: int = 3  # train mode: warm-start epochs
     batch_k: int = 100  # precomputed recs per user
     grace_s: int = 3_600  # keep a retired version's Redis keys this long (servers still swapping)
-    flags: Path | None = None  # versions a running experiment pins keep their keys
+    flags: Path | None = None  # versions a running or paused experiment pins keep their keys and directories
+    keep_versions: int = 2  # registry: the newest this many versions beside CURRENT (and pinned) stay
+    # Entries one run takes from the log (pending first); the rest wait for the next run. Bounds
+    # the run's memory: its events are held as columns (~150 B each) from merge on.
+    max_events: int = 10_000_000
     lock_ttl_ms: int = 60_000
     seed: int = 0
     # A catalog feed in the spec's item schema (the items table's id, feature and title columns,
@@ -111,6 +118,10 @@ class RefreshConfig:
             raise ConfigError("--max-drop", f"{self.max_drop}: must be in [0, 1)")
         if self.holdout_s <= 0:
             raise ConfigError("--holdout-s", f"{self.holdout_s}: must be positive")
+        if self.max_events < 1:
+            raise ConfigError("--max-events", f"{self.max_events}: must be >= 1")
+        if self.keep_versions < 0:
+            raise ConfigError("--keep-versions", f"{self.keep_versions}: must be >= 0")
 
 
 Fault = Callable[[str], None]
@@ -154,8 +165,14 @@ def refresh(cfg: RefreshConfig, *, resume: Path | None = None, fault: Fault = _n
     finally:
         lock.release()
         lock.close()
-    report = {**run.report(), "run_dir": str(run.path), "mode": cfg.mode, "parent": parent}
-    write_json_atomic(run.path / "report.json", report)
+    # The run ended (published, refused, or nothing to do): its directory (the events read,
+    # the candidate bundle) is no longer needed for a resume. Only its report is kept.
+    report_path = cfg.run_root / "reports" / f"{run.run_id}.json"
+    report = {**run.report(), "run_dir": str(run.path), "report": str(report_path), "mode": cfg.mode,
+              "parent": parent}
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(report_path, report)
+    shutil.rmtree(run.path)
     return report
 
 
@@ -197,40 +214,62 @@ class _Job:
     def _events_log(self) -> EventLog:
         return EventLog(redis_url=self.cfg.redis_url, prefix=self.cfg.prefix)
 
+    def _pages(self) -> EventPages:
+        return EventPages(self.run.path / "events")
+
     def read(self) -> dict[str, Any]:
+        # Page by page into Parquet (offline.run_events): a backlog costs disk, not memory, and
+        # at most ``max_events`` entries are taken per run (pending ones first); the rest wait.
+        pages = self._pages()
+        pages.reset()  # a read that died half way starts over: its entries are still pending
+        budget, page = self.cfg.max_events, 10_000
+        entries = dead = lost_pending = 0
         ev = self._events_log()
         try:
             ev.ensure_group(self.cfg.group)
             # Before reading: reading past a gap moves the group's delivered point over it.
             lost_new = ev.lost_undelivered(group=self.cfg.group)
-            # A crashed or refused run's delivered-unacknowledged entries (read whole), then new ones.
-            batch = ev.read(group=self.cfg.group, consumer=self.cfg.consumer, pending=True)
-            ids, events, dead, lost_pending = list(batch.ids), list(batch.events), batch.dead, batch.lost
-            while True:
-                batch = ev.read(group=self.cfg.group, consumer=self.cfg.consumer)
-                dead += batch.dead
-                if not batch.ids:
+
+            def take(batch: ReadBatch) -> None:
+                nonlocal entries, dead, lost_pending
+                if batch.ids:
+                    pages.write(batch.ids, batch.events)
+                entries, dead, lost_pending = entries + len(batch.ids), dead + batch.dead, lost_pending + batch.lost
+
+            # A crashed or refused run's delivered-unacknowledged entries first, then new ones.
+            for batch in ev.pending_pages(group=self.cfg.group, consumer=self.cfg.consumer, count=page):
+                take(batch)
+                if entries >= budget:
                     break
-                ids += batch.ids
-                events += batch.events
+            while entries < budget:
+                batch = ev.read(group=self.cfg.group, consumer=self.cfg.consumer, count=min(page, budget - entries))
+                take(batch)
+                if not batch.ids and not batch.dead and not batch.lost:
+                    break
+            left = ev.backlog(group=self.cfg.group) if entries >= budget else 0
             overflow = ev.overflow_total()
         finally:
             ev.close()
-        unique = list(dict.fromkeys(events))  # identity repeats across reads
-        write_json_atomic(self.run.path / "events.json", {
-            "ids": ids, "events": [[e.user_id, e.item_id, e.type, e.timestamp] for e in unique]})
+        unique = len(self._read_events())
         lost = None if lost_new is None else lost_new + lost_pending
         if lost != 0:
             self.log(f"refresh: EVENTS LOST: {'an unknown number of' if lost is None else f'{lost:,}'} event log "
                      f"entries were trimmed by the log's byte cap before this consumer read them "
                      f"({lost_pending:,} of them delivered to an earlier run and never acknowledged); "
                      f"the cap has trimmed {overflow:,} unread entries in all (redis.events_max_bytes)")
-        return {"entries": len(ids), "events": len(unique), "dead": dead, "lost": lost,
-                "lost_pending": lost_pending, "overflow_total": overflow}
+        if left:
+            self.log(f"refresh: read {entries:,} entries (--max-events {budget:,}); {left:,} wait for the next run")
+        return {"entries": entries, "events": unique, "dead": dead, "lost": lost, "lost_pending": lost_pending,
+                "overflow_total": overflow, "capped": entries >= budget, "left": left}
 
     def _read_events(self) -> InteractionRows:
-        data = json.loads((self.run.path / "events.json").read_text())
-        return InteractionRows.from_events([Event(u, i, t, int(ts)) for u, i, t, ts in data["events"]])
+        """This run's events, each identity once (the log is at least once), in log order."""
+        rows = self._pages().rows()
+        if not len(rows):
+            return rows
+        key = np.rec.fromarrays([rows.user, rows.item, rows.type, rows.timestamp])
+        _, first = np.unique(key, return_index=True)
+        return rows.take(np.sort(first))
 
     def _new_events(self) -> InteractionRows:
         """This run's new interactions: the events of a type the spec counts (every step reads
@@ -528,7 +567,7 @@ class _Job:
         version = publish(self.cand_dir, registry=self.cfg.registry, redis_url=self.cfg.redis_url,
                           redis_prefix=self.cfg.prefix, expect_current=(self.parent, mine))
         if version != self.parent:
-            _mark_retired(self.cfg.registry, self.parent)
+            mark_retired(self.cfg.registry, self.parent)
         return {"published": True, "version": version, "replaced": self.parent}
 
     def ack(self) -> dict[str, Any]:
@@ -536,20 +575,21 @@ class _Job:
             # Refused: the events stay pending, so the next run reads them again and re-embeds
             # their users with whatever else happened by then (they are in the store already).
             return {"acked": 0, "why": "not published: the entries stay pending for the next run"}
-        ids = json.loads((self.run.path / "events.json").read_text())["ids"]
         ev = self._events_log()
         try:
-            n = 0
-            for lo in range(0, len(ids), 10_000):
-                n += ev.ack(group=self.cfg.group, ids=ids[lo:lo + 10_000])
+            n = entries = 0
+            for ids in self._pages().id_pages():
+                n, entries = n + ev.ack(group=self.cfg.group, ids=ids), entries + len(ids)
             trimmed = ev.trim_acknowledged()  # the log shrinks only here: below what every group acked
         finally:
             ev.close()
-        return {"acked": n, "entries": len(ids), "trimmed": trimmed}
+        return {"acked": n, "entries": entries, "trimmed": trimmed}
 
     def gc(self) -> dict[str, Any]:
         return {"deleted": collect_garbage(registry=self.cfg.registry, redis_url=self.cfg.redis_url,
-                                           prefix=self.cfg.prefix, grace_s=self.cfg.grace_s, flags=self.cfg.flags)}
+                                           prefix=self.cfg.prefix, grace_s=self.cfg.grace_s, flags=self.cfg.flags),
+                "removed_versions": prune_registry(registry=self.cfg.registry, keep_last=self.cfg.keep_versions,
+                                                   flags=self.cfg.flags)}
 
 
 def interactions_of(rows: InteractionRows, spec: DatasetSpec | None) -> InteractionRows:
@@ -643,58 +683,3 @@ def _hits(b: bundle_mod.Bundle, users: list[str], prefixes: list[list[str]], tar
     return np.asarray(model_ranks(model, es) < k)
 
 
-def _mark_retired(registry: Path, version: str) -> None:
-    """``version`` stopped being CURRENT now (its grace starts now, even if it was retired
-    before: a rollback that served it again restarts the clock)."""
-    path = registry / RETIRED_FILE
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[version] = time.time()
-    write_json_atomic(path, data)
-
-
-def collect_garbage(*, registry: Path, redis_url: str, prefix: str, grace_s: float, flags: Path | None = None,
-                    now: float | None = None) -> list[str]:
-    """Delete the Redis keys of versions retired more than ``grace_s`` ago; never CURRENT's,
-    nor a version pinned by a running experiment in ``flags``. A version with keys but no
-    retirement record is recorded as retired now (its grace starts). Returns deleted versions."""
-    from towers.redis_load import sync_client
-
-    now = time.time() if now is None else now
-    current = registry_mod.current_version(registry)
-    pinned: set[str] = set()
-    if flags is not None:
-        from towers.flags import load_flags
-
-        pinned = set(load_flags(flags).pinned_versions())
-    path = registry / RETIRED_FILE
-    retired: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
-    keys = RedisKeys(prefix, cluster=is_cluster_url(redis_url))
-    r = sync_client(redis_url, socket_timeout=30)
-    deleted: list[str] = []
-    try:
-        import redis
-
-        try:
-            head = f"{prefix}:v:"  # version ids hold no colon: the id is what follows the head
-            # Only names that are version ids: GC builds a SCAN pattern from each, and a key
-            # written under another name (``*``, ``[a-z]*``) would match other versions' keys.
-            live = {v for k in r.scan_iter(match=f"{head}*:ready*", count=1000)
-                    if bundle_paths.version_problem(v := k.decode()[len(head):].split(":", 1)[0]) is None}
-            for version in (current, *pinned):  # serving again: a later retirement starts afresh
-                retired.pop(str(version), None)
-            for version in sorted(live - {current} - pinned):
-                since = retired.setdefault(version, now)
-                if now - since < grace_s:
-                    continue
-                batch = [k for k in r.scan_iter(match=f"{prefix}:v:{version}:*", count=5000)]
-                for lo in range(0, len(batch), 5000):
-                    r.unlink(*batch[lo:lo + 5000])
-                r.unlink(keys.ready(version))
-                deleted.append(version)
-                retired.pop(version, None)
-        except (redis.RedisError, OSError) as e:
-            raise FeatureStoreError(f"refresh gc on {redact_url(redis_url)} failed: {type(e).__name__}: {e}") from e
-    finally:
-        r.close()
-    write_json_atomic(path, retired)
-    return deleted

@@ -506,3 +506,60 @@ def test_entries_the_byte_cap_trimmed_unread_are_reported_and_fail_the_exit_stat
     assert main(["refresh", "--registry", str(s.registry), "--redis-url", s.url, "--prefix", s.prefix,
                  "--run-dir", str(s.cfg.run_root), "--store", str(s.cfg.store_root), "--data-dir",
                  str(s.cfg.data_dir), "--no-gate", "--grace-s", "0", "--json"]) == 0  # no new loss
+
+
+def test_twenty_nights_keep_the_registry_the_runs_and_redis_flat(setup: Setup, tmp_path: Path) -> None:
+    """Issue 22 item 4: twenty nightly refreshes, each publishing a version. Retention keeps
+    CURRENT, a paused experiment's version and the newest ``keep_versions`` others; ended
+    runs leave only their reports; Redis holds CURRENT's keys (grace 0) and an emptied log."""
+    s, w = setup, setup.world
+    base = str(registry_mod.current_version(s.registry))
+    flags = tmp_path / "flags.yaml"  # paused: resumes with the same arms, so `base` is kept
+    flags.write_text(f"""experiments:
+  - name: held
+    salt: s
+    status: paused
+    allocation: 1.0
+    variants:
+      - {{name: control, weight: 0.5, version: CURRENT}}
+      - {{name: old, weight: 0.5, version: {base}}}
+""")
+    cfg = replace(s.cfg, keep_versions=2, flags=flags)
+
+    def size(root: Path) -> int:
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+    nights = []
+    for night in range(20):
+        s.send(w.events[night * 20:(night + 1) * 20])
+        report = refresh(cfg, progress=False, log=lambda _m: None)
+        assert {st["name"]: st["result"] for st in report["steps"]}["publish"]["published"], night
+        nights.append({"versions": registry_mod.versions(s.registry), "registry": size(s.registry),
+                       "runs": [p.name for p in cfg.run_root.iterdir()], "reports": size(cfg.run_root),
+                       "ready": len(list(s.r.scan_iter(match=f"{s.prefix}:v:*:ready"))),
+                       "keys": s.r.dbsize(), "stream": s.r.xlen(s.keys.events())})
+    last = nights[-1]
+    assert base in last["versions"] and len(last["versions"]) == 4  # CURRENT, two newest others, the paused arm's
+    assert all(len(n["versions"]) <= 4 for n in nights)
+    assert all(n["runs"] == ["reports"] for n in nights)  # no run directory outlives its run
+    assert all(n["stream"] == 0 for n in nights)  # acknowledged, then trimmed
+    assert all(n["ready"] == 2 for n in nights)  # CURRENT's keys and the paused arm's
+    # Flat: the last night holds no more than the fourth (users gained from the events aside: 2%).
+    assert last["registry"] <= nights[3]["registry"] * 1.02 and last["keys"] <= nights[3]["keys"] * 1.02
+    assert last["reports"] < 20 * 64 * 1024  # reports only: a few KB a night
+
+
+def test_max_events_takes_a_bounded_share_and_leaves_the_rest_for_the_next_run(setup: Setup) -> None:
+    """Issue 22 item 2: ``--max-events`` bounds what one run reads (pending entries first);
+    the run says how many wait, and the next run takes them: nothing lost, nothing twice."""
+    s, w = setup, setup.world
+    events = list(dict.fromkeys(w.events))[:200]
+    s.send(events)
+    cfg = replace(s.cfg, max_events=120)
+    first = {st["name"]: st["result"] for st in refresh(cfg, progress=False, log=lambda _m: None)["steps"]}
+    assert (first["read"]["entries"], first["read"]["capped"], first["read"]["left"]) == (120, True, 80)
+    assert first["publish"]["published"] and first["ack"]["acked"] == 120
+    second = {st["name"]: st["result"] for st in refresh(cfg, progress=False, log=lambda _m: None)["steps"]}
+    assert (second["read"]["entries"], second["read"]["capped"], second["read"]["left"]) == (80, False, 0)
+    assert first["merge"]["stored"] + second["merge"]["stored"] == len(events)
+    assert s.state()["pending"] == [0] and s.r.xlen(s.keys.events()) == 0

@@ -277,6 +277,12 @@ class Flags(_Model):
         return frozenset(v.version for e in self.experiments if e.running for v in e.variants
                          if v.version != CURRENT)
 
+    def retained_versions(self) -> frozenset[str]:
+        """Every version a running or paused experiment names, CURRENT excluded: what the
+        registry and Redis must keep (a paused experiment resumes with the same arms)."""
+        return frozenset(v.version for e in self.experiments if e.status != "stopped" for v in e.variants
+                         if v.version != CURRENT)
+
 
 # -- loading -------------------------------------------------------------------------------------
 
