@@ -182,6 +182,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 
+def format_load_report(report: dict[str, Any]) -> str:
+    """One line: rows read, kept, and what was dropped or defaulted (``offline.loading``)."""
+    parts = [f"{int(report.get('rows_read', report.get('interactions', 0))):,} rows read",
+             f"{int(report.get('interactions', 0)):,} interactions of {int(report.get('users', 0)):,} users "
+             f"and {int(report.get('items', 0)):,} items"]
+    for key, value in report.items():
+        if key.startswith("dropped_") and value:
+            parts.append(f"{int(value):,} dropped ({key.removeprefix('dropped_').replace('_', ' ')})")
+    for who in ("users", "items"):
+        n = int(report.get(f"{who}_without_table_row", 0))
+        if n:
+            example = report.get(f"{who}_without_table_row_example")
+            parts.append(f"{n:,} {who} not in their table, kept with missing features"
+                         + (f" (e.g. {example!r})" if example else ""))
+    return "data: " + "; ".join(parts)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from offline.datasets import load_dataset
     from offline.evaluate import format_table
@@ -195,17 +212,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not ray_available():  # before the dataset is read: fail fast, naming the flag
             raise ConfigError("--engine", f"ray is not installed; {INSTALL_HINT}")
     ds = load_dataset(args.dataset, cache_dir=args.data_dir)
+    import sys
+
+    out = sys.stderr if args.json else sys.stdout
+    if ds.report:  # what loading read, dropped and defaulted: a user should see it before training
+        print(format_load_report(ds.report), file=out)
     repeats = int(ds.report.get("repeated_pairs", 0))
     if repeats:
         # Repeat-heavy data (groceries, music) is where the policy matters: say which is in
         # force, so a zero-config (atomic files) user learns that the choice exists.
-        import sys
-
         policy = ("true: past items are never recommended again" if ds.spec.policies.exclude_seen
                   else "false: past items stay candidates (repeat-aware evaluation)")
         print(f"{repeats:,} of {len(ds.interactions):,} interactions repeat a (user, item) pair; "
               f"policies.exclude_seen is {policy} (set it in a dataset spec)",
-              file=sys.stderr if args.json else sys.stdout)
+              file=out)
     man = train(dataset=ds, dataset_spec=dataset_ref(args.dataset), out=args.out,
                 train_cfg=TrainConfig(epochs=args.epochs, seed=args.seed), index_type=args.index,
                 engine=args.engine, workers=args.workers)

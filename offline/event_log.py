@@ -30,8 +30,6 @@ from towers.store_format import (
     is_cluster_url,
 )
 
-REFRESH_GROUP = "refresh"  # the nightly refresh's consumer group (publish --redis creates it)
-
 
 @dataclass(frozen=True)
 class ReadBatch:
@@ -228,6 +226,21 @@ class EventLog:
     def overflow_total(self) -> int:
         """Entries the server's byte cap has trimmed unread, ever (``{stream}:overflow``)."""
         return sum(int(self._call("get", self._redis.get, self.keys.overflow(s)) or 0) for s in self._streams)
+
+    def record_run(self, *, outcome: str, lost: int | None, version: str = "", now: float) -> None:
+        """The refresh's last run, for the servers to export (``RedisKeys.refresh_status``):
+        ``outcome`` published | unchanged (nothing new) | refused (the gate) | failed; a run that
+        published or had nothing to do is a success."""
+        fields: dict[str, Any] = {"last_run": now, "outcome": outcome, "lost": -1 if lost is None else lost,
+                                  "version": version}
+        if outcome in ("published", "unchanged"):
+            fields["last_success"] = now
+        self._call("hset", self._redis.hset, self.keys.refresh_status(), mapping=fields)
+
+    def start_refresh_clock(self, *, now: float) -> None:
+        """A first publish starts the clock the stale-refresh alert reads (``last_success``),
+        so a new deployment is not "stale" before its first nightly run; never moves it later."""
+        self._call("hsetnx", self._redis.hsetnx, self.keys.refresh_status(), "last_success", now)
 
     def trim_acknowledged(self) -> int:
         """``XTRIM MINID`` each stream to the oldest entry some consumer group still needs (its

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -186,12 +186,15 @@ class InteractionStore:
 
     # -- read --------------------------------------------------------------------------------
 
-    def _read_file(self, path: Path) -> InteractionRows:
+    def _read_file(self, path: Path, users: pa.Array | None = None) -> InteractionRows:
         import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         try:
             table = pq.read_table(path)
+            if users is not None:  # one file at a time: only these users' rows are kept
+                table = table.filter(pc.is_in(table.column("user"), value_set=users))
         except (OSError, ValueError, pa.ArrowException) as e:
             raise DataError(f"{path}: not a readable Parquet file ({e})") from e
         missing = [c for c in COLUMNS if c not in table.column_names]
@@ -203,12 +206,31 @@ class InteractionStore:
         except (TypeError, ValueError) as e:
             raise DataError(f"{path}: bad column types ({e})") from e
 
-    def _read_day(self, day_dir: Path) -> InteractionRows:
-        return InteractionRows.concat([self._read_file(f) for f in self._files(day_dir)])
+    def _read_day(self, day_dir: Path, users: pa.Array | None = None) -> InteractionRows:
+        return InteractionRows.concat([self._read_file(f, users) for f in self._files(day_dir)])
 
-    def read(self, *, until: int | None = None, since: int | None = None) -> InteractionRows:
+    def item_counts(self) -> dict[str, int]:
+        """Interactions per item over the whole store, reading the item column one file at a
+        time (memory: the distinct items, not the rows)."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        counts: dict[str, int] = {}
+        for d in self._day_dirs():
+            for f in self._files(d):
+                for vc in pc.value_counts(pq.read_table(f, columns=["item"]).column("item")).to_pylist():
+                    counts[vc["values"]] = counts.get(vc["values"], 0) + int(vc["counts"])
+        return counts
+
+    def read(self, *, until: int | None = None, since: int | None = None,
+             users: Collection[str] | None = None) -> InteractionRows:
         """Every stored interaction with ``since <= timestamp < until`` (either bound optional),
-        sorted by (user, timestamp, crc32 tie rule) — the order ``temporal_split`` uses."""
+        of ``users`` only when given (a refresh that re-embeds the users with new events reads
+        their history, not everyone's), sorted by (user, timestamp, crc32 tie rule) — the order
+        ``temporal_split`` uses."""
+        import pyarrow as pa
+
+        wanted = None if users is None else pa.array(sorted(set(users)), pa.string())
         lo_day = None if since is None else str(np.datetime64(since // _SECONDS_PER_DAY, "D"))
         hi_day = None if until is None else str(np.datetime64((until - 1) // _SECONDS_PER_DAY, "D"))
         parts = []
@@ -216,7 +238,7 @@ class InteractionStore:
             day = d.name[len(DAY_PREFIX):]
             if (lo_day is not None and day < lo_day) or (hi_day is not None and day > hi_day):
                 continue  # whole partition outside the range: not even opened
-            parts.append(self._read_day(d))
+            parts.append(self._read_day(d, wanted))
         rows = InteractionRows.concat(parts)
         keep = np.ones(len(rows), dtype=bool)
         if since is not None:

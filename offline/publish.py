@@ -3,6 +3,7 @@ feature store needs (when a Redis URL is given), then flip ``CURRENT``."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 from pathlib import Path
 
@@ -20,8 +21,9 @@ def publish(bundle_dir: Path, *, registry: Path, redis_url: str | None = None,
     could not be told apart from entries nobody needed."""
     before = None
     if redis_url is not None:
-        from offline.event_log import REFRESH_GROUP, EventLog
+        from offline.event_log import EventLog
         from towers.redis_load import load_bundle_into_redis
+        from towers.store_format import REFRESH_GROUP
 
         def before(version: str) -> None:
             load_bundle_into_redis(registry / version, redis_url=redis_url, dtype=redis_dtype, prefix=redis_prefix,
@@ -29,6 +31,7 @@ def publish(bundle_dir: Path, *, registry: Path, redis_url: str | None = None,
             log = EventLog(redis_url=redis_url, prefix=redis_prefix)
             try:
                 log.ensure_group(REFRESH_GROUP)
+                log.start_refresh_clock(now=time.time())
             finally:
                 log.close()
 

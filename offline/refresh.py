@@ -42,6 +42,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -52,7 +53,7 @@ import numpy as np
 
 from offline.datasets import Interactions
 from offline.evaluate import EvalSet, model_ranks
-from offline.event_log import REFRESH_GROUP, EventLog, ReadBatch
+from offline.event_log import EventLog, ReadBatch
 from offline.interactions import InteractionRows, InteractionStore
 from offline.loading import read_item_feed, take_rows
 from offline.retention import collect_garbage, mark_retired, prune_registry
@@ -62,11 +63,11 @@ from offline.run_steps import RunDir, write_json_atomic
 from towers import bundle as bundle_mod
 from towers import index as faiss_index
 from towers import registry as registry_mod
-from towers.errors import ConfigError, DataError, RegistryError
+from towers.errors import ConfigError, DataError, FeatureStoreError, RegistryError
 from towers.features import FeaturePipeline
 from towers.ranking import RankModel
 from towers.spec import DatasetSpec
-from towers.store_format import redact_url
+from towers.store_format import REFRESH_GROUP, redact_url
 
 MODES = ("embed", "train")
 ENGINES = ("local", "ray")
@@ -143,6 +144,7 @@ def refresh(cfg: RefreshConfig, *, resume: Path | None = None, fault: Fault = _n
         raise RegistryError(f"{cfg.registry}: no CURRENT version to refresh")
     lock = RefreshLock(redis_url=cfg.redis_url, key=f"{cfg.prefix}:refresh:lock", ttl_ms=cfg.lock_ttl_ms)
     lock.acquire()  # before any run directory exists: a refused start leaves nothing behind
+    results: dict[str, dict[str, Any]] = {}
     try:
         run = RunDir.open(resume) if resume is not None else RunDir.create(
             cfg.run_root, params={**{k: str(v) for k, v in asdict(cfg).items()}, "parent": current,
@@ -157,7 +159,7 @@ def refresh(cfg: RefreshConfig, *, resume: Path | None = None, fault: Fault = _n
         bar = tqdm(STEPS, desc=f"refresh {run.run_id}", unit="step", disable=not progress)
         for step in bar:
             bar.set_postfix_str(step)
-            result = run.run_step(step, getattr(job, step))
+            result = results[step] = run.run_step(step, getattr(job, step))
             fault(f"after:{step}")
             if step == "read" and result["events"] == 0 and result["entries"] == 0:
                 log("refresh: no new events; nothing to publish")
@@ -165,6 +167,7 @@ def refresh(cfg: RefreshConfig, *, resume: Path | None = None, fault: Fault = _n
     finally:
         lock.release()
         lock.close()
+        _record_run(cfg, results, log)
     # The run ended (published, refused, or nothing to do): its directory (the events read,
     # the candidate bundle) is no longer needed for a resume. Only its report is kept.
     report_path = cfg.run_root / "reports" / f"{run.run_id}.json"
@@ -174,6 +177,27 @@ def refresh(cfg: RefreshConfig, *, resume: Path | None = None, fault: Fault = _n
     write_json_atomic(report_path, report)
     shutil.rmtree(run.path)
     return report
+
+
+def _record_run(cfg: RefreshConfig, results: dict[str, dict[str, Any]], log: Callable[[str], None]) -> None:
+    """The run's outcome in Redis for the servers' metrics (``EventLog.record_run``); a run
+    that raised is "failed". Best effort: a Redis that is down must not hide the run's error."""
+    pub = results.get("publish")
+    if "gc" in results:
+        outcome = "published" if pub and pub.get("published") else "refused"
+    elif "read" in results and not results["read"]["entries"] and not results["read"]["events"]:
+        outcome = "unchanged"
+    else:
+        outcome = "failed"
+    try:
+        ev = EventLog(redis_url=cfg.redis_url, prefix=cfg.prefix)
+        try:
+            ev.record_run(outcome=outcome, lost=results.get("read", {}).get("lost", 0), now=time.time(),
+                          version=str(pub.get("version", "")) if pub else "")
+        finally:
+            ev.close()
+    except FeatureStoreError as e:
+        log(f"refresh: could not record the run's outcome ({outcome}) in Redis: {e}")
 
 
 class _Job:
@@ -197,10 +221,13 @@ class _Job:
         return self._spec
 
     def _log(self) -> InteractionRows:
-        """The whole interaction store, read once per process: only ``merge`` writes it, and
-        every step that reads it runs after ``merge``."""
+        """The interaction store as the steps after ``merge`` need it, read once per process:
+        in ``embed`` mode only the users with new events (their history: every other user
+        keeps their embedding and recs, so a run's memory follows its events, not the whole
+        history); in ``train`` mode all of it."""
         if self._rows is None:
-            self._rows = self.store.read()
+            users = None if self.cfg.mode == "train" else set(self._new_events().user.tolist())
+            self._rows = self.store.read(users=users)
         return self._rows
 
     def _result(self, step: str) -> dict[str, Any]:
@@ -368,8 +395,10 @@ class _Job:
                 hist = user_histories(fp, log_rows.take(np.flatnonzero(mine)).to_interactions(), cfg_m.history_len,
                                       users=affected)
                 user_emb[affected] = embed(model, fp, hist, rows=affected, item_emb=item_emb)
-        counts = np.bincount(fp.item_vocab.positions(log_rows.item)[fp.item_vocab.positions(log_rows.item) >= 0],
-                             minlength=fp.n_items)
+        stored = self.store.item_counts()  # every user's interactions, one column at a time
+        pos = fp.item_vocab.positions(np.array(list(stored), dtype=str)) if stored else np.zeros(0, np.int64)
+        counts = np.zeros(fp.n_items, np.int64)
+        np.add.at(counts, pos[pos >= 0], np.fromiter(stored.values(), np.int64, len(stored))[pos >= 0])
         popularity = np.argsort(-counts, kind="stable").astype(np.int64)
         files: dict[str, Any] = {
             "features.json": fp.dumps(), "combiner.npz": parent.combiner.arrays() if self.cfg.mode == "embed"
@@ -451,7 +480,7 @@ class _Job:
                  if only_affected else np.arange(len(b.features.user_vocab)))
         seen: list[list[int]] = [[] for _ in range(len(users))]
         if b.features.exclude_seen:
-            rows = self._log()
+            rows = self._log() if only_affected else self.store.read()  # new items: everyone is re-scored
             mine = rows.take(np.flatnonzero(np.isin(rows.user, [b.features.user_vocab.values[u]
                                                                 for u in users.tolist()])))
             slot = {int(u): j for j, u in enumerate(users.tolist())}

@@ -95,6 +95,9 @@ class ServeConfig:
     impression_sample_rate: float = 0.01  # share of served responses logged to the impression stream
     warmup: bool = True  # send synthetic requests down every path before reporting SERVING
     registry_poll_s: float = 1.0  # how often CURRENT is checked for a new version (0: never)
+    # How often a Redis-backed server reads the event log's state and the refresh's last run
+    # into its metrics (online/log_signals.py; 0: never).
+    log_signals_s: float = 15.0
     admin_host: str = "127.0.0.1"  # the admin surface stays on localhost unless told otherwise
     admin_port: int = -1  # -1: no admin service; 0: a free port
     # A file holding the admin bearer token (a mounted secret; env TWOTOWER_ADMIN_TOKEN also works).
@@ -147,6 +150,7 @@ class ServeConfig:
             ("transport", self.transport in ("aio", "sync"), "must be 'aio' or 'sync'"),
             ("impression_sample_rate", 0.0 <= self.impression_sample_rate <= 1.0, "must be in [0, 1]"),
             ("redis.stream_maxlen", self.redis.stream_maxlen >= 1, "must be >= 1"),
+            ("log_signals_s", self.log_signals_s >= 0, "must be >= 0 (0: never)"),
             ("redis.events_max_bytes", self.redis.events_max_bytes == 0 or self.redis.events_max_bytes >= 1 << 16,
              "must be 0 (no cap) or >= 65536"),
             ("sync_threads", self.sync_threads >= 1, "must be >= 1"),

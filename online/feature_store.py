@@ -22,6 +22,7 @@ from towers.errors import FeatureStoreError, FeatureStoreTimeout, Unsupported
 from towers.store_format import (
     EVENT_TYPES,
     LOG_SHARDS,
+    REFRESH_GROUP,
     STREAM_MAX_BYTES,
     STREAM_MAXLEN,
     Event,
@@ -46,6 +47,20 @@ __all__ = ["EVENT_TYPES", "Event", "FeatureStore", "InMemoryFeatureStore", "Redi
 class StoreCapabilities:
     shared: bool  # one store for every worker process: a session recorded by one is read by all
     holds_versions: bool  # takes a version's arrays from its bundle at load (else publish loads them)
+
+
+@dataclass(frozen=True)
+class LogStatus:
+    """The durable event log and its consumer as the operator's metrics see them (a Redis
+    store's ``log_status``; summed over a cluster's shards)."""
+
+    entries: int  # in the log now
+    bytes: int  # its Redis memory (MEMORY USAGE, 5 samples a stream)
+    lag: int  # entries not yet delivered to the refresh group (-1: no group yet)
+    pending: int  # delivered to the refresh, not acknowledged
+    oldest_unacked_s: float | None  # unix time of the oldest entry the refresh has not acknowledged
+    dead_letters: int
+    refresh: dict[str, str]  # the refresh's last run (RedisKeys.refresh_status): last_run, outcome, ...
 
 
 @dataclass(frozen=True)
@@ -256,6 +271,15 @@ def _record_call(keys: RedisKeys, stream: str, events: Sequence[Event], *, ttl: 
     return script_keys, args
 
 
+def _text(raw: object) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _id_ms(raw: object) -> int:
+    """A stream entry id's time (unix ms)."""
+    return int(_text(raw).partition("-")[0])
+
+
 def _consume(task: asyncio.Future[object]) -> None:
     """Retrieve an abandoned call's outcome, so asyncio does not log it as never retrieved."""
     if not task.cancelled():
@@ -357,6 +381,58 @@ class RedisFeatureStore:
             return list(await pipe.execute())
 
         await self._run("impressions", go, timeout)
+
+    async def log_status(self, *, timeout: float) -> LogStatus:
+        """One pipeline (per node on a cluster) over every log stream, plus a second for the
+        oldest undelivered entry of streams with nothing pending."""
+        streams = self.keys.event_streams()
+
+        async def go() -> list[object]:
+            pipe = self._redis.pipeline(transaction=False)
+            for st in streams:
+                pipe.xlen(st)
+                pipe.memory_usage(st, samples=5)
+                pipe.xinfo_groups(st)
+                pipe.xpending(st, REFRESH_GROUP)
+            pipe.xlen(self.keys.dead_letters())
+            pipe.hgetall(self.keys.refresh_status())
+            return list(await pipe.execute(raise_on_error=False))
+
+        res = await self._run("log status", go, timeout)
+        entries = nbytes = pending = 0
+        lag = -1
+        oldest: list[float] = []
+        undelivered: list[tuple[str, str]] = []  # (stream, last delivered id) with lag and nothing pending
+        for j, st in enumerate(streams):
+            n, used, groups, pend = res[4 * j: 4 * j + 4]
+            entries += int(n) if isinstance(n, int) else 0
+            nbytes += int(used) if isinstance(used, int) else 0
+            g = next((g for g in groups if _text(g["name"]) == REFRESH_GROUP), None) \
+                if isinstance(groups, list) else None
+            if g is None:
+                continue
+            g_lag = int(g.get("lag") or 0)
+            lag = max(lag, 0) + g_lag
+            if isinstance(pend, dict) and int(pend["pending"]):
+                pending += int(pend["pending"])
+                oldest.append(_id_ms(pend["min"]) / 1000.0)
+            elif g_lag:
+                undelivered.append((st, _text(g["last-delivered-id"])))
+        if undelivered:
+            async def first() -> list[object]:
+                pipe = self._redis.pipeline(transaction=False)
+                for st, after in undelivered:
+                    pipe.xrange(st, min="(" + after, count=1)
+                return list(await pipe.execute(raise_on_error=False))
+
+            for got in await self._run("log status", first, timeout):
+                if isinstance(got, list) and got:
+                    oldest.append(_id_ms(got[0][0]) / 1000.0)
+        dead, status = res[-2], res[-1]
+        return LogStatus(entries=entries, bytes=nbytes, lag=lag, pending=pending,
+                         oldest_unacked_s=min(oldest) if oldest else None,
+                         dead_letters=int(dead) if isinstance(dead, int) else 0,
+                         refresh={_text(k): _text(v) for k, v in status.items()} if isinstance(status, dict) else {})
 
     async def has_version(self, version: str) -> bool:
         async def go() -> list[object]:

@@ -54,9 +54,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from online.feature_store import LogStatus
     from online.request import RecResult
 
 log = logging.getLogger("twotower.serve")
+REFRESH_OUTCOMES = ("published", "unchanged", "refused", "failed")  # offline.event_log.EventLog.record_run
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PREFIX = "twotower_"
@@ -172,6 +174,27 @@ class ServingMetrics:
                             multiprocess_mode="livesum")
         self._inflight = Gauge(f"{PREFIX}batches_inflight", "Batches running.", registry=r,
                                multiprocess_mode="livesum")
+        # The event log and the refresh (online/log_signals.py polls them from Redis); every
+        # worker reads the same values, so workers aggregate by max.
+        def g(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+            return Gauge(f"{PREFIX}{name}", doc, list(labels), registry=r, multiprocess_mode="livemax")
+
+        self._log_gauges = {
+            "monitored": g("event_log_monitored", "1 when this server reads the event log's state from Redis."),
+            "entries": g("event_log_entries", "Entries in the durable event log."),
+            "bytes": g("event_log_bytes", "Redis memory of the event log (sampled)."),
+            "lag": g("event_log_lag_entries", "Entries not yet delivered to the refresh's consumer group."),
+            "pending": g("event_log_pending_entries", "Entries delivered to the refresh, not acknowledged."),
+            "age": g("event_log_oldest_unacked_age_seconds", "Age of the oldest entry the refresh has not "
+                     "acknowledged (0: none)."),
+            "dead": g("event_log_dead_letters", "Entries in the dead-letter stream."),
+            "last_run": g("refresh_last_run_timestamp_seconds", "When the last refresh run ended."),
+            "last_success": g("refresh_last_success_timestamp_seconds", "When a refresh last published or "
+                              "found nothing new."),
+            "lost": g("refresh_last_lost_entries", "Event log entries the last refresh found lost before it "
+                      "read them (-1: unknown)."),
+        }
+        self._outcome = g("refresh_last_outcome", "1 for the last refresh run's outcome.", ["outcome"])
         self._load = load
         if load is not None and not self.multiprocess:  # read at scrape time; exact, and free otherwise
             self._queue.set_function(lambda: load.queued)
@@ -288,6 +311,19 @@ class ServingMetrics:
         from towers.errors import FeatureStoreTimeout
 
         self._store_errors.labels(op, "timeout" if isinstance(error, FeatureStoreTimeout) else "error").inc()
+
+    def event_log(self, status: LogStatus, *, now: float) -> None:
+        """The event log's state as last read (``online.log_signals``)."""
+        ref = status.refresh
+        values = {"monitored": 1, "entries": status.entries, "bytes": status.bytes, "lag": status.lag,
+                  "pending": status.pending, "dead": status.dead_letters,
+                  "age": 0.0 if status.oldest_unacked_s is None else max(now - status.oldest_unacked_s, 0.0),
+                  "last_run": float(ref.get("last_run", 0)), "last_success": float(ref.get("last_success", 0)),
+                  "lost": float(ref.get("lost", 0))}
+        for name, value in values.items():
+            self._log_gauges[name].set(value)
+        for outcome in REFRESH_OUTCOMES:
+            self._outcome.labels(outcome).set(1 if ref.get("outcome") == outcome else 0)
 
     def event_log_overflow(self, entries: int) -> None:
         """The event log's safety cap trimmed ``entries`` no consumer had acknowledged."""

@@ -23,8 +23,9 @@ from online.admin_auth import check_admin_exposure, token_interceptor
 from online.batcher import DeadlineExceeded
 from online.config import ServeConfig
 from online.degradation import RUNGS
-from online.feature_store import FeatureStore, InMemoryFeatureStore, open_redis_store
+from online.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore, open_redis_store
 from online.hotswap import RegistryWatcher
+from online.log_signals import LogSignals
 from online.metrics import error_fields
 from online.proto import recommender_pb2 as pb
 from online.proto import recommender_pb2_grpc as pb_grpc
@@ -189,6 +190,7 @@ class RunningServer:
     port: int
     watcher: RegistryWatcher | None = None
     router: Router | None = None  # A/B flags (cfg.flags_file)
+    signals: LogSignals | None = None  # the event log's state into metrics (Redis stores)
     admin: grpc.aio.Server | None = None
     admin_port: int = -1
     restore: list[Callable[[], None]] = field(default_factory=list)  # process-wide settings to put back
@@ -204,6 +206,8 @@ class RunningServer:
             await self.watcher.stop()
         if self.router is not None:
             await self.router.stop()
+        if self.signals is not None:
+            await self.signals.stop()
         self.service.metrics.set_serving(False)
         await _maybe_await(self.health.enter_graceful_shutdown())
         stopped = self.server.stop(grace)
@@ -319,6 +323,9 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
                 running.router.start()
         elif bundle_path is not None:
             await load_and_serve(running, bundle_path)
+        if isinstance(service.store, RedisFeatureStore) and service.metrics.enabled and cfg.log_signals_s > 0:
+            running.signals = LogSignals(service.store, service.metrics, every_s=cfg.log_signals_s)
+            running.signals.start()
     except BaseException:
         await running.stop(grace=0)
         raise

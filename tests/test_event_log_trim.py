@@ -85,3 +85,44 @@ def test_a_stopped_consumer_past_the_byte_cap_loses_entries_and_says_exactly_how
     assert lost_new + again.lost == trimmed == log.overflow_total() == int(r.get(RedisKeys.overflow(stream)))
     assert log.lost_undelivered(group="refresh") == 0  # read past the gap: nothing more to report
     assert log.pending_count(group="refresh") == len(rest.ids)  # the lost ones left the pending list
+
+
+def test_the_logs_state_and_the_refreshs_last_run_become_metrics(redis_proc, log: EventLog) -> None:  # type: ignore[no-untyped-def]
+    """Issue 22 item 3: what a serving worker exports from Redis (online/log_signals.py)."""
+    import time
+
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from online.log_signals import LogSignals
+    from online.metrics import ServingMetrics
+
+    _record(redis_proc.url, _events(0, 10), max_bytes=1 << 30)
+    batch = log.read(group="refresh", consumer="c", count=4)  # 4 pending, 6 not delivered
+    log.record_run(outcome="refused", lost=0, now=1_700_000_000.0)
+    log.record_run(outcome="published", lost=0, version="v1", now=1_700_000_100.0)
+    log.record_run(outcome="failed", lost=None, now=1_700_000_200.0)
+    metrics = ServingMetrics(enabled=True)
+
+    async def check() -> None:
+        store = RedisFeatureStore(url=redis_proc.url, prefix=PREFIX)
+        try:
+            await LogSignals(store, metrics, every_s=0).check()
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in text_string_to_metric_families(generate_latest(metrics.registry).decode()) for s in fam.samples
+           if s.name.startswith(("twotower_event_log", "twotower_refresh"))}
+    oldest_ms = int(batch.ids[0].split("-")[0])
+    assert got[("twotower_event_log_monitored", ())] == 1
+    assert (got[("twotower_event_log_entries", ())], got[("twotower_event_log_lag_entries", ())],
+            got[("twotower_event_log_pending_entries", ())]) == (10, 6, 4)
+    assert got[("twotower_event_log_bytes", ())] > 0 and got[("twotower_event_log_dead_letters", ())] == 0
+    assert abs(got[("twotower_event_log_oldest_unacked_age_seconds", ())] - (time.time() - oldest_ms / 1000)) < 60
+    assert got[("twotower_refresh_last_run_timestamp_seconds", ())] == 1_700_000_200
+    assert got[("twotower_refresh_last_success_timestamp_seconds", ())] == 1_700_000_100  # a failure is no success
+    assert got[("twotower_refresh_last_lost_entries", ())] == -1  # unknown
+    assert got[("twotower_refresh_last_outcome", (("outcome", "failed"),))] == 1
+    assert got[("twotower_refresh_last_outcome", (("outcome", "published"),))] == 0

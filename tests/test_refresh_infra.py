@@ -58,6 +58,24 @@ def test_append_dedupes_against_the_store_and_within_the_batch(tmp_path: Path) -
     assert (rows.rating == 1.0).all()
 
 
+def test_reading_some_users_and_counting_items_match_a_plain_reference(tmp_path: Path) -> None:
+    """A refresh reads only the users with new events (``read(users=...)``) and counts items
+    one column at a time (``item_counts``): the same as filtering and counting the whole."""
+    inter = synthetic_dataset(n_users=60, n_items=25, per_user=7, seed=5).interactions
+    store = InteractionStore(tmp_path)
+    store.append(InteractionRows.from_interactions(inter))
+    whole = store.read()
+    some = {"u3", "u17", "u42", "not-a-user"}
+    got = store.read(users=some)
+    keep = np.isin(whole.user, sorted(some))
+    assert list(got.identities()) == list(whole.take(np.flatnonzero(keep)).identities()) and len(got) > 0
+    assert len(store.read(users=[])) == 0
+    ref: dict[str, int] = {}
+    for item in whole.item.tolist():
+        ref[item] = ref.get(item, 0) + 1
+    assert store.item_counts() == ref
+
+
 def test_read_is_ordered_like_temporal_split_and_filters_by_time(tmp_path: Path) -> None:
     inter = synthetic_dataset(n_users=40, n_items=30, per_user=6, seed=3).interactions
     # Ties in the same second (as in ML-100k): the crc32 rule decides, not the input order.

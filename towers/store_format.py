@@ -126,6 +126,11 @@ class RedisKeys:
     def dead_letters(self) -> str:
         return f"{self.prefix}:events:dead"
 
+    def refresh_status(self) -> str:
+        """A hash the nightly refresh writes at the end of each run (last_run, outcome,
+        last_success, lost, version); the servers export it as metrics."""
+        return f"{self.prefix}:refresh:status"
+
     @staticmethod
     def overflow(stream: str) -> str:
         """Entries the safety cap trimmed from ``stream`` unread (a counter in its slot)."""
@@ -231,6 +236,7 @@ def event_scores(events: Sequence[Event]) -> list[float]:
 
 STREAM_MAXLEN = 10_000_000
 STREAM_MAX_BYTES = 1 << 30
+REFRESH_GROUP = "refresh"  # the nightly refresh's consumer group (publish --redis creates it)
 
 
 @dataclass(frozen=True)
