@@ -146,7 +146,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grace-s", type=float, default=3600.0, help="keep retired versions' Redis keys this long")
     p.add_argument("--flags", type=Path, default=None,
                    help="an A/B flags file: versions a running or paused experiment pins keep their keys and files")
-    p.add_argument("--max-events", type=int, default=10_000_000,
+    p.add_argument("--max-events", type=int, default=5_000_000,
                    help="take at most N log entries this run (pending ones first); the rest wait for the next run")
     p.add_argument("--keep-versions", type=int, default=2,
                    help="registry retention: keep the newest N versions beside CURRENT and pinned ones (rollbacks)")
