@@ -53,6 +53,7 @@ from towers import bundle as bundle_mod
 from towers.assign import assign, shadow_sampled
 from towers.errors import ConfigError, TwoTowerError
 from towers.flags import CURRENT, Experiment, Flags, Overrides, parse_flags_text
+from towers.index import override_problem
 
 log = logging.getLogger("twotower.experiments")
 MB = 1 << 20
@@ -335,6 +336,19 @@ class Router:
                 await self.service.warm(model)
                 self.state.warmed.append(v)
             models[v] = model
+        for exp in flags.experiments:  # an override the arm's index cannot take is refused, not ignored
+            if exp.status == "stopped":
+                continue
+            for var in exp.variants:
+                arm_model = current if var.version == CURRENT else models.get(var.version)
+                if arm_model is None:
+                    continue
+                o = var.overrides
+                problem = override_problem(arm_model.bundle.index_spec, nprobe=o.nprobe, ef_search=o.ef_search)
+                if problem is not None:
+                    field = "nprobe" if o.nprobe is not None and "nprobe" in problem else "ef_search"
+                    raise ConfigError(f"experiments[{exp.name}].variants[{var.name}].overrides.{field}",
+                                      f"{problem} ({var.version})")
         self.state.resident_bytes = total
         return RoutingTable(flags=flags, digest=digest, models=models, cache_size=self.cache_size)
 

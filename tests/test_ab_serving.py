@@ -302,6 +302,41 @@ def test_search_parameters_are_per_call_and_leave_the_index_alone() -> None:
     assert search_params(IndexSpec("hnsw"), ef_search=64) is not None
 
 
+# Every kind `index tune` can choose, wrappers included: (spec, the override's knob).
+OVERRIDE_KINDS = [
+    pytest.param(dict(type="ivf"), "nprobe", id="IVF,Flat"),
+    pytest.param(dict(type="sq8"), "nprobe", id="IVF,SQ8"),
+    pytest.param(dict(type="ivfpq", pq_m=8), "nprobe", id="IVF,PQ"),
+    pytest.param(dict(type="ivfpqfs", pq_m=16, refine="sq8", k_factor=4.0), "nprobe", id="IVF,PQfs,Refine(SQ8)"),
+    pytest.param(dict(type="ivfpq", pq_m=8, opq=True, refine="flat", k_factor=2.0), "nprobe", id="OPQ,IVF,PQ,RFlat"),
+    pytest.param(dict(type="ivfpqfs", pq_m=16, opq=True), "nprobe", id="OPQ,IVF,PQfs"),
+    pytest.param(dict(type="hnsw"), "ef_search", id="HNSW,Flat"),
+    pytest.param(dict(type="hnswsq8"), "ef_search", id="HNSW,SQ8"),
+    pytest.param(dict(type="hnsw", refine="sq8", k_factor=2.0), "ef_search", id="HNSW,Flat,Refine(SQ8)"),
+]
+
+
+@pytest.mark.parametrize(("spec_kw", "knob"), OVERRIDE_KINDS)
+def test_a_search_override_reaches_every_index_kind_through_its_wrappers(spec_kw: dict[str, Any], knob: str) -> None:
+    """An arm's nprobe / ef_search changes what the index returns, whatever wraps the IVF or
+    HNSW part (FAISS silently ignores a bare SearchParametersIVF on a refine or OPQ wrapper)."""
+    from towers.index import IndexSpec, build, override_problem, search_params
+
+    rng = np.random.default_rng(3)
+    emb = rng.standard_normal((6000, 32)).astype(np.float32)  # no clusters: neighbours span IVF cells
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    spec = IndexSpec(nlist=64, nprobe=16, ef_search=128, **spec_kw)
+    index = build(emb, spec)
+    q = emb[:64] + 0.1 * rng.standard_normal((64, 32)).astype(np.float32)
+    _, default = index.search(q, 20)
+    low = {"nprobe": 1} if knob == "nprobe" else {"ef_search": 1}
+    _, narrowed = index.search(q, 20, params=search_params(spec, **low))
+    same = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(default.tolist(), narrowed.tolist(), strict=True)])
+    assert same < 0.9, f"the override changed nothing ({same:.2f} of the top 20 the same)"
+    other = {"ef_search": 8} if knob == "nprobe" else {"nprobe": 8}
+    assert override_problem(spec, **low) is None and override_problem(spec, **other) is not None
+
+
 def test_every_invalid_flags_file_keeps_the_old_flags_serving(tmp_path: Path, registry: Path,
                                                                versions: list[Version]) -> None:
     from online.experiments import MB, bundle_bytes
@@ -320,6 +355,9 @@ def test_every_invalid_flags_file_keeps_the_old_flags_serving(tmp_path: Path, re
          "experiments[ranker].variants[control].weight"),
         (ab_flags("v20990101T000000-abcdef0123"), "v20990101T000000-abcdef0123 is not in the registry"),
         (ab_flags(v1.id, shadow=v2.id), "over the limit"),
+        # an override the arm's index cannot take (nprobe on a flat index): refused, not ignored
+        (ab_flags(v1.id).replace(f"version: {v1.id}}}", f"version: {v1.id}, overrides: {{nprobe: 4}}}}"),
+         "experiments[ranker].variants[treatment].overrides.nprobe: nprobe applies to IVF indexes"),
         (None, "flags file not found"),
     ]
     try:

@@ -200,14 +200,43 @@ def set_search_params(index: faiss.Index, spec: IndexSpec) -> None:
 
 
 def search_params(spec: IndexSpec, *, nprobe: int | None = None, ef_search: int | None = None) -> Any:
-    """Per-call search parameters for an index of ``spec``'s type (``index.search(...,
-    params=...)``), or None when neither setting applies to it (flat search has no knob; an
-    nprobe asked of an HNSW index is not an error: an experiment's override is per variant,
-    not per index type)."""
-    if spec.type == "hnsw" and ef_search is not None:
-        return faiss.SearchParametersHNSW(efSearch=ef_search)  # type: ignore[attr-defined]
-    if spec.type in ("ivf", "sq8", "ivfpq") and nprobe is not None:
-        return faiss.SearchParametersIVF(nprobe=nprobe)  # type: ignore[call-arg]
+    """Per-call search parameters for an index of ``spec`` (``index.search(..., params=...)``),
+    or None when neither setting applies to it (see :func:`override_problem`).
+
+    FAISS reads per-call parameters level by level, so they are nested like the index: the
+    IVF or HNSW part's inside ``SearchParametersPreTransform`` (OPQ) inside
+    ``IndexRefineSearchParameters`` (a refine stage, which then also needs its ``k_factor``:
+    the per-call object replaces the index's own). A bare ``SearchParametersIVF`` on a refine
+    or OPQ wrapper is ignored by FAISS without an error."""
+    params: Any = None
+    if spec.type in HNSW_TYPES and ef_search is not None:
+        params = faiss.SearchParametersHNSW(efSearch=ef_search)  # type: ignore[attr-defined]
+    elif spec.type in IVF_TYPES and nprobe is not None:
+        params = faiss.SearchParametersIVF(nprobe=nprobe)  # type: ignore[call-arg]
+    if params is None:
+        return None
+    if spec.opq:
+        params = _holding(faiss.SearchParametersPreTransform(index_params=params), params)  # type: ignore[call-arg]
+    if spec.refine:
+        params = _holding(faiss.IndexRefineSearchParameters(k_factor=spec.k_factor,  # type: ignore[call-arg]
+                                                            base_index_params=params), params)
+    return params
+
+
+def _holding(outer: Any, inner: Any) -> Any:
+    """``outer`` keeps a Python reference to ``inner``: SWIG stores only the C++ pointer, and
+    the inner object must live as long as the outer one is used."""
+    outer.inner = inner
+    return outer
+
+
+def override_problem(spec: IndexSpec, *, nprobe: int | None = None, ef_search: int | None = None) -> str | None:
+    """Why an experiment's search override cannot apply to an index of ``spec`` (None: it
+    can): ``nprobe`` is an IVF setting, ``ef_search`` an HNSW one."""
+    if nprobe is not None and spec.type not in IVF_TYPES:
+        return f"nprobe applies to IVF indexes; this version's index is {spec.label()}"
+    if ef_search is not None and spec.type not in HNSW_TYPES:
+        return f"ef_search applies to HNSW indexes; this version's index is {spec.label()}"
     return None
 
 
