@@ -42,7 +42,7 @@ SERVICE = "/twotower.v1.Recommender/"
 ALLOWED = ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")
 # INVALID_ARGUMENT must name a field of the request it answers.
 FIELD_OF = {
-    "Recommend": re.compile(r"^(user_id|k|mode|session|session\.recent_item_ids|session\.cart_item_ids"
+    "Recommend": re.compile(r"^(user_id|k|mode|request_id|session|session\.recent_item_ids|session\.cart_item_ids"
                             r"|exclude_item_ids|context|context\.device|context\.timestamp"
                             r"|context\.values(\[[^\]]*\])?): "),
     "RecordEvents": re.compile(r"^(events|events\[(?P<j>\d+)\]\.(user_id|item_id|type|timestamp|request_id)): "),

@@ -30,6 +30,8 @@ from towers.store_format import (
     is_cluster_url,
 )
 
+DEAD_LETTERS_MAXLEN = 100_000
+
 
 @dataclass(frozen=True)
 class ReadBatch:
@@ -146,9 +148,12 @@ class EventLog:
             try:
                 e = decode_event_fields(fields)
             except ValueError as err:
+                # Capped (entries of at most ~1.5 KB: the server bounds every field it writes);
+                # the dead letters are for a look at what went wrong, not a second log.
                 self._call("xadd", self._redis.xadd, self.keys.dead_letters(),
                            {"reason": str(err), "stream": stream, "id": entry_id,
-                            **{(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in fields.items()}})
+                            **{(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in fields.items()}},
+                           maxlen=DEAD_LETTERS_MAXLEN, approximate=True)
                 out.dead.append(entry_id)
                 continue
             out.ids.append(entry_id)

@@ -96,6 +96,8 @@ def parse_recommend(msg: Any, cfg: ServeConfig, *, time_remaining: float | None)
     mode = MODES.get(msg.mode)
     if mode is None:
         raise InvalidRequest("mode", f"unknown mode {msg.mode}")
+    if len(msg.request_id) > cfg.max_id_length:  # echoed, logged and written to the impression log
+        raise InvalidRequest("request_id", f"longer than {cfg.max_id_length} characters")
     session = msg.session
     recent_ids, cart_ids = session.recent_item_ids, session.cart_item_ids
     n_session = len(recent_ids) + len(cart_ids)

@@ -510,6 +510,19 @@ def test_events_carry_the_request_id_of_the_impression_they_answer() -> None:
         parse_events(msg, cfg)
 
 
+def test_a_recommend_request_id_is_bounded() -> None:
+    """It is echoed, logged and written to the impression log: 7 MB of it once were."""
+    from online.request import parse_recommend
+    from towers.errors import InvalidRequest
+
+    cfg = load_config()
+    assert parse_recommend(pb.RecommendRequest(user_id="u", request_id="r" * cfg.max_id_length), cfg,
+                           time_remaining=None).request_id == "r" * cfg.max_id_length
+    with pytest.raises(InvalidRequest, match=r"^request_id: longer than 256 characters"):
+        parse_recommend(pb.RecommendRequest(user_id="u", request_id="r" * (cfg.max_id_length + 1)), cfg,
+                        time_remaining=None)
+
+
 def test_the_shadow_time_budget_refills_at_its_share_and_is_spent_by_shadow_batches() -> None:
     from online.experiments import TimeBudget
 
