@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,10 @@ from pathlib import Path
 from online.polling import Poller
 from online.service import LoadedModel, RecommendService
 from towers import registry as registry_mod
-from towers.errors import TwoTowerError
+from towers.errors import FeatureStoreError, TwoTowerError, VersionNotInStore
 
 log = logging.getLogger("twotower.hotswap")
+RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
 
 
 @dataclass
@@ -46,6 +48,10 @@ class RegistryWatcher:
         self._lock = asyncio.Lock()  # one load at a time
         self._poller = Poller(self.check, every_s=poll_s, name="registry-watcher", log=log)
         self._rejected_version = ""
+        # A candidate refused because the feature store did not answer is tried again after
+        # this long (doubling, with jitter, up to RETRY_MAX_S); a definite refusal is not.
+        self._retry_at: float | None = None
+        self._retry_s = RETRY_MIN_S
 
     async def load(self, version: str) -> bool:
         """Load, verify, check the feature store, warm, swap. False (and the old model
@@ -72,6 +78,9 @@ class RegistryWatcher:
                 self.state.last_error = f"{version}: {e}"
                 self.state.rejected += 1
                 self._rejected_version = version
+                transient = isinstance(e, FeatureStoreError) and not isinstance(e, VersionNotInStore)
+                self._retry_at = time.monotonic() + self._retry_s * random.uniform(0.8, 1.2) if transient else None
+                self._retry_s = min(self._retry_s * 2, RETRY_MAX_S) if transient else RETRY_MIN_S
                 self.service.reject(version)
                 self.service.metrics.rejected()
                 log.error("rejected %s, still serving %s: %s", version, self.state.version or "nothing", e)
@@ -82,6 +91,7 @@ class RegistryWatcher:
             self.state.swaps += 1
             self.state.loaded_at = time.time()
             self._rejected_version = ""
+            self._retry_at, self._retry_s = None, RETRY_MIN_S
             self.service.metrics.swapped()
             log.info("swapped %s -> %s in %.2f s", old or "nothing", version, time.perf_counter() - t0)
             return True
@@ -98,10 +108,14 @@ class RegistryWatcher:
                 log.error("CURRENT refused, still serving %s: %s", self.state.version or "nothing", e)
             self.state.last_error = str(e)
             return False
+        if self.service.unverified:
+            await self.service.verify_in_store()
         if version is None or version == self.state.version:
             return False
         if version == self._rejected_version and not force:
-            return False
+            if self._retry_at is None or time.monotonic() < self._retry_at:
+                return False
+            log.info("retrying %s (refused while the feature store did not answer)", version)
         return await self.load(version)
 
     def start(self) -> None:

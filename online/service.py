@@ -35,7 +35,7 @@ from online.request import RecRequest, RecResult
 from online.settings import DEFAULT_SETTINGS, BatchSettings
 from towers import bundle as bundle_mod
 from towers.context import ContextSchema, request_term
-from towers.errors import FeatureStoreError, NotReady, Unsupported
+from towers.errors import FeatureStoreError, NotReady, Unsupported, VersionNotInStore
 from towers.ranking import (
     SOURCES,
     QueryBatch,
@@ -96,6 +96,7 @@ class RecommendService:
         self.impressions = ImpressionLog(store, rate=cfg.impression_sample_rate)
         self._active: Counter[str] = Counter()  # batches running per model version
         self._candidates: set[str] = set()  # prepared, not yet installed or rejected: never dropped
+        self.unverified: set[str] = set()  # installed while the feature store did not answer
         # A/B flags (online.experiments): the router assigns each request a version and settings;
         # the versions it pins stay resident beside CURRENT. None: every request gets CURRENT.
         self.router: BatchRouter | None = None
@@ -115,9 +116,36 @@ class RecommendService:
             b = model.bundle
             self.store.add_version(model.version, user_ids=b.features.user_vocab.values, user_emb=b.user_emb,
                                    recs_items=b.recs_items, recs_scores=b.recs_scores)
-        elif not await self.store.has_version(model.version):
-            raise FeatureStoreError(f"version {model.version} is not loaded in the feature store "
+            return
+        try:
+            present = await self.store.has_version(model.version)
+        except FeatureStoreError as e:
+            if self.model is not None:
+                raise  # a swap waits for the store (the registry watcher retries with backoff)
+            # Nothing serves yet: serve this version degraded (its bundle's own user embeddings,
+            # no sessions; every response says so) rather than crash-loop through an outage.
+            # Without its keys in the store it still answers from the bundle: no skew either way.
+            self.unverified.add(model.version)
+            log.warning("feature store unreachable at start (%s): serving %s degraded until it answers", e,
+                        model.version)
+            return
+        if not present:
+            raise VersionNotInStore(f"version {model.version} is not loaded in the feature store "
                                     "(publish it with --redis first)")
+
+    async def verify_in_store(self) -> None:
+        """Versions installed while the store was unreachable: check them once it answers."""
+        for version in sorted(self.unverified):
+            try:
+                present = await self.store.has_version(version)
+            except FeatureStoreError:
+                return  # still down: the next poll tries again
+            self.unverified.discard(version)
+            if present:
+                log.info("feature store reachable: %s is loaded there; serving it in full", version)
+            else:
+                log.error("feature store reachable, but %s is not loaded there (publish it with --redis): its "
+                          "users are served from the bundle's embeddings, without precomputed recs", version)
 
     def install(self, model: LoadedModel) -> None:
         """Make ``model`` the one new batches use; batches in flight finish on the

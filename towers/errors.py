@@ -48,6 +48,11 @@ class FeatureStoreTimeout(FeatureStoreError):
     """A feature store call did not answer within its budget (counted apart from failures)."""
 
 
+class VersionNotInStore(FeatureStoreError):
+    """The feature store answered, and does not hold a version's keys (not published with
+    ``--redis``): a definite refusal, unlike a store that did not answer."""
+
+
 class NotReady(TwoTowerError):
     """No bundle is loaded yet; maps to UNAVAILABLE."""
 
