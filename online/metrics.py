@@ -417,6 +417,12 @@ class SupervisorCollector(Collector):
                                   value=s.recycles)
         yield CounterMetricFamily(f"{PREFIX}worker_failed_starts", "Workers that exited before SERVING.",
                                   value=s.failed_starts)
+        yield GaugeMetricFamily(f"{PREFIX}supervisor_crash_loop", "1 while a worker restart waits out a backoff "
+                                "because workers keep dying.", value=int(s.crash_loop))
+        yield GaugeMetricFamily(f"{PREFIX}supervisor_restart_backoff_seconds", "Time left before the pending "
+                                "worker restart.", value=s.restart_backoff_s)
+        yield CounterMetricFamily(f"{PREFIX}supervisor_monitor_errors", "Exceptions the supervisor's monitor "
+                                  "loop survived.", value=s.monitor_errors)
 
 
 # -- multiprocess mode and the exporter ---------------------------------------------------------

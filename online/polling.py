@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Awaitable, Callable
 
 
@@ -33,7 +34,9 @@ class Poller:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self._every)
+            # +-20% jitter: the workers of a deployment started together would otherwise all see
+            # a new CURRENT (and load a second bundle) in the same instant.
+            await asyncio.sleep(self._every * random.uniform(0.8, 1.2))
             try:
                 await self._check()
             except Exception:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import random
 import signal
 import socket
 import threading
@@ -41,6 +42,7 @@ KILL_MARGIN_S = 5.0  # beyond drain_grace_s: closing the service, interpreter ex
 START_TIMEOUT_S = 300.0  # a replacement that is not SERVING by then is killed
 REPORT_INTERVAL_S = 0.1  # how often a worker publishes its requests-served count
 MAX_BACKOFF_S = 30.0  # ceiling of the delay before restarting a worker that keeps failing to start
+CRASH_WINDOW_S = 60.0  # deaths of SERVING workers this close together are a crash loop (a query of death)
 
 
 # -- worker side ------------------------------------------------------------------
@@ -119,6 +121,9 @@ class SupervisorStats:
     failed_starts: int = 0  # workers that exited before reporting SERVING
     kills: int = 0  # workers SIGKILLed for not finishing their drain in time
     recycle_backoff_s: float = 0.0  # the last pause scheduled after a failed recycle replacement
+    restart_backoff_s: float = 0.0  # the pause before the pending restart (0: none waiting)
+    crash_loop: bool = False  # workers keep dying: restarts wait out a growing backoff
+    monitor_errors: int = 0  # exceptions the monitor loop survived
 
 
 def admin_port_for(base: int, *, workers: int, slot: int, held: set[int]) -> int:
@@ -159,6 +164,21 @@ def pick_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on. The workers bind with SO_REUSEPORT, so a
+    second ``serve --workers`` on a served port would not fail: the kernel would silently
+    split the traffic between two deployments. A plain bind (SO_REUSEADDR only, so sockets in
+    TIME_WAIT from a previous run do not count) fails if anything listens there."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError("--port", f"{host}:{port} is already in use ({e.strerror}); is another twotower "
+                                        "serve running there? Workers share a port with SO_REUSEPORT, so a "
+                                        "second one would silently split its traffic") from e
+
+
 def rss_mb(pid: int) -> float | None:
     """Resident memory of ``pid`` from /proc (Linux); None where unavailable."""
     try:
@@ -178,6 +198,8 @@ class Supervisor:
 
     def __init__(self, cfg: ServeConfig, registry: Path, *, log_level: int | None = None) -> None:
         check_workers_config(cfg.workers)
+        if cfg.port:
+            check_port_free(cfg.host, cfg.port)
         self.cfg = replace(cfg, port=cfg.port or pick_port(cfg.host))
         check_admin_ports(self.cfg)
         self.wcfg = cfg.workers
@@ -189,6 +211,7 @@ class Supervisor:
         self._workers: list[Worker] = []
         self._pending: list[tuple[int, float]] = []  # (slot, not before): restarts waiting out a backoff
         self._fail_streak = 0  # consecutive workers that died before SERVING (drives the backoff)
+        self._deaths: list[float] = []  # when SERVING workers died unexpectedly, within CRASH_WINDOW_S
         self._recycle_not_before = 0.0  # after a failed replacement, the next recycle waits out a backoff
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = mp.Pipe(duplex=False)  # wakes the monitor out of wait() on stop
@@ -312,8 +335,13 @@ class Supervisor:
             wait(waitables, timeout=self.wcfg.check_interval_s)
             if self._stopping.is_set():
                 return
-            with self._lock:
-                self._tick(time.monotonic())
+            try:
+                with self._lock:
+                    self._tick(time.monotonic())
+            except Exception:  # supervision must outlive its own bugs (a failed spawn, a /proc race)
+                self.stats.monitor_errors += 1
+                log.exception("supervisor monitor step failed; continuing")
+                self._stopping.wait(min(self.wcfg.check_interval_s, 1.0))
 
     def _tick(self, now: float) -> None:
         for w in self._workers:
@@ -330,6 +358,8 @@ class Supervisor:
             if now >= not_before:
                 self._pending.remove((slot, not_before))
                 self._spawn(slot)
+        self.stats.crash_loop = bool(self._pending)
+        self.stats.restart_backoff_s = max((nb - now for _, nb in self._pending), default=0.0)
         self._recycle_step(now)
 
     def _reap(self, now: float) -> None:
@@ -350,6 +380,8 @@ class Supervisor:
             if not w.ready:
                 self.stats.failed_starts += 1
                 self._fail_streak += 1
+            else:
+                self._deaths = [t for t in self._deaths if now - t < CRASH_WINDOW_S] + [now]
             successor = next((r for r in self._workers if r.replaces is w), None)
             if successor is not None:
                 successor.replaces = None  # its replacement is already on the way: that is the restart
@@ -372,7 +404,15 @@ class Supervisor:
                     self._spawn(w.slot)
 
     def _backoff(self) -> float:
-        return min(MAX_BACKOFF_S, 0.5 * 2 ** (self._fail_streak - 1)) if self._fail_streak else 0.0
+        """0 for a first failure (a long-lived worker that crashes once restarts at once); then
+        0.5 s doubling to MAX_BACKOFF_S, with +-20% jitter so replicas do not restart in step.
+        Counts workers that died before SERVING in a row, and SERVING workers that died within
+        CRASH_WINDOW_S of each other (a query of death would otherwise be a restart storm)."""
+        now = time.monotonic()
+        streak = max(self._fail_streak, len([t for t in self._deaths if now - t < CRASH_WINDOW_S]) - 1)
+        if streak <= 0:
+            return 0.0
+        return min(MAX_BACKOFF_S, 0.5 * 2 ** (streak - 1)) * random.uniform(0.8, 1.2)
 
     def _recycle_step(self, now: float) -> None:
         """One recycle at a time: replacement SERVING first, then drain the old worker."""

@@ -123,6 +123,53 @@ def test_killed_worker_is_restarted_without_failed_rpcs(supervise: Callable[...,
     assert len(sup.pids()) == 2 and victim not in sup.pids()
 
 
+def test_a_monitor_error_is_survived_and_repeated_deaths_back_off(supervise: Callable[..., Supervisor]) -> None:
+    """Issue 20 item 5: an exception in the monitor loop does not end supervision, and a SERVING
+    worker that dies again soon after the last death (a query of death) is restarted after a
+    backoff, visible as the crash-loop state, not at once."""
+    sup = supervise(workers=1)
+    real_step = sup._recycle_step
+    injected = threading.Event()
+
+    def flaky(now: float) -> None:
+        if not injected.is_set():
+            injected.set()
+            raise RuntimeError("injected into the monitor")
+        real_step(now)
+
+    sup._recycle_step = flaky  # type: ignore[method-assign]
+    wait_until(lambda: sup.stats.monitor_errors == 1, 10, "the monitor to hit the injected error")
+    first = sup.pids()[0]
+    os.kill(first, signal.SIGKILL)  # the monitor still runs: an immediate restart (a first death)
+    wait_until(lambda: sup.stats.restarts == 1 and sup.pids() and sup.pids()[0] != first, 10, "the first restart")
+    assert not sup.stats.crash_loop
+    assert sup.wait_until_serving(START_TIMEOUT)
+    os.kill(sup.pids()[0], signal.SIGKILL)  # dies again within CRASH_WINDOW_S
+    wait_until(lambda: sup.stats.restarts == 2, 10, "the second death")
+    assert sup.stats.crash_loop and 0.3 < sup.stats.restart_backoff_s <= 0.6  # 0.5 s +-20%
+    assert sup.wait_until_serving(START_TIMEOUT)
+    wait_until(lambda: not sup.stats.crash_loop, 10, "the crash-loop state to clear")
+
+
+def test_a_second_supervisor_on_a_served_port_refuses_to_start(tmp_path: Path) -> None:
+    """Workers bind with SO_REUSEPORT; a second deployment on the same port must not silently
+    take half the traffic."""
+    import socket
+
+    from towers.errors import ConfigError
+
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as a worker binds
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    try:
+        port = held.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"--port: 127.0.0.1:{port} is already in use"):
+            Supervisor(load_config(host="127.0.0.1", port=port, workers__workers=2), tmp_path)
+    finally:
+        held.close()
+
+
 def test_recycles_after_max_requests(supervise: Callable[..., Supervisor]) -> None:
     sup = supervise(max_requests=200)
     original = set(sup.pids())
