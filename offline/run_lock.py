@@ -5,16 +5,16 @@ re-running it by hand while the scheduled one is still going). Two refreshes tha
 publish would flip ``CURRENT`` in an arbitrary order and acknowledge each other's events, so
 only the holder of this lock runs.
 
-The lock is a lease: ``SET key owner NX PX ttl`` takes it, and a background thread extends it
-every ttl/3 with a compare-and-pexpire (a Lua script that extends only while the key still
-holds our owner), so a holder that crashes frees it within ``ttl``. A holder that stalls
-(a long GC pause, a frozen VM, a network partition) past ``ttl`` may find the key expired
-and taken by someone else; :meth:`RefreshLock.check` finds that out, and the refresh calls it
-right before publishing so a holder that lost the lock never publishes. ``check`` also
-extends the lease, so the publish that follows it has a whole ``ttl`` to finish.
-(Without fencing tokens at the registry no lease is airtight against a stall *between*
-``check`` and the publish; the registry's flock still serializes the flip itself.)
-Release is a compare-and-delete: a holder never deletes a lock another owner has taken.
+The lock is a lease, redis-py's ``redis.lock.Lock`` (``SET key token NX PX ttl`` to take it,
+Lua compare-and-pexpire to extend it, compare-and-delete to release it), with the owner
+``host:pid:nonce`` as its token. A background thread extends it every ttl/3, so a holder that
+crashes frees it within ``ttl``. A holder that stalls (a long GC pause, a frozen VM, a network
+partition) past ``ttl`` may find the key expired and taken by someone else; :meth:`RefreshLock.check`
+finds that out, and the refresh calls it right before publishing so a holder that lost the
+lock never publishes. ``check`` also extends the lease, so the publish that follows it has a
+whole ``ttl`` to finish. (Without fencing tokens at the registry no lease is airtight against
+a stall *between* ``check`` and the publish; the registry's flock still serializes the flip.)
+A holder never deletes a lock another owner has taken.
 """
 
 from __future__ import annotations
@@ -33,21 +33,6 @@ from towers.errors import ConfigError, FeatureStoreError, LockError, LockHeld, L
 from towers.store_format import is_cluster_url
 
 log = logging.getLogger(__name__)
-
-# Extend the key's expiry only while it still names us (KEYS[1] key, ARGV[1] owner, ARGV[2] ttl ms).
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-# Delete the key only while it still names us.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 MIN_TTL_MS = 30  # below this, renewing every ttl/3 is no longer meaningful
 
@@ -82,8 +67,9 @@ class RefreshLock:
             self._redis = redis.Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, redis.exceptions.RedisClusterException,
                                                          OSError)
-        self._renew = self._redis.register_script(_RENEW)
-        self._release = self._redis.register_script(_RELEASE)
+        # thread_local=False: the renew thread extends with the token the acquiring thread set.
+        self._lock = redis.lock.Lock(self._redis, key, timeout=self.ttl_ms / 1000, blocking=False,
+                                     thread_local=False)
         self._mu = threading.Lock()
         self._held = False
         self._lost: str | None = None  # sticky: once lost, this acquisition can never publish
@@ -113,12 +99,12 @@ class RefreshLock:
             if self._held:
                 raise LockError(f"lock {self.key!r} is already held by this object ({self.owner})")
             t0 = time.monotonic()
-            ok = self._call("set", self._redis.set, self.key, self.owner, nx=True, px=self.ttl_ms)
+            ok = self._call("set", self._lock.acquire, blocking=False, token=self.owner)
             if not ok:
                 holder = self.holder()
                 if holder is None:  # expired between SET and GET: one more try, then give up
                     t0 = time.monotonic()
-                    ok = self._call("set", self._redis.set, self.key, self.owner, nx=True, px=self.ttl_ms)
+                    ok = self._call("set", self._lock.acquire, blocking=False, token=self.owner)
                     holder = None if ok else (self.holder() or "<unknown>")
                 if not ok:
                     raise LockHeld(self.key, str(holder),
@@ -135,11 +121,15 @@ class RefreshLock:
         """One compare-and-pexpire. True: the key held our owner and now lives another ttl.
         A success proves the lease was never interrupted: had it expired, the key would be
         gone or another owner's, and we never set it again. Redis errors propagate."""
+        import redis
+
         t0 = time.monotonic()
-        ok = bool(self._renew(keys=[self.key], args=[self.owner, self.ttl_ms]))
-        if ok:
-            self._confirmed_at = t0
-        return ok
+        try:
+            self._lock.extend(self.ttl_ms / 1000, replace_ttl=True)
+        except redis.exceptions.LockNotOwnedError:
+            return False
+        self._confirmed_at = t0
+        return True
 
     def _mark_lost(self, why: str) -> None:
         if self._lost is None:
@@ -198,12 +188,21 @@ class RefreshLock:
                 self._thread.join()
             self._thread = None
             self._held = False
-            deleted = bool(self._call("release", self._release, keys=[self.key], args=[self.owner]))
+            deleted = self._call("release", self._release_key)
         if deleted:
             log.info("lock %s released by %s", self.key, self.owner)
         else:
             log.warning("lock %s: not released by %s (it had expired or was taken over)", self.key, self.owner)
         return deleted
+
+    def _release_key(self) -> bool:
+        import redis
+
+        try:
+            self._lock.release()
+        except redis.exceptions.LockNotOwnedError:  # expired, or another owner's now: left alone
+            return False
+        return True
 
     def close(self) -> None:
         self.release()

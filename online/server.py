@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from online.admin_auth import check_admin_exposure, token_interceptor
 from online.batcher import DeadlineExceeded
@@ -29,6 +28,7 @@ from online.log_signals import LogSignals
 from online.metrics import error_fields
 from online.proto import recommender_pb2 as pb
 from online.proto import recommender_pb2_grpc as pb_grpc
+from online.reflection import enable_reflection
 from online.request import RecResult, parse_events, parse_recommend
 from online.service import LoadedModel, RecommendService
 from online.tls import load_server_tls
@@ -285,7 +285,7 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
         add_recommender(RecommenderServicer(service), server)
         health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
     for name in ("", SERVICE_NAME):
         await _maybe_await(health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
     running = RunningServer(server, service, health_servicer, -1)

@@ -177,15 +177,26 @@ def test_concurrent_requests_are_batched(server: ServerThread) -> None:
     assert stats.items >= 64 and stats.batches < stats.items
 
 
-def test_reflection_lists_the_services(server: ServerThread) -> None:
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+@pytest.mark.parametrize("package", ["grpc.reflection.v1", "grpc.reflection.v1alpha"])
+def test_reflection_lists_and_describes_the_services_under_both_names(server: ServerThread, package: str) -> None:
+    """Newer clients (grpcurl >= 1.9, Postman, Kreya) ask for v1 first; older ones for v1alpha.
+    The messages are the same fields, so v1alpha's classes encode a v1 client's bytes."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
 
     with grpc.insecure_channel(server.target) as ch:
-        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        req = reflection_pb2.ServerReflectionRequest(list_services="")
-        resp = next(iter(stub.ServerReflectionInfo(iter([req]), timeout=5)))
-    names = {s.name for s in resp.list_services_response.service}
-    assert {"twotower.v1.Recommender", "grpc.health.v1.Health"} <= names
+        call = ch.stream_stream(f"/{package}.ServerReflection/ServerReflectionInfo",
+                                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        listed, described = list(call(iter([
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="twotower.v1.Recommender")]), timeout=5))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"twotower.v1.Recommender", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+             for b in described.file_descriptor_response.file_descriptor_proto]
+    assert any(svc.name == "Recommender" for f in files for svc in f.service)
 
 
 def test_an_exhausted_budget_degrades_instead_of_failing(served_registry: Path) -> None:
