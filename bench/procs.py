@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -140,17 +141,24 @@ def trivial_server() -> Iterator[ServerProc]:
 
 
 class RedisProcess:
-    """A throwaway redis-server (no persistence) on a free port."""
+    """A throwaway redis-server (no persistence) on a free loopback port, which a test or a
+    benchmark can stop, signal (SIGSTOP: a hung server) and start again on the same port."""
 
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
-        # DEBUG SLEEP (the "Redis slowed" fault) is refused unless debug commands are enabled.
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(workdir), "--enable-debug-command", "local"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.dir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
         import redis
 
-        for _ in range(300):
+        # DEBUG SLEEP (the "Redis slowed" fault) is refused unless debug commands are enabled.
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.dir), "--dbfilename", "dump.rdb",
+                                      "--enable-debug-command", "local"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(300):  # bounded wait for the server to accept connections
             try:
                 redis.Redis(port=self.port).ping()
                 return
@@ -162,6 +170,22 @@ class RedisProcess:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def stop(self) -> None:
+    def shutdown_saving(self) -> None:
+        import redis
+
+        with contextlib.suppress(redis.ConnectionError):
+            redis.Redis(port=self.port).shutdown(save=True)
+        assert self.proc is not None
+        self.proc.wait(timeout=10)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        assert self.proc is not None
         self.proc.kill()
-        self.proc.wait()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.kill()

@@ -394,11 +394,11 @@ def run_faults(b: Bench, catalog: str) -> None:
             finally:
                 stop.set()
                 t.join()
-            redis_proc.proc.send_signal(signal.SIGSTOP)
+            redis_proc.signal(signal.SIGSTOP)
             try:
                 b.load("redis stopped (SIGSTOP)", target, phase="stopped", **common)
             finally:
-                redis_proc.proc.send_signal(signal.SIGCONT)
+                redis_proc.signal(signal.SIGCONT)
             b.load("redis back (no server restart)", target, phase="recovered", **common)
 
 

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 import pytest
 
+from bench.procs import RedisProcess
 from offline.datasets import Dataset, load_dataset
 from towers.cliargs import default_data_dir
 
@@ -52,61 +52,6 @@ def synth_bundle(synth_bundle_factory, tmp_path: Path) -> Path:  # type: ignore[
     dst = tmp_path / "bundle"
     shutil.copytree(src, dst)
     return dst
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisProcess:
-    """A throwaway redis-server on a free loopback port, which a test can stop and restart."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.dir = workdir
-        self.proc: object = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        import subprocess
-        import time
-
-        import redis
-
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), "--dbfilename", "dump.rdb"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
-        for _ in range(200):  # bounded wait for the server to accept connections
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def shutdown_saving(self) -> None:
-        import redis
-
-        with contextlib.suppress(redis.ConnectionError):
-            redis.Redis(port=self.port).shutdown(save=True)
-        self.proc.wait(timeout=10)  # type: ignore[attr-defined]
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)  # type: ignore[attr-defined]
-
-    def kill(self) -> None:
-        self.proc.kill()  # type: ignore[attr-defined]
-        self.proc.wait(timeout=10)  # type: ignore[attr-defined]
 
 
 @pytest.fixture

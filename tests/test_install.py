@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from cli_entry import package_dirs
 
+from bench.procs import free_port
 from online.client import RecommenderClient
 from towers import registry as registry_mod
 
@@ -64,14 +65,6 @@ def make_serving_venv(src: Path, venv: Path) -> str:
     inst = run(venv / "bin" / "python", "-m", "pip", "install", "--quiet", src)
     assert inst.returncode == 0, inst.stderr[-2000:]
     return "pip"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_base_install_serves_a_bundle_without_torch(synth_bundle_factory: Callable[..., Path], tmp_path: Path,

@@ -20,6 +20,7 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 from waiting import wait_until
 
+from bench.procs import free_port
 from online.client import RecommenderClient
 from online.config import load_config
 from online.feature_store import RedisClusterFeatureStore, RedisFeatureStore, open_redis_store
@@ -33,28 +34,19 @@ from towers.store_format import LOG_SHARDS, RedisKeys, is_cluster_url, log_shard
 PREFIX = "ttc"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-
 class RedisClusterProcs:
     """Three cluster-enabled redis-servers (no replicas) on free loopback ports, joined with
     ``redis-cli --cluster create``. The bus port is chosen too (``--cluster-port``): the default,
     port + 10000, can be out of range or taken for an ephemeral port."""
 
     def __init__(self, workdir: Path, n: int = 3) -> None:
-        self.ports = [_free_port() for _ in range(n)]
+        self.ports = [free_port() for _ in range(n)]
         self.procs: list[subprocess.Popen[bytes]] = []
         for port in self.ports:
             d = workdir / str(port)
             d.mkdir()
             self.procs.append(subprocess.Popen(
-                ["redis-server", "--port", str(port), "--cluster-port", str(_free_port()), "--bind", "127.0.0.1",
+                ["redis-server", "--port", str(port), "--cluster-port", str(free_port()), "--bind", "127.0.0.1",
                  "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
                  # Healthy nodes keep serving their slots while one is stopped (the test's point);
                  # a short node timeout exercises the FAIL flag and its clearing on SIGCONT.

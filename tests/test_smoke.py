@@ -37,18 +37,11 @@ from cli_entry import ROOT, twotower_argv
 from monitoring import Samples, missing_names, scrape, total
 from pki import Pki, make_pki
 
+from bench.procs import free_port
 from online.client import RecommenderClient
 from online.tls import channel_credentials
 
 COMPOSE = ROOT / "deploy" / "compose.yaml"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, ok: Callable[[], bool], timeout: float, proc: subprocess.Popen[Any] | None = None,
