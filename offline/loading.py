@@ -86,11 +86,11 @@ def resolve(spec: DatasetSpec, *, base: Path, data_dir: Path, source: str = "dat
         head = dict(atomic_header(files["inter"]))
         given = inter.model_fields_set
         auto: dict[str, Any] = {"path": str(files["inter"]), "format": "atomic"}
-        for key, default in (("user", "user_id"), ("item", "item_id"), ("time", "timestamp")):
+        for key in ("user", "item", "time"):
             if key not in given:
-                auto[key] = default
-        if "time" not in given and "timestamp" not in head:
-            auto["time_format"] = "row"  # no time column: file order is the order
+                auto[key] = _atomic_column(key, head, files)
+        if "time" not in given and auto["time"] is None:
+            auto.update(time="timestamp", time_format="row")  # no time column: file order is the order
         inter = inter.model_copy(update=auto)
         items = _atomic_table(files.get("item"), items, inter.item)
         users = _atomic_table(files.get("user"), users, inter.user)
@@ -108,6 +108,27 @@ def resolve(spec: DatasetSpec, *, base: Path, data_dir: Path, source: str = "dat
     resolved = spec.model_copy(update=upd)
     where = f"{source} (with the atomic files of {spec.atomic})" if spec.atomic is not None else source
     return parse_spec(resolved.to_json(), source=where)
+
+
+TIME_NAMES = ("timestamp", "time", "date", "datetime", "ts")  # RecBole datasets name their time field so
+
+
+def _atomic_column(key: str, head: dict[str, str], files: dict[str, Path]) -> str | None:
+    """The interactions' user, item or time column of a RecBole atomic directory with no spec.
+    RecBole's convention: ``user_id``/``item_id``, else the id field is the first column of the
+    ``.user``/``.item`` file (Yelp's ``business_id``, LastFM's ``artist_id``); the time is a
+    ``timestamp`` (or ``date``, ``time``...) float column, else file order (None)."""
+    if key == "time":
+        return next((c for c in TIME_NAMES if head.get(c) == "float"), None)
+    default = f"{key}_id"
+    if default in head:
+        return default
+    table = files.get(key)
+    first = atomic_header(table)[0][0] if table is not None else None
+    if first is not None and first in head:
+        return first
+    raise DataError(f"{files['inter']}: no {default!r} column, and no .{key} file whose first (id) column the "
+                    f"interactions have ({', '.join(head)}); name it in a spec: interactions.{key}")
 
 
 def _atomic_table(path: Path | None, declared: TableSpec | None, default_id: str) -> TableSpec | None:

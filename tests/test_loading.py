@@ -311,6 +311,26 @@ def test_atomic_files_zero_config(tmp_path: Path) -> None:
     assert ds.spec.policies.exclude_seen and ds.spec.atomic is None  # resolved: explicit paths and kinds
 
 
+def test_atomic_files_name_their_ids_as_recbole_datasets_do(tmp_path: Path) -> None:
+    """Yelp-shaped atomic files: the item id is ``business_id`` (the first column of the .item
+    file), the time a float ``date``, beside columns the interactions carry for nobody."""
+    d = tmp_path / "yelp"
+    d.mkdir()
+    (d / "yelp.inter").write_text("review_id:token\tuser_id:token\tbusiness_id:token\tstars:float\tdate:float\n"
+                                  + "".join(f"r{k}\tu{k % 3}\tb{k % 5}\t{1 + k % 5}\t{T0 + 10 * k}\n"
+                                            for k in range(15)))
+    (d / "yelp.item").write_text("business_id:token\tcity:token\n" + "".join(f"b{k}\tc{k % 2}\n" for k in range(5)))
+    ds = load_dataset(str(d), cache_dir=tmp_path)
+    inter = ds.spec.interactions
+    assert (inter.user, inter.item, inter.time) == ("user_id", "business_id", "date")
+    assert ds.interactions.item.tolist()[:3] == ["b0", "b1", "b2"]
+    assert ds.interactions.timestamp.tolist() == [T0 + 10 * k for k in range(15)]
+    assert [f.column for f in ds.spec.features("item")] == ["city"]
+    (d / "yelp.item").unlink()  # nothing says which column the items are: a clear error, naming the way out
+    with pytest.raises(DataError, match=r"no 'item_id' column.*interactions\.item"):
+        load_dataset(str(d), cache_dir=tmp_path)
+
+
 def test_atomic_files_without_a_time_column_keep_file_order(tmp_path: Path) -> None:
     ds = load_dataset(str(atomic(tmp_path / "shop", with_time=False)), cache_dir=tmp_path)
     assert ds.interactions.timestamp.tolist() == list(range(24))
