@@ -52,7 +52,7 @@ from towers import index as faiss_index
 from towers.errors import ConfigError
 from towers.features import FeaturePipeline
 from towers.model import ModelConfig, TwoTower, history_inputs, model_from_arrays, to_tensors
-from towers.ranking import QueryBatch, RankModel, combine_queries, search, search_width, select
+from towers.ranking import QueryBatch, RankModel, combine_queries, search_batch, select
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "hr@50")
 
@@ -207,7 +207,7 @@ def teacher_metrics(teacher: Teacher, split: Split, *, batch: int = 1024) -> dic
             hi = min(len(es), lo + batch)
             qb = es.batch(teacher.members[0].rank_model, lo, hi)
             q = teacher.queries(es, lo, hi)
-            scores, rows = search(ens, q[qb.queried], search_width(ens, qb))
+            scores, rows = search_batch(ens, qb, q[qb.queried])
             ranks[lo:hi] = pessimistic_ranks(ens, qb, select(ens, qb, q, scores, rows), es.targets[lo:hi])
         m = metrics_from_ranks(ranks)
         if which == "test":

@@ -43,7 +43,7 @@ from towers.ranking import (
     combine_queries,
     popular,
     search,
-    search_width,
+    search_batch,
     select,
     take_eligible,
 )
@@ -308,10 +308,9 @@ class RecommendService:
         # search: one FAISS call, off the event loop (FAISS releases the GIL). Always in a search
         # thread, however small: a batch is then in flight while it searches and the next one
         # gathers (searching tiny catalogs inline kept batches at 1.5-2 under load: -35% QPS).
-        width = search_width(model.ranker, sub)
         if len(sub):
             cand_scores, cand_rows = await asyncio.get_running_loop().run_in_executor(
-                self.search_pool, partial(search, model.ranker, queries, width, params=settings.search_params))
+                self.search_pool, partial(search_batch, model.ranker, sub, queries, params=settings.search_params))
         else:
             cand_scores, cand_rows = search(model.ranker, queries, 0)
         t3 = time.monotonic()

@@ -104,6 +104,36 @@ def test_short_approximate_lists_are_refilled_exactly() -> None:
     assert short > 0  # the setting really exercises the refill
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_one_wide_exclusion_list_deepens_only_its_own_search(kind: str) -> None:
+    """Issue 20 item 3: one request excluding almost the whole catalog in a batch of 64. Its
+    batchmates are searched WIDE_BANNED deep at most, it alone as deep as it needs, and every
+    list is still right: k eligible items, the exact top k where the index is exact."""
+    from towers.ranking import SEARCH_MARGIN, WIDE_BANNED, search_batch
+
+    model = make_model(kind)
+    rng = np.random.default_rng(11)
+    reqs = [(int(rng.integers(0, N_USERS)), [], [int(x) for x in rng.choice(N_ITEMS, 3, replace=False)], 10)
+            for _ in range(63)]
+    wide_exclude = [int(x) for x in rng.choice(N_ITEMS, N_ITEMS - 40, replace=False)]
+    reqs.insert(17, (5, [], wide_exclude, 10))
+    qb = batch_of(model, reqs)
+    assert search_width(model, qb) == min(N_ITEMS, 10 + min(N_ITEMS - 40, WIDE_BANNED) + SEARCH_MARGIN) < N_ITEMS
+    queries = combine_queries(model, qb)
+    _, cand = search_batch(model, qb, queries[qb.queried])
+    base = search_width(model, qb)
+    assert cand.shape[1] == 10 + (N_ITEMS - 40) + SEARCH_MARGIN > base  # the wide request alone went deeper...
+    assert (np.delete(cand, 17, axis=0)[:, base:] == -1).all()  # ...its batchmates only `base` deep
+    if kind == "flat":
+        assert (cand[17] >= 0).all()
+    ranked = rank(model, qb)
+    for i, (user, session, exclude, k) in enumerate(reqs):
+        rows, _ = ranked.items(i)
+        assert len(rows) == k and not set(rows.tolist()) & set(exclude), i
+        if kind == "flat":
+            assert rows.tolist() == reference(model, user, session, exclude, k), i
+
+
 def test_sources_follow_what_the_query_had() -> None:
     model = make_model()
     reqs = [(3, [5, 6], [], 5), (-1, [5], [], 5), (3, [], [], 5), (-1, [], [9], 5)]

@@ -36,6 +36,7 @@ from towers.bundle import Bundle
 from towers.combiner import CombinerParams, combine
 
 SEARCH_MARGIN = 16  # extra candidates beyond k + exclusions, for IVF/HNSW misses (-1 ids)
+WIDE_BANNED = 256  # exclusions beyond this widen only their own request's search (search_batch)
 EXACT_CHUNK = 64  # refill queries scored at once: 64 x 1M items x 4 bytes = 256 MB at most
 
 # Where a request's list came from; index == code in ``Ranked.source``.
@@ -256,10 +257,38 @@ def combine_queries(model: RankModel, batch: QueryBatch) -> np.ndarray:
 
 
 def search_width(model: RankModel, batch: QueryBatch) -> int:
-    """Candidates to ask the index for, so that filtering still leaves k (margin for -1 ids)."""
+    """Candidates the batch's one search asks the index for: enough that filtering still
+    leaves each request k (margin for -1 ids), counting at most WIDE_BANNED exclusions. A
+    request with more is searched again, deeper, on its own (:func:`search_batch`): one
+    request with 10k exclusions must not make all 64 of its batchmates search 10k deep."""
     if len(batch) == 0:
         return 0
-    return int(min(model.n_items, int(batch.k.max()) + int(batch.n_banned.max()) + SEARCH_MARGIN))
+    banned = min(int(batch.n_banned.max()), WIDE_BANNED)
+    return int(min(model.n_items, int(batch.k.max()) + banned + SEARCH_MARGIN))
+
+
+def search_batch(model: RankModel, batch: QueryBatch, queries: np.ndarray, *,
+                 params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The search stage for ``queries`` (one row per ``batch.queried``): one search of
+    :func:`search_width` for all, then one deeper search for the few requests whose
+    exclusions need more (each to its own k + exclusions + margin, the widest of them for
+    all of them). The candidates come back padded to the deepest width with -1 ids, which
+    ``select`` drops like any miss. Runs in a search thread (FAISS releases the GIL)."""
+    which = batch.queried
+    assert len(queries) == len(which), "one query per queried request"
+    base = search_width(model, batch)
+    scores, rows = search(model, queries, base, params=params)
+    need = np.minimum(batch.k[which] + batch.n_banned[which] + SEARCH_MARGIN, model.n_items)
+    wide = np.flatnonzero(need > base)
+    if len(wide) == 0:
+        return scores, rows
+    deep = int(need[wide].max())
+    s2, r2 = search(model, queries[wide], deep, params=params)
+    out_scores = np.zeros((len(queries), deep), np.float32)
+    out_rows = np.full((len(queries), deep), -1, np.int64)
+    out_scores[:, :base], out_rows[:, :base] = scores, rows
+    out_scores[wide], out_rows[wide] = s2, r2
+    return out_scores, out_rows
 
 
 def search(model: RankModel, queries: np.ndarray, width: int, *,
@@ -345,5 +374,5 @@ def rank(model: RankModel, batch: QueryBatch) -> Ranked:
     """combine → search → select for a batch: what evaluate, batch-score and the demo run,
     and what the server runs stage by stage."""
     queries = combine_queries(model, batch)
-    scores, rows = search(model, queries[batch.queried], search_width(model, batch))
+    scores, rows = search_batch(model, batch, queries[batch.queried])
     return select(model, batch, queries, scores, rows)
