@@ -267,28 +267,49 @@ def search_width(model: RankModel, batch: QueryBatch) -> int:
     return int(min(model.n_items, int(batch.k.max()) + banned + SEARCH_MARGIN))
 
 
-def search_batch(model: RankModel, batch: QueryBatch, queries: np.ndarray, *,
-                 params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """The search stage for ``queries`` (one row per ``batch.queried``): one search of
-    :func:`search_width` for all, then one deeper search for the few requests whose
-    exclusions need more (each to its own k + exclusions + margin, the widest of them for
-    all of them). The candidates come back padded to the deepest width with -1 ids, which
-    ``select`` drops like any miss. Runs in a search thread (FAISS releases the GIL)."""
+@dataclass(frozen=True)
+class SearchPlan:
+    """How deep the search stage goes: ``base`` for the batch, ``deep`` for the rows ``wide``
+    (positions among the queries) whose exclusions need more than ``base`` leaves."""
+
+    base: int
+    wide: np.ndarray
+    deep: int
+
+
+def plan_search(model: RankModel, batch: QueryBatch) -> SearchPlan:
     which = batch.queried
-    assert len(queries) == len(which), "one query per queried request"
     base = search_width(model, batch)
-    scores, rows = search(model, queries, base, params=params)
     need = np.minimum(batch.k[which] + batch.n_banned[which] + SEARCH_MARGIN, model.n_items)
     wide = np.flatnonzero(need > base)
-    if len(wide) == 0:
-        return scores, rows
-    deep = int(need[wide].max())
-    s2, r2 = search(model, queries[wide], deep, params=params)
-    out_scores = np.zeros((len(queries), deep), np.float32)
-    out_rows = np.full((len(queries), deep), -1, np.int64)
-    out_scores[:, :base], out_rows[:, :base] = scores, rows
-    out_scores[wide], out_rows[wide] = s2, r2
+    return SearchPlan(base=base, wide=wide, deep=int(need[wide].max()) if len(wide) else 0)
+
+
+def merge_searches(plan: SearchPlan, first: tuple[np.ndarray, np.ndarray],
+                   second: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's candidates: ``first`` (every query, ``plan.base`` deep) with the wide rows
+    replaced by ``second`` (theirs, ``plan.deep`` deep), padded to the deepest with -1 ids,
+    which ``select`` drops like any miss."""
+    if second is None or not len(plan.wide):
+        return first
+    scores, rows = first
+    out_scores = np.zeros((len(rows), plan.deep), np.float32)
+    out_rows = np.full((len(rows), plan.deep), -1, np.int64)
+    out_scores[:, :plan.base], out_rows[:, :plan.base] = scores, rows
+    out_scores[plan.wide], out_rows[plan.wide] = second
     return out_scores, out_rows
+
+
+def search_batch(model: RankModel, batch: QueryBatch, queries: np.ndarray, *,
+                 params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The search stage for ``queries`` (one row per ``batch.queried``), one search after the
+    other: :func:`plan_search`, the batch ``base`` deep, the wide rows alone ``deep``. (The
+    server runs the two on two search threads at once: ``RecommendService.run_batch``.)"""
+    assert len(queries) == len(batch.queried), "one query per queried request"
+    plan = plan_search(model, batch)
+    first = search(model, queries, plan.base, params=params)
+    second = search(model, queries[plan.wide], plan.deep, params=params) if len(plan.wide) else None
+    return merge_searches(plan, first, second)
 
 
 def search(model: RankModel, queries: np.ndarray, width: int, *,
