@@ -11,6 +11,11 @@ low load.
 Items whose caller has gone (cancelled future) or whose deadline has passed are
 dropped before the batch runs. The handler returns one result or exception per
 item; an exception fails only its own item. Results are set "if not done".
+
+Admission control: an item is refused at ``submit`` (``Overloaded``, at once, never left to
+time out in the queue) when the worker already holds ``max_pending`` items (queued + in
+flight), or when its deadline falls before the time it would take to get through the queue
+ahead of it, estimated from measured batch durations (an exponential average).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from towers.errors import Overloaded
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -58,9 +65,12 @@ class Batcher(Generic[T, R]):
     """``handler(items, queue_seconds)`` → one result or exception per item."""
 
     def __init__(self, handler: Handler[T, R], *, max_batch_size: int, max_wait_ms: float,
-                 max_inflight: int = 2, gap_ms: float = 1.0) -> None:
-        if max_batch_size < 1 or max_inflight < 1:
-            raise ValueError("max_batch_size and max_inflight must be >= 1")
+                 max_inflight: int = 2, gap_ms: float = 1.0, max_pending: int = 0) -> None:
+        if max_batch_size < 1 or max_inflight < 1 or max_pending < 0:
+            raise ValueError("max_batch_size and max_inflight must be >= 1, max_pending >= 0")
+        self._max_pending = max_pending  # 0: unbounded
+        self._pending = 0  # submitted, not yet answered
+        self.batch_s = 0.0  # exponential average of a batch's duration (0: none measured yet)
         self._handler = handler
         self._max = max_batch_size
         self._wait = max_wait_ms / 1000.0
@@ -94,14 +104,38 @@ class Batcher(Generic[T, R]):
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
+    def expected_wait(self) -> float:
+        """Seconds until an item submitted now would be answered: the batches queued ahead of it
+        (``max_inflight`` run at once) and its own, at the measured batch duration."""
+        ahead = self._queue.qsize() // self._max
+        return (ahead / self._max_inflight + 1) * self.batch_s
+
+    def admit(self, *, deadline: float, now: float) -> None:
+        """Raise ``Overloaded`` if an item with ``deadline`` should be refused now."""
+        if self._max_pending and self._pending >= self._max_pending:
+            raise Overloaded("queue_full", f"overloaded: {self._pending} requests held (limit {self._max_pending})",
+                             retry_after_s=max(self.expected_wait(), 0.01))
+        wait = self.expected_wait()
+        # Only against a measurement, and only a deadline still ahead (a passed one is the
+        # caller's DEADLINE_EXCEEDED, not our overload).
+        if self.batch_s > 0 and now < deadline < now + wait:
+            raise Overloaded("deadline", f"overloaded: the queue ahead takes ~{wait * 1000:.0f} ms, more than the "
+                                         f"{max(deadline - now, 0) * 1000:.0f} ms left", retry_after_s=max(wait, 0.01))
+
     async def submit(self, item: T, *, deadline: float = float("inf")) -> R:
-        """Queue ``item`` and wait for its result. Cancelling the caller drops the item."""
+        """Queue ``item`` and wait for its result (``Overloaded`` at once if it is refused).
+        Cancelling the caller drops the item."""
         self.start()
+        self.admit(deadline=deadline, now=time.monotonic())
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(item, fut, deadline))
+        self._pending += 1
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(True)
-        return await fut
+        try:
+            return await fut
+        finally:
+            self._pending -= 1
 
     def _busy(self) -> bool:
         """Under load: a batch is in flight (its fetch or search is running). Idle: dispatch at
@@ -179,6 +213,8 @@ class Batcher(Generic[T, R]):
                     raise RuntimeError(f"batch handler returned {len(results)} results for {len(batch)} items")
             except Exception as e:  # the whole batch failed: every caller hears why
                 results = [e] * len(batch)
+            took = time.monotonic() - now
+            self.batch_s = took if self.batch_s == 0.0 else 0.8 * self.batch_s + 0.2 * took
             for p, r in zip(batch, results, strict=True):
                 if p.future.done():
                     continue

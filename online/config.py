@@ -29,6 +29,10 @@ class BatchingConfig:
     max_wait_ms: float = 2.0  # only while another batch is in flight; idle requests go at once
     gap_ms: float = 1.0  # under load, a batch closes early once no request arrived for this long
     max_inflight_batches: int = 2  # a batch's feature fetch overlaps the previous batch's search
+    # Admission control: requests a worker holds (queued + in flight) before it refuses more
+    # with RESOURCE_EXHAUSTED (0: no bound). A request whose deadline the queue ahead of it
+    # would miss (measured batch durations) is refused at once as well.
+    max_pending: int = 512
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,9 @@ class ServeConfig:
     impression_sample_rate: float = 0.01  # share of served responses logged to the impression stream
     warmup: bool = True  # send synthetic requests down every path before reporting SERVING
     registry_poll_s: float = 1.0  # how often CURRENT is checked for a new version (0: never)
+    # The deadline of a Recommend call that carries none (0: none): without one, an overloaded
+    # worker could hold it forever.
+    default_deadline_ms: float = 1000.0
     # How often a Redis-backed server reads the event log's state and the refresh's last run
     # into its metrics (online/log_signals.py; 0: never).
     log_signals_s: float = 15.0
@@ -151,6 +158,8 @@ class ServeConfig:
             ("impression_sample_rate", 0.0 <= self.impression_sample_rate <= 1.0, "must be in [0, 1]"),
             ("redis.stream_maxlen", self.redis.stream_maxlen >= 1, "must be >= 1"),
             ("log_signals_s", self.log_signals_s >= 0, "must be >= 0 (0: never)"),
+            ("default_deadline_ms", self.default_deadline_ms >= 0, "must be >= 0 (0: none)"),
+            ("batching.max_pending", self.batching.max_pending >= 0, "must be >= 0 (0: no bound)"),
             ("redis.events_max_bytes", self.redis.events_max_bytes == 0 or self.redis.events_max_bytes >= 1 << 16,
              "must be 0 (no cap) or >= 65536"),
             ("sync_threads", self.sync_threads >= 1, "must be >= 1"),

@@ -14,6 +14,9 @@ What is exported (every name starts with ``twotower_``; seconds, not microsecond
 - ``feature_store_errors_total{op,kind}``: kind timeout|error, op fetch|batch_recs|record;
 - ``rpc_errors_total{code}``: RPCs that failed (invalid input, deadline, internal);
 - ``model_swaps_total``, ``model_rejected_total``: from the registry watcher;
+- ``shed_requests_total{reason}``: calls refused at admission (queue_full | deadline);
+  ``event_log_overflow_entries_total``: unconsumed log entries the byte cap trimmed; the
+  event log and refresh gauges (``event_log_*``, ``refresh_last_*``: ``online.log_signals``);
 - gauges ``serving`` (1 per worker that is SERVING), ``model_info{version,variant}`` (1 per
   worker serving that version: the Info-metric convention as a gauge, because
   ``prometheus_client.Info`` has no multiprocess mode), ``batcher_queue_depth``,
@@ -160,6 +163,10 @@ class ServingMetrics:
                 self._store_errors.labels(op, kind)
         self._rpc_errors = Counter(f"{PREFIX}rpc_errors", "RPCs answered with an error status.", ["code"],
                                    registry=r)
+        self._shed = Counter(f"{PREFIX}shed_requests", "Recommend calls refused at admission "
+                             "(RESOURCE_EXHAUSTED), by reason: queue_full | deadline.", ["reason"], registry=r)
+        for reason in ("queue_full", "deadline"):
+            self._shed.labels(reason)
         self._overflow = Counter(f"{PREFIX}event_log_overflow_entries", "Event log entries no consumer had "
                                  "acknowledged, trimmed by the log's byte cap (redis.events_max_bytes).", registry=r)
         self._swaps = Counter(f"{PREFIX}model_swaps", "Bundle versions installed (the first load included).",
@@ -330,6 +337,10 @@ class ServingMetrics:
         self._overflow.inc(entries)
         log.error("event log over its byte cap (redis.events_max_bytes): %d unconsumed entries trimmed; "
                    "is the nightly refresh running?", entries)
+
+    def shed(self, reason: str) -> None:
+        """A request refused at admission (queue_full | deadline)."""
+        self._shed.labels(reason).inc()
 
     def rpc_failed(self, code: Any) -> None:
         """``code``: a ``grpc.StatusCode`` (its name is the label)."""

@@ -106,6 +106,8 @@ def parse_recommend(msg: Any, cfg: ServeConfig, *, time_remaining: float | None)
     recent = _ids(recent_ids, "session.recent_item_ids", cfg, cfg.max_session_items, dedupe=True)
     cart = _ids(cart_ids, "session.cart_item_ids", cfg, cfg.max_session_items, dedupe=True)
     exclude = _ids(msg.exclude_item_ids, "exclude_item_ids", cfg, cfg.max_exclude_items, dedupe=False)
+    if time_remaining is None and cfg.default_deadline_ms > 0:
+        time_remaining = cfg.default_deadline_ms / 1000.0
     client_deadline = now + time_remaining if time_remaining is not None else float("inf")
     deadline = budget_deadline(now, total_ms=cfg.budget.total_ms, network_ms=cfg.budget.network_ms,
                                client_deadline=client_deadline)

@@ -34,7 +34,15 @@ from online.service import LoadedModel, RecommendService
 from online.tls import load_server_tls
 from online.wire import lenient_deserializer
 from towers import registry as registry_mod
-from towers.errors import ConfigError, FeatureStoreError, InvalidRequest, NotReady, TwoTowerError, Unsupported
+from towers.errors import (
+    ConfigError,
+    FeatureStoreError,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    TwoTowerError,
+    Unsupported,
+)
 
 if TYPE_CHECKING:
     from online.experiments import Router
@@ -45,6 +53,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 # The one mapping from our exceptions to gRPC status codes.
 STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (FeatureStoreError, grpc.StatusCode.UNAVAILABLE),
@@ -58,6 +67,11 @@ def status_of(e: BaseException) -> grpc.StatusCode:
         if isinstance(e, cls):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def pushback(e: Overloaded) -> tuple[tuple[str, str], ...]:
+    """gRPC's retry pushback for a refused request: when (ms) a retry may come."""
+    return (("grpc-retry-pushback-ms", str(max(int(e.retry_after_s * 1000), 1))),)
 
 
 RUNG_CODE = {name: code for code, name in enumerate(RUNGS)}
@@ -83,6 +97,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def _fail(self, context: grpc.aio.ServicerContext, e: BaseException, request: Any = None) -> Any:
         code = status_of(e)
         self.service.metrics.rpc_failed(code)
+        if isinstance(e, Overloaded):
+            context.set_trailing_metadata(pushback(e))
         if code == grpc.StatusCode.INTERNAL:
             log.exception("internal error", exc_info=e, extra=error_fields(self.service, request))
         await context.abort(code, str(e))
@@ -119,6 +135,8 @@ class SyncRecommenderServicer(pb_grpc.RecommenderServicer):
     def _fail(self, context: grpc.ServicerContext, e: BaseException, request: Any = None) -> Any:
         code = status_of(e)
         self.service.metrics.rpc_failed(code)
+        if isinstance(e, Overloaded):
+            context.set_trailing_metadata(pushback(e))
         if code == grpc.StatusCode.INTERNAL:
             log.exception("internal error", exc_info=e, extra=error_fields(self.service, request))
         context.abort(code, str(e))

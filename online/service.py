@@ -35,7 +35,7 @@ from online.request import RecRequest, RecResult
 from online.settings import DEFAULT_SETTINGS, BatchSettings
 from towers import bundle as bundle_mod
 from towers.context import ContextSchema, request_term
-from towers.errors import FeatureStoreError, NotReady, Unsupported, VersionNotInStore
+from towers.errors import FeatureStoreError, NotReady, Overloaded, Unsupported, VersionNotInStore
 from towers.ranking import (
     SOURCES,
     QueryBatch,
@@ -92,7 +92,8 @@ class RecommendService:
         b = cfg.batching
         self.batcher: Batcher[RecRequest, RecResult] = Batcher(self._handle, max_batch_size=b.max_batch_size,
                                                            max_wait_ms=b.max_wait_ms, gap_ms=b.gap_ms,
-                                                           max_inflight=b.max_inflight_batches)
+                                                           max_inflight=b.max_inflight_batches,
+                                                           max_pending=b.max_pending)
         self.metrics = ServingMetrics(enabled=cfg.metrics_port >= 0, load=self.batcher)
         self.impressions = ImpressionLog(store, rate=cfg.impression_sample_rate)
         self._active: Counter[str] = Counter()  # batches running per model version
@@ -218,7 +219,11 @@ class RecommendService:
             # key fails this request alone). A version an experiment pins reads only the keys
             # its own spec declares (towers.context.encode_requests), never a foreign one.
             self.model.context_schema.check(req.context)
-        res = await self.batcher.submit(req, deadline=req.client_deadline)
+        try:
+            res = await self.batcher.submit(req, deadline=req.client_deadline)
+        except Overloaded as e:
+            self.metrics.shed(e.reason)
+            raise
         self.impressions.offer(req, res)
         return res
 

@@ -168,3 +168,52 @@ def test_a_handler_crash_fails_the_batch_not_the_batcher() -> None:
         await b.stop()
 
     run(main())
+
+
+def test_a_full_worker_refuses_at_once_and_admits_again_when_it_drains() -> None:
+    """Admission control: at max_pending items held, the next is refused with Overloaded
+    (queue_full) at submit, never queued to time out; held items are unaffected."""
+    from towers.errors import Overloaded
+
+    async def main() -> None:
+        rec = Recorder()
+        rec.gate.clear()
+        b: Batcher[int, int] = Batcher(rec, max_batch_size=2, max_wait_ms=0, max_inflight=1, max_pending=4)
+        held = [asyncio.ensure_future(b.submit(i)) for i in range(4)]
+        await rec.entered.wait()
+        with pytest.raises(Overloaded) as refused:
+            await b.submit(99)
+        assert refused.value.reason == "queue_full" and refused.value.retry_after_s > 0
+        rec.gate.set()
+        assert await asyncio.gather(*held) == [0, 10, 20, 30]
+        assert await b.submit(5) == 50  # drained: admitted again
+        assert 99 not in [i for batch in rec.batches for i in batch]
+        await b.stop()
+
+    run(main())
+
+
+def test_a_deadline_the_queue_would_miss_is_refused_at_once() -> None:
+    """With batches measured at ~50 ms and work queued ahead, a caller with 10 ms left is
+    refused (reason deadline) instead of waiting to time out; one with time enough waits."""
+    from towers.errors import Overloaded
+
+    async def main() -> None:
+        rec = Recorder()
+        b: Batcher[int, int] = Batcher(rec, max_batch_size=1, max_wait_ms=0, max_inflight=1)
+        b.batch_s = 0.05  # as measured (an exponential average of batch durations)
+        rec.gate.clear()
+        first = asyncio.ensure_future(b.submit(1))
+        await rec.entered.wait()
+        queued = [asyncio.ensure_future(b.submit(i)) for i in (2, 3)]
+        await asyncio.sleep(0)
+        assert b.expected_wait() == pytest.approx((2 / 1 + 1) * 0.05)
+        with pytest.raises(Overloaded) as refused:
+            await b.submit(4, deadline=time.monotonic() + 0.01)
+        assert refused.value.reason == "deadline"
+        patient = asyncio.ensure_future(b.submit(5, deadline=time.monotonic() + 10))
+        rec.gate.set()
+        assert await asyncio.gather(first, *queued, patient) == [10, 20, 30, 50]
+        await b.stop()
+
+    run(main())

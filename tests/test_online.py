@@ -396,3 +396,38 @@ def test_the_sync_transport_gives_the_same_answers_and_errors(served_registry: P
     finally:
         sync.stop()
         aio.stop()
+
+
+def test_a_full_worker_answers_resource_exhausted_with_retry_pushback(server: ServerThread) -> None:
+    """Admission control over real gRPC (issue 20 item 1): a worker holding batching.max_pending
+    requests refuses the next at once, RESOURCE_EXHAUSTED with ``grpc-retry-pushback-ms``, and
+    counts it; once it drains, it answers again. (The shipped client does not retry this code:
+    a refused request must not come back at once and deepen the overload.)"""
+    service = server.running.service
+    limit = server.running.service.cfg.batching.max_pending
+    assert limit > 0
+    stub_channel = grpc.insecure_channel(server.target)
+    try:
+        call = stub_channel.unary_unary("/twotower.v1.Recommender/Recommend",
+                                        request_serializer=pb.RecommendRequest.SerializeToString,
+                                        response_deserializer=pb.RecommendResponse.FromString)
+        service.batcher._pending = limit  # as if `limit` requests were queued or in flight
+        try:
+            with pytest.raises(grpc.RpcError) as refused:
+                call(pb.RecommendRequest(user_id="1", k=5), timeout=5)
+        finally:
+            service.batcher._pending = 0
+        err = refused.value
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and err.details().startswith("overloaded:")
+        pushback = dict(err.trailing_metadata() or ())
+        assert int(pushback["grpc-retry-pushback-ms"]) >= 1
+        assert len(call(pb.RecommendRequest(user_id="1", k=5), timeout=5).item_ids) == 5
+    finally:
+        stub_channel.close()
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    shed = {s.labels["reason"]: s.value for fam in text_string_to_metric_families(
+        generate_latest(service.metrics.registry).decode()) for s in fam.samples
+        if s.name == "twotower_shed_requests_total"}
+    assert shed == {"queue_full": 1.0, "deadline": 0.0}

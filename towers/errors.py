@@ -53,6 +53,16 @@ class VersionNotInStore(FeatureStoreError):
     ``--redis``): a definite refusal, unlike a store that did not answer."""
 
 
+class Overloaded(TwoTowerError):
+    """A request refused at admission (the worker's queue is full, or its deadline cannot be
+    met behind the queue); maps to RESOURCE_EXHAUSTED with retry pushback."""
+
+    def __init__(self, reason: str, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.reason = reason  # queue_full | deadline
+        self.retry_after_s = retry_after_s
+
+
 class NotReady(TwoTowerError):
     """No bundle is loaded yet; maps to UNAVAILABLE."""
 
