@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("twotower.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 
+MAX_RPCS_HEADROOM = 64  # concurrent RPCs beyond batching.max_pending: RecordEvents, health checks
+
 # The one mapping from our exceptions to gRPC status codes.
 STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
@@ -289,17 +291,21 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
         ("grpc.so_reuseport", int(reuse_port)),
     ]
     service = RecommendService(cfg, store or make_store(cfg))
+    # Past the batcher's bound, refuse in gRPC's core (RESOURCE_EXHAUSTED) before a Python
+    # handler runs at all: measured at 1.5x the peak, calls queued in front of the handlers
+    # waited out their deadlines before admission control could see them.
+    max_rpcs = cfg.batching.max_pending + MAX_RPCS_HEADROOM if cfg.batching.max_pending else None
     server: Any
     health_servicer: Any
     if cfg.transport == "sync":
         from concurrent.futures import ThreadPoolExecutor
 
         server = grpc.server(ThreadPoolExecutor(max_workers=cfg.sync_threads, thread_name_prefix="grpc"),
-                             options=options)
+                             options=options, maximum_concurrent_rpcs=max_rpcs)
         add_recommender(SyncRecommenderServicer(service, asyncio.get_running_loop()), server)
         health_servicer = health.HealthServicer()
     else:
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_rpcs)
         add_recommender(RecommenderServicer(service), server)
         health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
