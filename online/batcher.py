@@ -71,6 +71,7 @@ class Batcher(Generic[T, R]):
         self._max_pending = max_pending  # 0: unbounded
         self._pending = 0  # submitted, not yet answered
         self.batch_s = 0.0  # exponential average of a batch's duration (0: none measured yet)
+        self.answer_s = 0.0  # exponential average of an item's time from submit to its answer
         self._handler = handler
         self._max = max_batch_size
         self._wait = max_wait_ms / 1000.0
@@ -106,9 +107,11 @@ class Batcher(Generic[T, R]):
 
     def expected_wait(self) -> float:
         """Seconds until an item submitted now would be answered: the batches queued ahead of it
-        (``max_inflight`` run at once) and its own, at the measured batch duration."""
+        (``max_inflight`` run at once) and its own, at the measured batch duration; and no less
+        than items have recently taken from submit to answer (``answer_s``: under overload the
+        event loop itself runs late, which batch durations alone do not show)."""
         ahead = self._queue.qsize() // self._max
-        return (ahead / self._max_inflight + 1) * self.batch_s
+        return max((ahead / self._max_inflight + 1) * self.batch_s, self.answer_s)
 
     def admit(self, *, deadline: float, now: float) -> None:
         """Raise ``Overloaded`` if an item with ``deadline`` should be refused now."""
@@ -132,10 +135,13 @@ class Batcher(Generic[T, R]):
         self._pending += 1
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(True)
+        t0 = time.monotonic()
         try:
-            return await fut
+            result = await fut
         finally:
             self._pending -= 1
+        self.answer_s = 0.95 * self.answer_s + 0.05 * (time.monotonic() - t0)
+        return result
 
     def _busy(self) -> bool:
         """Under load: a batch is in flight (its fetch or search is running). Idle: dispatch at
