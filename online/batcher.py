@@ -10,7 +10,9 @@ low load.
 
 Items whose caller has gone (cancelled future) or whose deadline has passed are
 dropped before the batch runs. The handler returns one result or exception per
-item; an exception fails only its own item. Results are set "if not done".
+item; an exception fails only its own item, and a handler that raises for the whole
+batch is run again item by item, so only the items that fail alone fail. Results are
+set "if not done".
 
 Admission control: an item is refused at ``submit`` (``Overloaded``, at once, never left to
 time out in the queue) when the worker already holds ``max_pending`` items (queued + in
@@ -206,6 +208,18 @@ class Batcher(Generic[T, R]):
                 live.append(p)
         return live
 
+    async def _one_by_one(self, batch: list[_Pending[T, R]]) -> list[R | BaseException]:
+        out: list[R | BaseException] = []
+        for p in batch:
+            if p.future.done():  # its caller went away meanwhile
+                out.append(asyncio.CancelledError())
+                continue
+            try:
+                out.extend((await self._handler([p.item], [time.monotonic() - p.enqueued]))[:1])
+            except Exception as e:
+                out.append(e)
+        return out
+
     async def _run(self, batch: list[_Pending[T, R]]) -> None:
         try:
             now = time.monotonic()
@@ -217,8 +231,11 @@ class Batcher(Generic[T, R]):
                 results = await self._handler([p.item for p in batch], [now - p.enqueued for p in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch handler returned {len(results)} results for {len(batch)} items")
-            except Exception as e:  # the whole batch failed: every caller hears why
-                results = [e] * len(batch)
+            except Exception as e:
+                # One request's poison (a stage that raises on its input) must not fail its
+                # batchmates: run each alone, and only those that fail alone fail. Costs a
+                # batch per item, only when a batch has failed.
+                results = [e] if len(batch) == 1 else await self._one_by_one(batch)
             took = time.monotonic() - now
             self.batch_s = took if self.batch_s == 0.0 else 0.8 * self.batch_s + 0.2 * took
             for p, r in zip(batch, results, strict=True):

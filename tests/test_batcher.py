@@ -217,3 +217,34 @@ def test_a_deadline_the_queue_would_miss_is_refused_at_once() -> None:
         await b.stop()
 
     run(main())
+
+
+def test_a_batch_that_raises_is_retried_item_by_item_so_only_the_poison_fails() -> None:
+    """Issue 20 item 3: an exception a stage raises for one request's input (here: any batch
+    holding a negative number) fails that request only; its batchmates get their answers."""
+    async def main() -> None:
+        seen: list[list[int]] = []
+        gate, entered = asyncio.Event(), asyncio.Event()
+
+        async def stage(items: Sequence[int], waited: Sequence[float]) -> list[object]:
+            seen.append(list(items))
+            entered.set()
+            await gate.wait()
+            if any(i < 0 for i in items):
+                raise ValueError("cannot decode a negative item")
+            return [i * 10 for i in items]
+
+        b: Batcher[int, int] = Batcher(stage, max_batch_size=8, max_wait_ms=0, max_inflight=1)
+        blocker = asyncio.ensure_future(b.submit(0))
+        await entered.wait()  # the first batch runs: the next three queue up behind it together
+        calls = [asyncio.ensure_future(b.submit(i)) for i in (1, -1, 2)]
+        await asyncio.sleep(0)
+        gate.set()
+        assert await blocker == 0
+        out = await asyncio.gather(*calls, return_exceptions=True)
+        assert out[0] == 10 and out[2] == 20
+        assert isinstance(out[1], ValueError)
+        assert seen == [[0], [1, -1, 2], [1], [-1], [2]]
+        await b.stop()
+
+    run(main())
