@@ -47,6 +47,7 @@ class RedisConfig:
     # The event log's safety cap per stream, in bytes (0: none). Consumers trim what they have
     # acknowledged; past this the oldest entries go unread, counted (towers.store_format).
     events_max_bytes: int = 1 << 30
+    impressions_max_bytes: int = 256 << 20  # the impression log's byte cap (0: none), beside stream_maxlen
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ class ServeConfig:
             ("impression_sample_rate", 0.0 <= self.impression_sample_rate <= 1.0, "must be in [0, 1]"),
             ("redis.stream_maxlen", self.redis.stream_maxlen >= 1, "must be >= 1"),
             ("log_signals_s", self.log_signals_s >= 0, "must be >= 0 (0: never)"),
+            ("redis.impressions_max_bytes", self.redis.impressions_max_bytes == 0
+             or self.redis.impressions_max_bytes >= 1 << 16, "must be 0 (no cap) or >= 65536"),
             ("default_deadline_ms", self.default_deadline_ms >= 0, "must be >= 0 (0: none)"),
             ("batching.max_pending", self.batching.max_pending >= 0, "must be >= 0 (0: no bound)"),
             ("redis.events_max_bytes", self.redis.events_max_bytes == 0 or self.redis.events_max_bytes >= 1 << 16,

@@ -21,6 +21,7 @@ import numpy as np
 from towers.errors import FeatureStoreError, FeatureStoreTimeout, Unsupported
 from towers.store_format import (
     EVENT_TYPES,
+    IMPRESSIONS_MAX_BYTES,
     LOG_SHARDS,
     REFRESH_GROUP,
     STREAM_MAX_BYTES,
@@ -226,7 +227,18 @@ return out
 # machine. A script is atomic: an acknowledged event is in its session and in the log, or in
 # neither. The log is trimmed by its consumers (towers.store_format "Event log"); here only the
 # byte cap trims, oldest first, counting what it removed (returned, and added to KEYS[2]).
-# MEMORY USAGE with 5 samples costs ~10 us at any length (measured on 1M entries).
+# Trim KEYS[1] to 90% of ``maxbytes`` (a local of the script) when MEMORY USAGE (5 samples,
+# ~10 us at any length, measured on 1M entries) says it is over; sets ``trimmed``.
+_BYTE_CAP_LUA = """
+local trimmed = 0
+if maxbytes > 0 then
+  local used = redis.call('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', '5')
+  if used and used > maxbytes then
+    local len = redis.call('XLEN', KEYS[1])
+    trimmed = redis.call('XTRIM', KEYS[1], 'MAXLEN', math.floor(len * 0.9 * maxbytes / used))
+  end
+end
+"""
 RECORD_LUA = """
 local ttl, cap, maxbytes = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = (#ARGV - 3) / 8
@@ -242,15 +254,22 @@ for k = 3, #KEYS do
   redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -cap - 1)
   redis.call('EXPIRE', KEYS[k], ttl)
 end
-local trimmed = 0
-if maxbytes > 0 then
-  local used = redis.call('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', '5')
-  if used and used > maxbytes then
-    local len = redis.call('XLEN', KEYS[1])
-    trimmed = redis.call('XTRIM', KEYS[1], 'MAXLEN', math.floor(len * 0.9 * maxbytes / used))
-    redis.call('INCRBY', KEYS[2], trimmed)
-  end
+""" + _BYTE_CAP_LUA + """
+if trimmed > 0 then
+  redis.call('INCRBY', KEYS[2], trimmed)
 end
+return trimmed
+"""
+# KEYS[1]: the impression stream. ARGV[1]: its entry cap, ARGV[2]: its byte cap (0: none); then
+# 5 fields per impression (rid, user, variant, version, items). A sample for the outcome join:
+# what the caps trim is old, and not counted.
+IMPRESSIONS_LUA = """
+local maxlen, maxbytes = tonumber(ARGV[1]), tonumber(ARGV[2])
+for a = 3, #ARGV, 5 do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'rid', ARGV[a], 'user', ARGV[a + 1],
+             'variant', ARGV[a + 2], 'version', ARGV[a + 3], 'items', ARGV[a + 4])
+end
+""" + _BYTE_CAP_LUA + """
 return trimmed
 """
 
@@ -293,7 +312,8 @@ class RedisFeatureStore:
 
     def __init__(self, *, url: str, prefix: str = "tt", max_connections: int = 32, socket_timeout_s: float = 0.2,
                  session_ttl_s: int = 7 * 24 * 3600, session_cap: int = 100,
-                 stream_maxlen: int = STREAM_MAXLEN, events_max_bytes: int = STREAM_MAX_BYTES) -> None:
+                 stream_maxlen: int = STREAM_MAXLEN, events_max_bytes: int = STREAM_MAX_BYTES,
+                 impressions_max_bytes: int = IMPRESSIONS_MAX_BYTES) -> None:
         import redis.asyncio as aioredis
 
         self.keys = RedisKeys(prefix)
@@ -301,12 +321,14 @@ class RedisFeatureStore:
         self._cap = session_cap
         self._stream_maxlen = stream_maxlen  # the impression stream's cap (entries)
         self._events_max_bytes = events_max_bytes  # the event log's safety cap (bytes; 0: none)
+        self._impressions_max_bytes = impressions_max_bytes  # the impression log's (bytes; 0: none)
         self._redis = aioredis.Redis.from_url(
             url, max_connections=max_connections, socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s, retry_on_timeout=False,
         )
         self._fetch_script = self._redis.register_script(FETCH_LUA)  # EVALSHA, loaded again after a restart
         self._record_script = self._redis.register_script(RECORD_LUA)
+        self._impressions_script = self._redis.register_script(IMPRESSIONS_LUA)
 
     async def _run(self, what: str, coro_fn: object, timeout: float) -> list[object]:
         import redis
@@ -373,12 +395,13 @@ class RedisFeatureStore:
         return int((await self._run("record", go, timeout))[0])  # type: ignore[call-overload]
 
     async def log_impressions(self, impressions: Sequence[Impression], *, timeout: float) -> None:
+        args: list[bytes | str | int] = [self._stream_maxlen, self._impressions_max_bytes]
+        for imp in impressions:
+            f = impression_fields(imp)
+            args += [f["rid"], f["user"], f["variant"], f["version"], f["items"]]
+
         async def go() -> list[object]:
-            pipe = self._redis.pipeline(transaction=False)
-            key = self.keys.impressions()
-            for imp in impressions:
-                pipe.xadd(key, impression_fields(imp), maxlen=self._stream_maxlen, approximate=True)  # type: ignore[arg-type]
-            return list(await pipe.execute())
+            return [await self._impressions_script(keys=[self.keys.impressions()], args=args)]
 
         await self._run("impressions", go, timeout)
 
@@ -471,7 +494,8 @@ class RedisClusterFeatureStore(RedisFeatureStore):
 
     def __init__(self, *, url: str, prefix: str = "tt", max_connections: int = 32, socket_timeout_s: float = 0.2,
                  session_ttl_s: int = 7 * 24 * 3600, session_cap: int = 100,
-                 stream_maxlen: int = STREAM_MAXLEN, events_max_bytes: int = STREAM_MAX_BYTES) -> None:
+                 stream_maxlen: int = STREAM_MAXLEN, events_max_bytes: int = STREAM_MAX_BYTES,
+                 impressions_max_bytes: int = IMPRESSIONS_MAX_BYTES) -> None:
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
         c = parse_cluster_url(url)
@@ -479,6 +503,7 @@ class RedisClusterFeatureStore(RedisFeatureStore):
         self._ttl = session_ttl_s
         self._cap = session_cap
         self._stream_maxlen = stream_maxlen  # the impression stream's cap
+        self._impressions_max_bytes = impressions_max_bytes
         # The event log is LOG_SHARDS streams: each gets its share of the byte cap, so the log
         # as a whole is bounded like standalone Redis's one stream.
         self._shard_max_bytes = max(1 << 16, events_max_bytes // LOG_SHARDS) if events_max_bytes else 0
@@ -490,6 +515,7 @@ class RedisClusterFeatureStore(RedisFeatureStore):
             socket_connect_timeout=socket_timeout_s,
         )
         self._record_script = self._redis.register_script(RECORD_LUA)
+        self._impressions_script = self._redis.register_script(IMPRESSIONS_LUA)
 
     async def fetch(self, version: str, user_ids: Sequence[str], *, dim: int, n_recent: int,
                     timeout: float) -> list[UserFeatures]:
@@ -543,11 +569,12 @@ class RedisClusterFeatureStore(RedisFeatureStore):
 
 def open_redis_store(*, url: str, prefix: str = "tt", max_connections: int = 32, socket_timeout_s: float = 0.2,
                      session_ttl_s: int = 7 * 24 * 3600, session_cap: int = 100,
-                     stream_maxlen: int = STREAM_MAXLEN, events_max_bytes: int = STREAM_MAX_BYTES) -> RedisFeatureStore:
+                     stream_maxlen: int = STREAM_MAXLEN, events_max_bytes: int = STREAM_MAX_BYTES,
+                     impressions_max_bytes: int = IMPRESSIONS_MAX_BYTES) -> RedisFeatureStore:
     """The Redis store ``url`` asks for: a cluster for ``redis+cluster://`` and
     ``rediss+cluster://``, else standalone (``redis://``, ``rediss://``, ``unix://``).
     Takes ``make_store``'s arguments, so the server builds either from ``--redis-url``."""
     cls = RedisClusterFeatureStore if is_cluster_url(url) else RedisFeatureStore
     return cls(url=url, prefix=prefix, max_connections=max_connections, socket_timeout_s=socket_timeout_s,
                session_ttl_s=session_ttl_s, session_cap=session_cap, stream_maxlen=stream_maxlen,
-               events_max_bytes=events_max_bytes)
+               events_max_bytes=events_max_bytes, impressions_max_bytes=impressions_max_bytes)

@@ -126,3 +126,28 @@ def test_the_logs_state_and_the_refreshs_last_run_become_metrics(redis_proc, log
     assert got[("twotower_refresh_last_lost_entries", ())] == -1  # unknown
     assert got[("twotower_refresh_last_outcome", (("outcome", "failed"),))] == 1
     assert got[("twotower_refresh_last_outcome", (("outcome", "published"),))] == 0
+
+
+def test_the_impression_log_is_held_under_its_byte_cap(redis_proc) -> None:  # type: ignore[no-untyped-def]
+    """Issue 20 item 6: an impression carries up to max_k item ids, so an entry cap alone does
+    not bound its bytes; the newest impressions stay."""
+    from towers.store_format import Impression
+
+    cap = 100_000
+
+    async def go() -> None:
+        store = RedisFeatureStore(url=redis_proc.url, prefix=PREFIX, impressions_max_bytes=cap)
+        try:
+            for lo in range(0, 5000, 100):
+                await store.log_impressions([Impression(f"r{j}", f"u{j % 7}", "control", "v1",
+                                                        tuple(f"item-{j}-{x}" for x in range(50)))
+                                             for j in range(lo, lo + 100)], timeout=5.0)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+    r = redis.Redis(port=redis_proc.port)
+    key = RedisKeys(PREFIX).impressions()
+    assert r.memory_usage(key, samples=0) <= cap * 1.1 and 0 < r.xlen(key) < 5000
+    last = r.xrevrange(key, count=1)[0][1]
+    assert last[b"rid"] == b"r4999" and len(last[b"items"].split(b"\t")) == 50

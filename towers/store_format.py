@@ -229,13 +229,15 @@ def event_scores(events: Sequence[Event]) -> list[float]:
 # ~45 bytes each in Redis's listpacks (measured: 1M entries, 40-45 MB), so 1 GiB is ~24M
 # events, ~2.7 days at 100 events/s.
 # Served impressions are sampled into ``{p}:impressions``: rid, user, variant, version, items
-# (tab-joined ids), capped at STREAM_MAXLEN entries (``XADD MAXLEN ~``; no group consumes it,
-# reports read it by time).
+# (tab-joined ids), capped at STREAM_MAXLEN entries (``XADD MAXLEN ~``) and at
+# IMPRESSIONS_MAX_BYTES (an entry carries up to max_k ids: its size varies 100-fold); no group
+# consumes it, reports read it by time.
 # Entries a consumer cannot parse go to ``{p}:events:dead`` with the reason; never lost, never
 # blocking.
 
 STREAM_MAXLEN = 10_000_000
 STREAM_MAX_BYTES = 1 << 30
+IMPRESSIONS_MAX_BYTES = 256 << 20
 REFRESH_GROUP = "refresh"  # the nightly refresh's consumer group (publish --redis creates it)
 
 
