@@ -265,7 +265,8 @@ class _Job:
                 entries, dead, lost_pending = entries + len(batch.ids), dead + batch.dead, lost_pending + batch.lost
 
             # A crashed or refused run's delivered-unacknowledged entries first, then new ones.
-            for batch in ev.pending_pages(group=self.cfg.group, consumer=self.cfg.consumer, count=page):
+            for batch in ev.pending_pages(group=self.cfg.group, consumer=self.cfg.consumer,
+                                          count=min(page, budget)):
                 take(batch)
                 if entries >= budget:
                     break
