@@ -109,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--bundle", f"{args.bundle} is not a bundle directory (no manifest.json)")
 
     async def main() -> None:
-        from online.metrics import start_exporter
+        from online.exporter import start_exporter
 
         running = await start_server(cfg, registry=args.registry, bundle_path=args.bundle)
         exporter = (start_exporter(running.service.metrics.registry, host=cfg.host, port=cfg.metrics_port)

@@ -32,8 +32,8 @@ from typing import Any
 # Deliberately no grpc / online.server import at module level: spawned workers import
 # this module to find their entry point, and the supervisor must stay gRPC-free.
 from online.config import ServeConfig, WorkersConfig
+from online.exporter import mark_dead
 from online.logs import configure_logging
-from online.metrics import mark_dead
 from towers.errors import ConfigError, TwoTowerError
 
 log = logging.getLogger("twotower.supervisor")
@@ -491,7 +491,7 @@ class _SupervisorExporter:
         return int(self.exporter.port)
 
     def close(self) -> None:
-        from online.metrics import cleanup_multiprocess_dir
+        from online.exporter import cleanup_multiprocess_dir
 
         self.exporter.close()
         cleanup_multiprocess_dir(self.path, created=self.created)
@@ -500,7 +500,7 @@ class _SupervisorExporter:
 def start_supervisor_exporter(sup: Supervisor) -> _SupervisorExporter:
     """One /metrics for the pod: prometheus_client's multiprocess mode (deploy/README.md says
     why). The directory is set in the environment the workers are spawned with."""
-    from online.metrics import cleanup_multiprocess_dir, prepare_multiprocess_dir, start_exporter, supervisor_registry
+    from online.exporter import cleanup_multiprocess_dir, prepare_multiprocess_dir, start_exporter, supervisor_registry
 
     path, created = prepare_multiprocess_dir()
     try:

@@ -24,8 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from online.client import RecommenderClient
 from online.config import load_config
+from online.exporter import start_exporter
 from online.logs import JsonFormatter
-from online.metrics import LATENCY_BUCKETS, ServingMetrics, _Bulk, start_exporter
+from online.metrics import LATENCY_BUCKETS, ServingMetrics, _Bulk
 from online.request import RecResult
 from online.server import ServerThread
 from towers import registry as registry_mod
