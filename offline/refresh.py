@@ -51,11 +51,11 @@ from typing import Any
 
 import numpy as np
 
-from offline.datasets import Interactions
-from offline.evaluate import EvalSet, model_ranks
 from offline.event_log import EventLog, ReadBatch
+from offline.event_types import interactions_of, seed_types, training_interactions
 from offline.interactions import InteractionRows, InteractionStore
 from offline.loading import read_item_feed, take_rows
+from offline.refresh_gate import clustered_se, embed_prefixes, hits
 from offline.retention import collect_garbage, mark_retired, prune_registry
 from offline.run_events import EventPages
 from offline.run_lock import RefreshLock
@@ -65,14 +65,12 @@ from towers import index as faiss_index
 from towers import registry as registry_mod
 from towers.errors import ConfigError, DataError, FeatureStoreError, RegistryError
 from towers.features import FeaturePipeline
-from towers.ranking import RankModel
 from towers.spec import DatasetSpec
 from towers.store_format import REFRESH_GROUP, redact_url
 
 MODES = ("embed", "train")
 ENGINES = ("local", "ray")
 STEPS = ("read", "merge", "candidate", "index", "batch_score", "evaluate", "publish", "ack", "gc")
-SEED_TYPE = "rating"  # the event type of the rows a new store is seeded with (CURRENT's dataset)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -544,11 +542,11 @@ class _Job:
         prefixes = [items[start[users[j]]:j] for j in targets]  # what was known before each target
         tusers = [users[j] for j in targets]
         titems = [items[j] for j in targets]
-        hits_c = _hits(cand, tusers, prefixes, titems, vectors=_embed_prefixes(cand, tusers, prefixes))
-        hits_p = _hits(cur, tusers, prefixes, titems, vectors=None)
+        hits_c = hits(cand, tusers, prefixes, titems, vectors=embed_prefixes(cand, tusers, prefixes))
+        hits_p = hits(cur, tusers, prefixes, titems, vectors=None)
         d = hits_c.astype(np.float64) - hits_p
         r_c, r_p = float(hits_c.mean()), float(hits_p.mean())
-        se = _clustered_se(d, tusers)  # a user's targets are not independent of each other
+        se = clustered_se(d, tusers)  # a user's targets are not independent of each other
         upper = float(d.mean()) + 1.96 * se
         floor = -self.cfg.max_drop * r_p
         stored = self._stored_rows_ok(cand)
@@ -581,7 +579,7 @@ class _Job:
         users = [cand.features.user_vocab.values[r] for r in rows.tolist()]
         mine = log.take(np.flatnonzero(np.isin(log.user, users)))
         prefixes = [mine.item[mine.user == u].tolist() for u in users]
-        again = _embed_prefixes(cand, users, prefixes)
+        again = embed_prefixes(cand, users, prefixes)
         return bool(np.allclose(again, np.asarray(cand.user_emb)[rows], atol=1e-5))
 
     def publish(self) -> dict[str, Any]:
@@ -621,96 +619,3 @@ class _Job:
                                            prefix=self.cfg.prefix, grace_s=self.cfg.grace_s, flags=self.cfg.flags),
                 "removed_versions": prune_registry(registry=self.cfg.registry, keep_last=self.cfg.keep_versions,
                                                    flags=self.cfg.flags)}
-
-
-def interactions_of(rows: InteractionRows, spec: DatasetSpec | None) -> InteractionRows:
-    """The rows whose event type the spec counts as an interaction (``event_type.positives``;
-    every row when the spec declares no event types or no positives)."""
-    et = spec.interactions.event_type if spec is not None else None
-    if et is None or et.positives is None:
-        return rows
-    return rows.take(np.flatnonzero(np.isin(rows.type, np.asarray(et.positives, dtype=str))))
-
-
-def training_interactions(rows: InteractionRows, spec: DatasetSpec | None) -> Interactions:
-    """Rows as training interactions, each weighted by its type (``event_type.weights``; 1 for
-    a type the spec does not weigh). No event types in the spec: unweighted, as before."""
-    i = rows.to_interactions()
-    et = spec.interactions.event_type if spec is not None else None
-    if et is None or not et.weights:
-        return i
-    weight = np.ones(len(rows), np.float32)
-    for typ, w in et.weights.items():
-        weight[rows.type == typ] = w
-    return replace(i, weight=weight)
-
-
-def seed_types(spec: DatasetSpec, weight: np.ndarray) -> np.ndarray:
-    """An event type for each row of a loaded dataset, for seeding the store. The loader keeps
-    the rows the spec counts and their weights, not the type column; the mapping reads nothing
-    else, so each row is stored under a type of its weight (a weighed type, a positive type,
-    or ``SEED_TYPE`` for an unweighed one): the retraining weighs it as the training did."""
-    et = spec.interactions.event_type
-    assert et is not None
-    names = list(dict.fromkeys([*et.weights, *(et.positives or [])]))
-    out = np.full(len(weight), SEED_TYPE, dtype=object)
-    for w in np.unique(weight).tolist():
-        # Compared as stored (float32): 0.2 in the spec is 0.2000000030 in the weight column.
-        name = next((t for t in names if np.float32(et.weights.get(t, 1.0)) == np.float32(w)), SEED_TYPE)
-        out[weight == w] = name
-    return out.astype(str)
-
-
-def _clustered_se(d: np.ndarray, groups: list[str]) -> float:
-    """Standard error of ``d.mean()`` with observations clustered by group (CR1): a user's
-    targets share their vector and session, so they are not independent draws."""
-    _, g = np.unique(np.asarray(groups), return_inverse=True)
-    n_g = int(g.max()) + 1 if len(g) else 0
-    if n_g < 2:
-        return float("inf")
-    resid = np.bincount(g, weights=d - d.mean(), minlength=n_g)
-    return float(np.sqrt(n_g / (n_g - 1) * np.sum(resid ** 2)) / len(d))
-
-
-def _embed_prefixes(b: bundle_mod.Bundle, users: list[str], prefixes: list[list[str]]) -> np.ndarray:
-    """(T, d): each target's user embedding from ``b``'s towers and the items known before it
-    (most recent ``history_len``), with the user's features."""
-    from towers.model import ModelConfig, embed_users, model_from_arrays
-
-    cfg_m = ModelConfig.from_dict(b.manifest["model_config"])
-    with np.load(b.path / "towers.npz", allow_pickle=False) as z:
-        model = model_from_arrays(cfg_m, b.features, {k: z[k] for k in z.files})
-    rows = b.features.user_vocab.positions(users)
-    hist = np.full((len(users), cfg_m.history_len), -1, np.int64)
-    for t, prefix in enumerate(prefixes):
-        known = [r for r in b.features.item_vocab.positions(prefix[::-1]).tolist() if r >= 0][:cfg_m.history_len]
-        hist[t, :len(known)] = known
-    vecs = np.zeros((len(users), cfg_m.dim), np.float32)  # a user unknown to ``b`` has no vector
-    ok = rows >= 0
-    if ok.any():
-        vecs[ok] = embed_users(model, b.features, hist[ok], rows=rows[ok], item_emb=np.asarray(b.item_emb))
-    return vecs
-
-
-def _hits(b: bundle_mod.Bundle, users: list[str], prefixes: list[list[str]], targets: list[str], *,
-          vectors: np.ndarray | None, k: int = 20) -> np.ndarray:
-    """(T,) bool: whether each target is in ``b``'s top ``k``, served as the server would:
-    the user's vector (``vectors``, else ``b``'s stored row), session = the last items known,
-    pessimistic ties. Excluded: every known item (``exclude_seen``), or only the session items
-    when the spec keeps past items as candidates (the repeat-aware protocol; the interaction
-    store holds no group id, so the session is the most recent items, as the server's is)."""
-    fp = b.features
-    n = b.combiner.max_session
-    known = [[r for r in fp.item_vocab.positions(p).tolist() if r >= 0] for p in prefixes]
-    rows = fp.user_vocab.positions(users)
-    sessions = [list(dict.fromkeys(seq[::-1]))[:n] for seq in known]
-    es = EvalSet(np.array(users), rows, sessions, known if fp.exclude_seen else sessions,
-                 fp.item_vocab.positions(targets), np.ones(len(users), bool))
-    model = RankModel.from_bundle(b)
-    if vectors is not None:
-        # One row per target: the vectors become the model's user table for this evaluation.
-        model = replace(model, user_emb=np.asarray(vectors, np.float32))
-        es = replace(es, user_rows=np.where(rows >= 0, np.arange(len(users)), -1))
-    return np.asarray(model_ranks(model, es) < k)
-
-

@@ -363,8 +363,8 @@ def test_a_bad_catalog_feed_line_is_named(tmp_path: Path) -> None:
 
 
 def test_event_types_map_to_interactions_and_weights_as_the_spec_says() -> None:
+    from offline.event_types import SEED_TYPE, interactions_of, seed_types, training_interactions
     from offline.interactions import InteractionRows
-    from offline.refresh import SEED_TYPE, interactions_of, seed_types, training_interactions
     from towers.spec import parse_spec
 
     spec = parse_spec({"name": "s", "interactions": {"path": "x.csv", "event_type": {
@@ -395,7 +395,7 @@ def test_a_shop_refresh_follows_its_spec_events_weights_and_repeat_policy(tmp_pa
 
     from offline.batch_score import batch_score_bundle, seen_rows
     from offline.datasets import load_dataset
-    from offline.refresh import training_interactions
+    from offline.event_types import training_interactions
 
     spec_path = write_shop(tmp_path / "shop")
     inter = spec_path.parent / "inter.csv"
