@@ -129,7 +129,8 @@ class _Traffic:
 
 
 def run_arm(arm: str, *, bundle: Path, days: list[list[tuple[str, str, int]]], redis_url: str, work: Path,
-            data_dir: Path, train_epochs: int, progress: bool) -> list[dict[str, Any]]:
+            data_dir: Path, train_epochs: int, progress: bool,
+            refresh_overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     import grpc
     from tqdm import tqdm
 
@@ -146,7 +147,7 @@ def run_arm(arm: str, *, bundle: Path, days: list[list[tuple[str, str, int]]], r
     publish(bundle, registry=registry, redis_url=redis_url, redis_prefix=prefix)
     cfg = RefreshConfig(registry=registry, redis_url=redis_url, run_root=root / "runs", store_root=root / "store",
                         data_dir=data_dir, prefix=prefix, mode=arm if arm != "never" else "embed",
-                        train_epochs=train_epochs, holdout_s=86_400, grace_s=86_400)
+                        train_epochs=train_epochs, holdout_s=86_400, grace_s=86_400, **(refresh_overrides or {}))
     config = {"feature_store": "redis", "redis": {"url": redis_url, "prefix": prefix}, "registry_poll_s": 0.2}
     from towers.bundle import load
 
@@ -177,7 +178,9 @@ def run_arm(arm: str, *, bundle: Path, days: list[list[tuple[str, str, int]]], r
                 "ndcg@10": float(np.mean(np.where(r < 10, 1.0 / np.log2(r + 2.0), 0.0))) if len(r) else 0.0,
                 "failed_rpcs": failed, "responses_from_another_version": foreign,
                 "new_user_events": len(nr), "new_user_recall@20": float(np.mean(nr < 20)) if len(nr) else None,
-                "new_user_served_with_embedding": new_embedded}
+                "new_user_served_with_embedding": new_embedded,
+                # Per event, for the paired comparison with the frozen arm (not written out).
+                "_hits": r < 20, "_users": [u for u, _, _ in events]}
             if arm != "never" and d < len(days) - 1:  # the night after the day
                 t0 = time.perf_counter()
                 # Serving through the refresh: a closed loop of callers runs from before the
@@ -197,9 +200,34 @@ def run_arm(arm: str, *, bundle: Path, days: list[list[tuple[str, str, int]]], r
     return out
 
 
+def versus_frozen(arms: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each refreshing arm against ``never`` on the same events: the relative Recall@20 gain
+    over the window and per day the paired difference with its standard error (clustered by
+    user: a user's events share their vector); the worst day is the lowest difference."""
+    from offline.refresh_gate import clustered_se
+
+    frozen = arms.get("never")
+    if frozen is None:
+        return {}
+    base = _weighted(frozen, "recall@20")
+    out: dict[str, Any] = {}
+    for arm, rows in arms.items():
+        if arm == "never":
+            continue
+        days = []
+        for r, f in zip(rows, frozen, strict=True):
+            d = r["_hits"].astype(np.float64) - f["_hits"]
+            se = clustered_se(d, r["_users"]) if len(d) else float("nan")
+            days.append({"day": r["day"], "difference": float(d.mean()) if len(d) else 0.0, "se": se})
+        worst = min(days, key=lambda x: x["difference"])
+        out[arm] = {"gain": _weighted(rows, "recall@20") / base - 1 if base else float("nan"), "days": days,
+                    "worst_day": worst, "days_below_frozen_beyond_se": sum(x["difference"] < -x["se"] for x in days)}
+    return out
+
+
 def replay(*, dataset: str = "ml-100k", train_until: str, n_days: int, out: Path, data_dir: Path,
            arms: tuple[str, ...] = ARMS, epochs: int = 10, train_epochs: int = 2, progress: bool = True,
-           log: Any = print) -> dict[str, Any]:
+           log: Any = print, refresh_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every arm over the same ``n_days`` after ``train_until``; write JSON + PNG in ``out``."""
     from bench.procs import RedisProcess
     from offline.datasets import load_dataset
@@ -230,7 +258,8 @@ def replay(*, dataset: str = "ml-100k", train_until: str, n_days: int, out: Path
         for arm in arms:
             t0 = time.perf_counter()
             results[arm] = run_arm(arm, bundle=bundle, days=days, redis_url=redis.url, work=work,
-                                   data_dir=data_dir, train_epochs=train_epochs, progress=progress)
+                                   data_dir=data_dir, train_epochs=train_epochs, progress=progress,
+                                   refresh_overrides=refresh_overrides)
             log(f"replay arm {arm}: " + ", ".join(f"d{r['day']} {r['recall@20']:.3f}" for r in results[arm])
                 + f" ({time.perf_counter() - t0:.0f} s)")
     finally:
@@ -247,8 +276,13 @@ def replay(*, dataset: str = "ml-100k", train_until: str, n_days: int, out: Path
         "failed_rpcs": sum(r["failed_rpcs"] for r in rows),
         "responses_from_another_version": sum(r["responses_from_another_version"] for r in rows)}
         for arm, rows in results.items()}
+    versus = versus_frozen(results)
+    for rows in results.values():
+        for r in rows:
+            del r["_hits"], r["_users"]
     report = {"dataset": dataset, "train_until": train_until, "days": n_days, "epochs": epochs,
-              "train_epochs": train_epochs, "k_served": K, "arms": results, "summary": summary}
+              "train_epochs": train_epochs, "refresh": refresh_overrides or {}, "k_served": K, "arms": results,
+              "summary": summary, "versus_frozen": versus}
     (out / "replay.json").write_text(json.dumps(report, indent=1))
     _plot(report, out / "replay.png")
     return report
@@ -277,24 +311,82 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def replay_windows(*, train_until: list[str], out: Path, **kw: Any) -> dict[str, Any]:
+    """``replay`` once per window (``out/DATE``), then ``out/windows.json`` + ``windows.png``:
+    per window and refreshing arm, the gain over frozen and the worst day."""
+    reports = {d: replay(train_until=d, out=out / d, **kw) for d in train_until}
+    table = {d: {arm: {"gain": v["gain"], "worst_day": v["worst_day"],
+                       "days_below_frozen_beyond_se": v["days_below_frozen_beyond_se"]}
+                 for arm, v in r["versus_frozen"].items()} | {"recall@20": {a: s["recall@20"]
+                                                                           for a, s in r["summary"].items()}}
+             for d, r in reports.items()}
+    arms = sorted({a for r in reports.values() for a in r["versus_frozen"]})
+    mean = {a: float(np.mean([table[d][a]["gain"] for d in train_until if a in table[d]])) for a in arms}
+    summary = {"windows": table, "mean_gain": mean, "refresh": kw.get("refresh_overrides") or {}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "windows.json").write_text(json.dumps(summary, indent=1))
+    _plot_windows(reports, out / "windows.png")
+    return summary
+
+
+def _plot_windows(reports: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(4.5 * len(reports), 4), squeeze=False)
+    for ax, (date, r) in zip(axes[0], reports.items(), strict=True):
+        for arm, v in r["versus_frozen"].items():
+            x = [d["day"] for d in v["days"]]
+            y = np.array([d["difference"] for d in v["days"]])
+            se = np.array([d["se"] for d in v["days"]])
+            ax.errorbar(x, y, yerr=se, marker="o", capsize=3, label=f"{arm}: {v['gain']:+.1%} over the window")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(title=f"after {date}: Recall@20 minus frozen (±1 SE)", xlabel="day")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("replay", help="replay a dataset's timeline through a live server with nightly refreshes "
                                       "(arms: never, embed, train); JSON + PNG")
     p.add_argument("--dataset", default="ml-100k")
-    p.add_argument("--train-until", required=True, help="ISO date: train on interactions before it")
+    p.add_argument("--train-until", required=True,
+                   help="ISO date: train on interactions before it; several, comma-separated: one replay per "
+                        "window and windows.json + windows.png beside them")
     p.add_argument("--days", type=positive_int, default=7)
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--epochs", type=positive_int, default=10, help="epochs of the base training")
     p.add_argument("--train-epochs", type=positive_int, default=2, help="warm-start epochs of the train arm")
+    p.add_argument("--train-blend", type=float, default=None, help="the refresh's --train-blend (train arm)")
+    p.add_argument("--train-min-targets", type=int, default=None, help="the refresh's --train-min-targets")
     p.add_argument("--out", type=Path, default=Path("bench/results/replay"))
     p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
     p.set_defaults(func=cmd_replay)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    report = replay(dataset=args.dataset, train_until=args.train_until, n_days=args.days, out=args.out,
-                    data_dir=args.data_dir, arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
-                    epochs=args.epochs, train_epochs=args.train_epochs)
+    dates = [d.strip() for d in args.train_until.split(",") if d.strip()]
+    overrides = {k: v for k, v in (("train_blend", args.train_blend), ("train_min_targets", args.train_min_targets))
+                 if v is not None}
+    kw: dict[str, Any] = {"dataset": args.dataset, "n_days": args.days, "data_dir": args.data_dir,
+                          "arms": tuple(a.strip() for a in args.arms.split(",") if a.strip()), "epochs": args.epochs,
+                          "train_epochs": args.train_epochs, "refresh_overrides": overrides}
+    if len(dates) > 1:
+        summary = replay_windows(train_until=dates, out=args.out, **kw)
+        for date, row in summary["windows"].items():
+            for arm, v in row.items():
+                if arm != "recall@20":
+                    w = v["worst_day"]
+                    print(f"{date} {arm:6s} gain over frozen {v['gain']:+.1%}; worst day {w['day']}: "
+                          f"{w['difference']:+.4f} (SE {w['se']:.4f}); days below frozen beyond 1 SE: "
+                          f"{v['days_below_frozen_beyond_se']}")
+        print(f"mean gain: {summary['mean_gain']}; written: {args.out / 'windows.json'}, {args.out / 'windows.png'}")
+        return 0
+    report = replay(train_until=dates[0] if dates else args.train_until, out=args.out, **kw)
     for arm, s in report["summary"].items():
         print(f"{arm:6s} Recall@20 {s['recall@20']:.4f}  NDCG@10 {s['ndcg@10']:.4f}  new users: Recall@20 "
               f"{s['new_user_recall@20']:.4f}, {s['new_user_served_with_embedding']}/{s['new_user_events']} served "

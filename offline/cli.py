@@ -143,6 +143,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-gate", action="store_true",
                    help="publish even a candidate the holdout says is worse (still measured and reported)")
     p.add_argument("--epochs", type=positive_int, default=3, help="train mode: warm-start epochs")
+    # Defaults None: RefreshConfig's own defaults apply (one source of truth).
+    p.add_argument("--train-blend", type=float, default=None,
+                   help="train mode: publish this share of the warm start's weights averaged with CURRENT's "
+                        "(default 1.0: the warm start's alone)")
+    p.add_argument("--train-min-targets", type=int, default=None,
+                   help="train mode: holdout events a retrained model must be scored on to be published "
+                        "(default 1000)")
     p.add_argument("--grace-s", type=float, default=3600.0, help="keep retired versions' Redis keys this long")
     p.add_argument("--flags", type=Path, default=None,
                    help="an A/B flags file: versions a running or paused experiment pins keep their keys and files")
@@ -356,7 +363,9 @@ def cmd_refresh(args: argparse.Namespace) -> int:
                         holdout_s=int(args.holdout_hours * 3600), max_drop=args.max_drop, train_epochs=args.epochs,
                         gate=not args.no_gate, item_features=args.item_features,
                         grace_s=int(args.grace_s), flags=args.flags, keep_versions=args.keep_versions,
-                        max_events=args.max_events)
+                        max_events=args.max_events,
+                        **{k: v for k, v in (("train_blend", args.train_blend),
+                                             ("train_min_targets", args.train_min_targets)) if v is not None})
     log = (lambda *_: None) if args.json else print
 
     def once() -> dict[str, Any]:

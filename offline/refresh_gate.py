@@ -1,17 +1,71 @@
-"""The refresh gate's scoring: each holdout target as the server would serve it, by the
-candidate and by CURRENT, and the standard error of their paired difference clustered by
-user (``offline.refresh`` evaluate step).
+"""The refresh gate (``offline.refresh`` evaluate step): which events are the holdout, each
+target scored as the server would serve it by the candidate and by CURRENT, the standard
+error of their paired difference clustered by user, and the decision.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from offline.evaluate import EvalSet, model_ranks
 from towers import bundle as bundle_mod
 from towers.ranking import RankModel
+
+
+def holdout_start(timestamps: np.ndarray, *, window_s: int, min_targets: int, not_before: int | None) -> int:
+    """The holdout is every event at or after the returned time: the newest ``window_s``
+    seconds, reaching further back until it holds ``min_targets`` events (a quiet night's few
+    hundred events cannot tell a retrained model's 5% loss from noise), but never before
+    ``not_before``, CURRENT's ``trained_until``: scoring CURRENT on what it trained on would
+    flatter it. A train-mode candidate trains on what came before: the window slides a day a
+    night, so each night's candidate still learns from one more day than CURRENT did."""
+    if not len(timestamps):
+        return 0
+    ts = np.sort(np.asarray(timestamps, np.int64))
+    t0 = min(int(ts[-1]) - window_s + 1, int(ts[max(len(ts) - min_targets, 0)]) if min_targets > 0 else 2**62)
+    return max(t0, not_before) if not_before is not None else t0
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateRule:
+    max_drop: float  # refuse when measurably (95%, paired) worse than CURRENT by more than this share
+    min_targets: int  # below: too few to refuse on (measured and reported)
+    min_targets_to_accept: int = 0  # a candidate needs this many to pass at all (train mode)
+    gated: bool = True  # False: whatever the figures, pass (they are still reported)
+
+
+def decide(hits_c: np.ndarray, hits_p: np.ndarray, users: list[str], rule: GateRule, *,
+           stored_rows_ok: bool) -> dict[str, object]:
+    """The paired test: per target, hit of candidate minus CURRENT, its mean's standard error
+    clustered by user. Refused when the upper 95% bound is below ``-max_drop`` x CURRENT's
+    Recall@20 (measurably worse by more than the allowed drop: a plain threshold on two noisy
+    means refuses good candidates at random), when the sample is below what the rule needs to
+    accept, or when the stored rows do not match the towers."""
+    d = hits_c.astype(np.float64) - hits_p
+    r_c, r_p = float(hits_c.mean()), float(hits_p.mean())
+    se = clustered_se(d, users)  # a user's targets are not independent of each other
+    upper = float(d.mean()) + 1.96 * se
+    floor = -rule.max_drop * r_p
+    few = len(d) < rule.min_targets
+    short = len(d) < rule.min_targets_to_accept
+    passed = not rule.gated or (stored_rows_ok and not short and (few or upper >= floor))
+    why = (f"candidate Recall@20 {r_c:.4f} vs CURRENT {r_p:.4f} on {len(d)} holdout events of "
+           f"{len(set(users))} users (difference {d.mean():+.4f}, 95% upper bound {upper:+.4f}; refused "
+           f"below {floor:+.4f}, max drop {rule.max_drop:.0%})")
+    if few:
+        why += f"; fewer than {rule.min_targets} targets: too few to tell, not refused on them"
+    if short:
+        why += (f"; fewer than {rule.min_targets_to_accept} targets: too few to accept a retrained model on "
+                "(CURRENT stays; a later run has more)")
+    if not stored_rows_ok:
+        why += "; the candidate's stored user embeddings do not match its towers on the users' history"
+    if not rule.gated:
+        why += "; gate off"
+    return {"targets": len(d), "stored_rows_ok": stored_rows_ok, "candidate": {"recall@20": r_c},
+            "current": {"recall@20": r_p}, "difference": float(d.mean()), "se": se, "upper95": upper,
+            "floor": floor, "gated": rule.gated, "passed": bool(passed), "why": why}
 
 
 def clustered_se(d: np.ndarray, groups: list[str]) -> float:

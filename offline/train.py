@@ -52,7 +52,7 @@ def _plot(history: list[dict[str, float]], path: Path) -> None:
 
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot(ep, [h["loss"] for h in history], marker="o")
+    ax[0].plot(ep, [h.get("loss", float("nan")) for h in history], marker="o")
     ax[0].set(title="training loss (in-batch softmax, logQ)", xlabel="epoch")
     ax[1].plot(ep, [h.get("val_recall@20", float("nan")) for h in history], marker="o", color="tab:green")
     ax[1].set(title="validation Recall@20", xlabel="epoch")
@@ -120,6 +120,9 @@ def train(
         "metrics": metrics, "train_seconds": round(train_s, 1), "epochs_run": len(history),
         "engine": engine, **({"ray_workers": workers} if engine == "ray" else {}),
     }
+    if len(ds.interactions.timestamp):
+        # The refresh gate never scores a model on what it trained on (offline.refresh_gate).
+        manifest["trained_until"] = int(ds.interactions.timestamp.max()) + 1
     bundle_mod.write_bundle(out, files, manifest)
     if spec.quantized:  # the figure publish gates on: this index vs exact search, same bundle
         from offline.quantize import end_to_end

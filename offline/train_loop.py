@@ -294,6 +294,13 @@ def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     gen = torch.Generator().manual_seed(train_cfg.seed)
     history: list[dict[str, float]] = []
     best, best_state, bad = -1.0, model.state_dict(), 0
+    if init is not None and train_cfg.validate:
+        # A warm start competes with where it started: epochs that never beat the initial
+        # weights on validation leave them as they were (the refresh's train mode must not
+        # swing a serving model on a noisy night).
+        best = _validate(model, fp, split, model_cfg)
+        best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        history.append({"epoch": 0, "val_recall@20": best})
     bar = tqdm(range(1, train_cfg.epochs + 1), desc="train", disable=not progress, unit="epoch")
     for epoch in bar:
         model.train()
@@ -328,3 +335,23 @@ def train_model(ds: Dataset, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     model.load_state_dict(best_state)
     model.eval()
     return model, fp, split, history
+
+
+def blend_arrays(new: dict[str, np.ndarray], old: dict[str, np.ndarray], weight: float) -> dict[str, np.ndarray]:
+    """Weight averaging of a warm start with where it started: ``weight`` x new + (1 - weight)
+    x old, row by row where a table grew (rows past the old table's end, new users and items,
+    have only the new weights). Arrays the old model lacks are the new ones."""
+    out: dict[str, np.ndarray] = {}
+    for k, v in new.items():
+        o = old.get(k)
+        if o is None or o.ndim != v.ndim or o.shape[1:] != v.shape[1:] or not np.issubdtype(v.dtype, np.floating):
+            out[k] = v
+            continue
+        n = min(len(o), len(v)) if v.ndim else None
+        b = v.copy()
+        if n is None:
+            b = np.asarray(weight * v + (1 - weight) * o, v.dtype)
+        else:
+            b[:n] = weight * v[:n] + (1 - weight) * o[:n]
+        out[k] = b
+    return out
