@@ -150,6 +150,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-min-targets", type=int, default=None,
                    help="train mode: holdout events a retrained model must be scored on to be published "
                         "(default 1000)")
+    p.add_argument("--no-train-fallback", action="store_true",
+                   help="train mode: when the gate refuses the retrained model, publish nothing tonight "
+                        "(default: an embed run follows, fresh user vectors from CURRENT's towers)")
     p.add_argument("--grace-s", type=float, default=3600.0, help="keep retired versions' Redis keys this long")
     p.add_argument("--flags", type=Path, default=None,
                    help="an A/B flags file: versions a running or paused experiment pins keep their keys and files")
@@ -363,7 +366,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
                         holdout_s=int(args.holdout_hours * 3600), max_drop=args.max_drop, train_epochs=args.epochs,
                         gate=not args.no_gate, item_features=args.item_features,
                         grace_s=int(args.grace_s), flags=args.flags, keep_versions=args.keep_versions,
-                        max_events=args.max_events,
+                        max_events=args.max_events, train_fallback=not args.no_train_fallback,
                         **{k: v for k, v in (("train_blend", args.train_blend),
                                              ("train_min_targets", args.train_min_targets)) if v is not None})
     log = (lambda *_: None) if args.json else print

@@ -97,6 +97,8 @@ class RefreshConfig:
     # Train mode: the published towers are ``blend`` x the warm start's + (1 - blend) x CURRENT's
     # (weight averaging; 1.0: the warm start's alone).
     train_blend: float = 1.0
+    # Train mode: a refused retrained candidate is followed by an embed run (see ``refresh``).
+    train_fallback: bool = True
     batch_k: int = 100  # precomputed recs per user
     grace_s: int = 3_600  # keep a retired version's Redis keys this long (servers still swapping)
     flags: Path | None = None  # versions a running or paused experiment pins keep their keys and directories
@@ -143,9 +145,23 @@ def _no_fault(_: str) -> None:
 
 def refresh(cfg: RefreshConfig, *, resume: Path | None = None, fault: Fault = _no_fault,
             progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) one refresh; returns its report (also ``RUN/report.json``).
+    """Run (or resume) one refresh; returns its report (also ``RUNS/reports/RUN.json``).
 
+    Train mode with ``train_fallback``: when the gate refuses the retrained candidate, an embed
+    run follows on the same (unacknowledged) events, so the night still publishes fresh user
+    vectors from CURRENT's towers; its report carries the refused one as ``fallback_from``.
     ``fault(point)`` is a test hook called after each step's checkpoint (``after:<step>``)."""
+    report = _refresh_once(cfg, resume=resume, fault=fault, progress=progress, log=log)
+    steps = {s["name"]: s["result"] for s in report["steps"]}
+    if cfg.mode == "train" and cfg.train_fallback and steps.get("evaluate", {}).get("passed") is False:
+        log("refresh: the retrained candidate was refused; re-embedding with CURRENT's towers instead")
+        report = {**_refresh_once(replace(cfg, mode="embed"), resume=None, fault=fault, progress=progress, log=log),
+                  "fallback_from": report}
+    return report
+
+
+def _refresh_once(cfg: RefreshConfig, *, resume: Path | None, fault: Fault, progress: bool,
+                  log: Callable[[str], None]) -> dict[str, Any]:
     from tqdm import tqdm
 
     current = registry_mod.current_version(cfg.registry)

@@ -33,6 +33,10 @@ class BatchingConfig:
     # with RESOURCE_EXHAUSTED (0: no bound). A request whose deadline the queue ahead of it
     # would miss (measured batch durations) is refused at once as well.
     max_pending: int = 512
+    # What a refused request gets: "degrade" (answered at once from memory: the bundle's
+    # precomputed list for the user, else popularity, labelled with the reason) or "refuse"
+    # (RESOURCE_EXHAUSTED with retry pushback, for clients that would rather retry elsewhere).
+    shed_answer: str = "degrade"
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,9 @@ class WorkersConfig:
     max_rss_mb: float = 0.0  # ... or whose resident memory exceeds this
     drain_grace_s: float = 5.0  # in-flight work gets this long to finish on shutdown
     check_interval_s: float = 1.0  # how often the supervisor looks at its workers
+    # Workers load a new version one at a time (a swap holds two bundles in memory: N workers
+    # swapping together would need N extra copies at once). False: each as soon as it sees it.
+    swap_one_at_a_time: bool = True
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,8 @@ class ServeConfig:
              or self.redis.impressions_max_bytes >= 1 << 16, "must be 0 (no cap) or >= 65536"),
             ("default_deadline_ms", self.default_deadline_ms >= 0, "must be >= 0 (0: none)"),
             ("batching.max_pending", self.batching.max_pending >= 0, "must be >= 0 (0: no bound)"),
+            ("batching.shed_answer", self.batching.shed_answer in ("degrade", "refuse"),
+             "must be 'degrade' or 'refuse'"),
             ("redis.events_max_bytes", self.redis.events_max_bytes == 0 or self.redis.events_max_bytes >= 1 << 16,
              "must be 0 (no cap) or >= 65536"),
             ("sync_threads", self.sync_threads >= 1, "must be >= 1"),

@@ -94,6 +94,11 @@ class Ladder:
         self.source[rows] = ranking.BATCH
         return np.flatnonzero(served)
 
+    def overloaded(self, why: str) -> None:
+        """Admission refused these requests (a batch of their own, never queued): they go to
+        the precomputed rung, answered from memory, then popularity."""
+        self._down(np.arange(len(self.rung)), BATCH, why)
+
     def popularity(self, idx: np.ndarray) -> None:
         """The last rung, for whatever nothing else answered. Requests already sent here (cold
         start, a rung the experiment leaves out) said why; the rest fell off the batch rung."""

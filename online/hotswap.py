@@ -21,6 +21,7 @@ from pathlib import Path
 
 from online.polling import Poller
 from online.service import LoadedModel, RecommendService
+from online.supervision_shared import SwapTurn
 from towers import registry as registry_mod
 from towers.errors import FeatureStoreError, TwoTowerError, VersionNotInStore
 
@@ -31,7 +32,7 @@ RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
 @dataclass
 class SwapState:
     version: str = ""
-    state: str = "empty"  # empty | loading | serving | failed
+    state: str = "empty"  # empty | waiting (for the swap turn) | loading | serving | failed
     last_error: str = ""
     candidate: str = ""
     swaps: int = 0
@@ -40,8 +41,12 @@ class SwapState:
 
 
 class RegistryWatcher:
-    def __init__(self, service: RecommendService, registry: Path, *, poll_s: float) -> None:
+    def __init__(self, service: RecommendService, registry: Path, *, poll_s: float,
+                 swap_turn: SwapTurn | None = None) -> None:
         self.service = service
+        # Workers of one supervisor swap one at a time (a swap holds two bundles): the first
+        # load of each does not wait (nothing is held yet).
+        self._turn = swap_turn
         self.registry = registry
         self.poll_s = poll_s
         self.state = SwapState()
@@ -61,40 +66,50 @@ class RegistryWatcher:
                 return True
             self.state.candidate = version
             prev = self.state.state
-            self.state.state = "loading"
-            t0 = time.perf_counter()
-            try:
-                path = self.registry / version
-                if not path.is_dir():
-                    raise TwoTowerError(f"{self.registry}: CURRENT names {version}, which is not in the registry")
-                loop = asyncio.get_running_loop()
-                model = await loop.run_in_executor(None, LoadedModel.load, path)
-                await self.service.prepare(model)
-                if self.service.cfg.warmup:
-                    await self.service.warm(model)
-                self.service.install(model)
-            except Exception as e:  # any failure rejects the candidate; the old version serves on
-                self.state.state = prev if prev == "serving" else "failed"
-                self.state.last_error = f"{version}: {e}"
-                self.state.rejected += 1
-                self._rejected_version = version
-                transient = isinstance(e, FeatureStoreError) and not isinstance(e, VersionNotInStore)
-                self._retry_at = time.monotonic() + self._retry_s * random.uniform(0.8, 1.2) if transient else None
-                self._retry_s = min(self._retry_s * 2, RETRY_MAX_S) if transient else RETRY_MIN_S
-                self.service.reject(version)
-                self.service.metrics.rejected()
-                log.error("rejected %s, still serving %s: %s", version, self.state.version or "nothing", e)
-                return False
-            old = self.state.version
-            self.state.version = version
-            self.state.state = "serving"
-            self.state.swaps += 1
-            self.state.loaded_at = time.time()
-            self._rejected_version = ""
-            self._retry_at, self._retry_s = None, RETRY_MIN_S
-            self.service.metrics.swapped()
-            log.info("swapped %s -> %s in %.2f s", old or "nothing", version, time.perf_counter() - t0)
-            return True
+            if self._turn is None or not self.state.version:
+                return await self._load(version, prev)
+            self.state.state = "waiting"
+            async with self._turn.turn() as held:
+                if not held:
+                    log.warning("no swap turn after %.0f s (another worker holds it): swapping to %s anyway",
+                                self._turn.max_wait_s, version)
+                return await self._load(version, prev)
+
+    async def _load(self, version: str, prev: str) -> bool:
+        self.state.state = "loading"
+        t0 = time.perf_counter()
+        try:
+            path = self.registry / version
+            if not path.is_dir():
+                raise TwoTowerError(f"{self.registry}: CURRENT names {version}, which is not in the registry")
+            loop = asyncio.get_running_loop()
+            model = await loop.run_in_executor(None, LoadedModel.load, path)
+            await self.service.prepare(model)
+            if self.service.cfg.warmup:
+                await self.service.warm(model)
+            self.service.install(model)
+        except Exception as e:  # any failure rejects the candidate; the old version serves on
+            self.state.state = prev if prev == "serving" else "failed"
+            self.state.last_error = f"{version}: {e}"
+            self.state.rejected += 1
+            self._rejected_version = version
+            transient = isinstance(e, FeatureStoreError) and not isinstance(e, VersionNotInStore)
+            self._retry_at = time.monotonic() + self._retry_s * random.uniform(0.8, 1.2) if transient else None
+            self._retry_s = min(self._retry_s * 2, RETRY_MAX_S) if transient else RETRY_MIN_S
+            self.service.reject(version)
+            self.service.metrics.rejected()
+            log.error("rejected %s, still serving %s: %s", version, self.state.version or "nothing", e)
+            return False
+        old = self.state.version
+        self.state.version = version
+        self.state.state = "serving"
+        self.state.swaps += 1
+        self.state.loaded_at = time.time()
+        self._rejected_version = ""
+        self._retry_at, self._retry_s = None, RETRY_MIN_S
+        self.service.metrics.swapped()
+        log.info("swapped %s -> %s in %.2f s", old or "nothing", version, time.perf_counter() - t0)
+        return True
 
     async def check(self, *, force: bool = False) -> bool:
         """Load CURRENT if it differs from the serving version (and, unless ``force``,

@@ -31,6 +31,7 @@ from online.proto import recommender_pb2_grpc as pb_grpc
 from online.reflection import enable_reflection
 from online.request import RecResult, parse_events, parse_recommend
 from online.service import LoadedModel, RecommendService
+from online.supervision_shared import SharedSupervision, SwapTurn
 from online.tls import load_server_tls
 from online.wire import lenient_deserializer
 from towers import registry as registry_mod
@@ -185,12 +186,16 @@ def make_store(cfg: ServeConfig) -> FeatureStore:
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, watcher: RegistryWatcher, router: Router | None = None) -> None:
+    def __init__(self, watcher: RegistryWatcher, router: Router | None = None,
+                 supervision: SharedSupervision | None = None) -> None:
         self.watcher = watcher
         self.router = router
+        self.supervision = supervision
 
     def _status(self) -> pb.StatusResponse:
-        extra = self.router.status() if self.router is not None else {}
+        extra: dict[str, Any] = self.router.status() if self.router is not None else {}
+        if self.supervision is not None:
+            extra["supervisor"] = pb.SupervisorStatus(**self.supervision.snapshot())
         return pb.StatusResponse(**self.watcher.status(), **extra)  # type: ignore[arg-type]
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -262,7 +267,8 @@ def _add_port(server: Any, address: str, credentials: grpc.ServerCredentials | N
 
 async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, registry: Path | None = None,
                        store: FeatureStore | None = None, bind_early: bool = True,
-                       reuse_port: bool = False, admin_port: int | None = None) -> RunningServer:
+                       reuse_port: bool = False, admin_port: int | None = None, swap_turn: SwapTurn | None = None,
+                       supervision: SharedSupervision | None = None) -> RunningServer:
     """Bind, report NOT_SERVING, load + verify + warm the bundle, then report SERVING.
 
     ``reuse_port`` (workers sharing a port) sets SO_REUSEPORT; otherwise it is off, so a
@@ -270,6 +276,8 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
     ``bind_early=False`` (those workers) loads and warms first and binds only then: the
     kernel spreads new connections over every listener, so a listener that is not ready
     yet would draw traffic it can only refuse. ``admin_port`` overrides ``cfg.admin_port``.
+    A supervisor's workers get its ``swap_turn`` (they swap versions one at a time) and its
+    ``supervision`` state (shown by ``admin status``).
     ``cfg.tls`` puts TLS (or mutual TLS) on the serving and admin ports.
     """
     import faiss
@@ -326,7 +334,7 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
             await bind()
         if registry is not None:
             registry_mod.current_path(registry)  # a clear error if there is nothing to serve
-            running.watcher = RegistryWatcher(service, registry, poll_s=cfg.registry_poll_s)
+            running.watcher = RegistryWatcher(service, registry, poll_s=cfg.registry_poll_s, swap_turn=swap_turn)
             if not await running.watcher.check(force=True):
                 raise TwoTowerError(f"cannot serve {registry}: {running.watcher.state.last_error}")
             if cfg.flags_file:
@@ -337,7 +345,8 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
                 running.admin = grpc.aio.server(
                     options=[("grpc.so_reuseport", 0)],
                     interceptors=[token_interceptor(admin_token)] if admin_token else None)
-                pb_grpc.add_AdminServicer_to_server(AdminServicer(running.watcher, running.router), running.admin)
+                pb_grpc.add_AdminServicer_to_server(AdminServicer(running.watcher, running.router, supervision),
+                                                    running.admin)
                 running.admin_port = _add_port(running.admin, f"{cfg.admin_host}:{admin_port}", credentials)
                 await running.admin.start()
             if running.port < 0:

@@ -223,7 +223,10 @@ class RecommendService:
             res = await self.batcher.submit(req, deadline=req.client_deadline)
         except Overloaded as e:
             self.metrics.shed(e.reason)
-            raise
+            if self.cfg.batching.shed_answer != "degrade":
+                raise
+            res = await self.shed_answer(req, e)
+            self.metrics.observe_batch([res])
         self.impressions.offer(req, res)
         return res
 
@@ -342,22 +345,54 @@ class RecommendService:
             ladder.searched(to_search, ranked.source)
         answered = np.zeros(n, dtype=bool)
         answered[to_search] = True
+        await self._lower_rungs(model, reqs, batch, batch_mode, ladder, answered, rows, scores, counts,
+                                allow_batch=settings.allow_batch)
+        t4 = time.monotonic()
+        stage_us = {"fetch": int((t1 - t0) * 1e6), "combine": int((t2 - t1) * 1e6), "search": int((t3 - t2) * 1e6),
+                    "filter": int((t4 - t3) * 1e6)}
+        return self._results(model, reqs, queue_s, ladder, rows, scores, counts, stage_us)
+
+    async def _lower_rungs(self, model: LoadedModel, reqs: Sequence[RecRequest], batch: QueryBatch,
+                           batch_mode: np.ndarray, ladder: Ladder, answered: np.ndarray, rows: np.ndarray,
+                           scores: np.ndarray, counts: np.ndarray, *, allow_batch: bool = True,
+                           from_store: bool = True) -> None:
+        """What the search did not answer: the precomputed rung for requests on it (or in
+        batch mode), then popularity for the rest (filled in place)."""
         precomputed = np.flatnonzero(batch_mode | (ladder.rung == BATCH))
-        if len(precomputed) and not settings.allow_batch:
+        if len(precomputed) and not allow_batch:
             ladder.not_allowed(precomputed, BATCH, POPULARITY)
             precomputed = precomputed[:0]
         if len(precomputed):
             answered[await self._batch_recs(model, reqs, batch, precomputed, batch_mode, ladder, rows, scores,
-                                            counts)] = True
+                                            counts, from_store=from_store)] = True
         rest = np.flatnonzero(~answered)
         if len(rest):
             ladder.popularity(rest)
             r, s, c = popular(model.ranker, batch, rest)
             rows[rest, : r.shape[1]], scores[rest, : s.shape[1]], counts[rest] = r, s, c
-        t4 = time.monotonic()
-        stage_us = {"fetch": int((t1 - t0) * 1e6), "combine": int((t2 - t1) * 1e6), "search": int((t3 - t2) * 1e6),
-                    "filter": int((t4 - t3) * 1e6)}
-        return self._results(model, reqs, queue_s, ladder, rows, scores, counts, stage_us)
+
+    async def shed_answer(self, req: RecRequest, why: Overloaded) -> RecResult:
+        """A request admission refused, answered at once from memory: the bundle's precomputed
+        list for the user (the same version's the store holds), else popularity, with its
+        exclusions applied and the reason in its label. No store call, no search, no queue:
+        a few numpy calls on the event loop, so shedding stays cheap under the overload that
+        caused it. (Experiments are not consulted: CURRENT answers, labelled as such.)"""
+        model = self.model
+        if model is None:
+            raise NotReady("no model loaded yet")
+        reqs, ladder = [req], Ladder(1)
+        ladder.overloaded(str(why))
+        batch = self._query_batch(model, reqs, np.zeros(0, np.int64), None, ladder)
+        k = max(req.k, 0)
+        rows, scores = np.full((1, k), -1, dtype=np.int64), np.zeros((1, k), dtype=np.float32)
+        counts, answered = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=bool)
+        await self._lower_rungs(model, reqs, batch, np.zeros(1, dtype=bool), ladder, answered, rows, scores, counts,
+                                from_store=False)
+        filter_us = int((time.monotonic() - req.received) * 1e6)
+        (res,) = self._results(model, reqs, [0.0], ladder, rows, scores, counts,
+                               {"fetch": 0, "combine": 0, "search": 0, "filter": filter_us})
+        assert isinstance(res, RecResult)
+        return res
 
     def _query_batch(self, model: LoadedModel, reqs: Sequence[RecRequest], online: np.ndarray,
                      feats: list[UserFeatures] | None, ladder: Ladder, max_session: int | None = None) -> QueryBatch:
@@ -420,18 +455,21 @@ class RecommendService:
 
     async def _batch_recs(self, model: LoadedModel, reqs: Sequence[RecRequest], batch: QueryBatch, idx: np.ndarray,
                           batch_mode: np.ndarray, ladder: Ladder, rows: np.ndarray, scores: np.ndarray,
-                          counts: np.ndarray) -> np.ndarray:
-        """The precomputed rung for requests ``idx``: one lookup, filtered like any other list.
-        Returns the requests it answered."""
+                          counts: np.ndarray, *, from_store: bool = True) -> np.ndarray:
+        """The precomputed rung for requests ``idx``: one lookup (or the bundle's own copy when
+        not ``from_store``), filtered like any other list. Returns the requests it answered."""
         users = [reqs[i].user_id for i in idx.tolist()]
         error: str | None = None
-        try:
-            left = min(self.cfg.budget.fetch_ms / 1000.0,
-                       max(reqs[i].deadline for i in idx.tolist()) - time.monotonic())
-            recs = await self.store.batch_recs(model.version, users, timeout=max(left, 0.0005))
-        except FeatureStoreError as e:
-            self.metrics.store_failed("batch_recs", e)
-            error = str(e)
+        recs: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None
+        if from_store:
+            try:
+                left = min(self.cfg.budget.fetch_ms / 1000.0,
+                           max(reqs[i].deadline for i in idx.tolist()) - time.monotonic())
+                recs = await self.store.batch_recs(model.version, users, timeout=max(left, 0.0005))
+            except FeatureStoreError as e:
+                self.metrics.store_failed("batch_recs", e)
+                error = str(e)
+        if recs is None:
             b = model.bundle
             recs = [None if r < 0 or b.recs_items is None or b.recs_scores is None
                     else (np.asarray(b.recs_items[r], np.int64), np.asarray(b.recs_scores[r], np.float32))

@@ -34,6 +34,7 @@ from typing import Any
 from online.config import ServeConfig, WorkersConfig
 from online.exporter import mark_dead
 from online.logs import configure_logging
+from online.supervision_shared import SharedSupervision, SwapTurn, remove_swap_lock, swap_lock_path
 from towers.errors import ConfigError, TwoTowerError
 
 log = logging.getLogger("twotower.supervisor")
@@ -48,7 +49,7 @@ CRASH_WINDOW_S = 60.0  # deaths of SERVING workers this close together are a cra
 # -- worker side ------------------------------------------------------------------
 
 def _worker_main(cfg: ServeConfig, registry: Path, ready: Connection, served: Synchronized[int],
-                 parent_pid: int, log_level: int, admin_port: int) -> None:
+                 parent_pid: int, log_level: int, admin_port: int, supervision: SharedSupervision) -> None:
     """Entry point of a spawned worker process."""
     # Ctrl-C reaches the whole process group; only the supervisor acts on it (it then
     # SIGTERMs each worker), so a worker never dies mid-request from a terminal's SIGINT.
@@ -66,8 +67,9 @@ def _worker_main(cfg: ServeConfig, registry: Path, ready: Connection, served: Sy
         # bind_early=False: bind the shared port only once loaded and warm. The kernel spreads
         # new connections over every listener, and one that is still loading could only refuse
         # them (a retry stays on the same connection, so it would fail again).
+        turn = SwapTurn(swap_lock_path(parent_pid)) if cfg.workers.swap_one_at_a_time else None
         running = await start_server(cfg, registry=registry, bind_early=False, reuse_port=True,
-                                     admin_port=admin_port)
+                                     admin_port=admin_port, swap_turn=turn, supervision=supervision)
         # Warmup requests went through the same counter; recycle on real traffic only.
         baseline = running.service.requests_served
         ready.send("serving")
@@ -207,6 +209,8 @@ class Supervisor:
         self.stats = SupervisorStats()
         self._log_level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
         self._ctx = mp.get_context("spawn")  # a fresh interpreter: no gRPC state inherited, ever
+        self.shared = SharedSupervision(self._ctx)  # what each worker's admin status shows
+        self.shared.publish(workers=self.wcfg.workers)
         self._lock = threading.Lock()  # guards _workers/_pending/stats against readers in other threads
         self._workers: list[Worker] = []
         self._pending: list[tuple[int, float]] = []  # (slot, not before): restarts waiting out a backoff
@@ -280,6 +284,7 @@ class Supervisor:
                 w.ready_conn.close()
             self._workers.clear()
             self._pending.clear()
+        remove_swap_lock(swap_lock_path(os.getpid()))
         log.info("supervisor stopped: %s", self.stats)
 
     # -- internals (called with self._lock held) ---------------------------------
@@ -289,7 +294,7 @@ class Supervisor:
         admin_port = self._admin_port(slot)
         proc = self._ctx.Process(target=_worker_main, name=f"twotower-worker-{slot}", daemon=True,
                                  args=(self.cfg, self.registry, ready_w, served, os.getpid(), self._log_level,
-                                       admin_port))
+                                       admin_port, self.shared))
         proc.start()
         ready_w.close()  # the child holds the only write end: its exit reads as EOF here
         w = Worker(slot, proc, ready_r, served, time.monotonic(), replaces=replaces, admin_port=admin_port)
@@ -361,6 +366,8 @@ class Supervisor:
         self.stats.crash_loop = bool(self._pending)
         self.stats.restart_backoff_s = max((nb - now for _, nb in self._pending), default=0.0)
         self._recycle_step(now)
+        self.shared.publish(restarts=self.stats.restarts, failed_starts=self.stats.failed_starts,
+                            crash_loop=self.stats.crash_loop, restart_backoff_s=self.stats.restart_backoff_s)
 
     def _reap(self, now: float) -> None:
         for w in [w for w in self._workers if w.proc.exitcode is not None]:

@@ -398,11 +398,44 @@ def test_the_sync_transport_gives_the_same_answers_and_errors(served_registry: P
         aio.stop()
 
 
-def test_a_full_worker_answers_resource_exhausted_with_retry_pushback(server: ServerThread) -> None:
-    """Admission control over real gRPC (issue 20 item 1): a worker holding batching.max_pending
-    requests refuses the next at once, RESOURCE_EXHAUSTED with ``grpc-retry-pushback-ms``, and
-    counts it; once it drains, it answers again. (The shipped client does not retry this code:
-    a refused request must not come back at once and deepen the overload.)"""
+def test_a_full_worker_answers_from_memory_on_a_cheaper_rung_labelled_overloaded(server: ServerThread) -> None:
+    """Admission control's default answer (issue 20 item 1): a request refused at admission is
+    answered at once, never queued, from the bundle's precomputed list for the user (popularity
+    for a user without one), its exclusions applied, and labelled with why."""
+    service = server.running.service
+    bundle = service.model.bundle  # type: ignore[union-attr]
+    assert bundle.recs_items is not None
+    user = "1"
+    precomputed = [service.model.item_ids[r] for r in bundle.recs_items[bundle.features.user_vocab.known(user)]
+                   if r >= 0]  # type: ignore[union-attr]
+    with RecommenderClient(server.target, timeout=5.0) as client:
+        service.batcher._pending = service.cfg.batching.max_pending  # as if the worker were full
+        try:
+            known = client.recommend(user, k=5, exclude=[precomputed[0]])
+            cold = client.recommend("nobody-at-all", k=5)
+        finally:
+            service.batcher._pending = 0
+        assert known.rung == pb.RUNG_BATCH and known.source == "batch"
+        assert list(known.item_ids) == [i for i in precomputed if i != precomputed[0]][:5]
+        assert any(r.startswith("overloaded:") for r in known.reasons)
+        assert cold.rung == pb.RUNG_POPULARITY and len(cold.item_ids) == 5
+        assert any(r.startswith("overloaded:") for r in cold.reasons)
+        assert client.recommend(user, k=5).rung == pb.RUNG_FULL  # drained: the full rung again
+
+
+def test_a_full_worker_refusing_answers_resource_exhausted_with_retry_pushback(served_registry: Path) -> None:
+    """With ``batching.shed_answer: refuse``, a worker holding batching.max_pending requests
+    refuses the next at once, RESOURCE_EXHAUSTED with ``grpc-retry-pushback-ms``, and counts
+    it; once it drains, it answers again. (The shipped client does not retry this code: a
+    refused request must not come back at once and deepen the overload.)"""
+    server = ServerThread(load_config(port=0, batching__shed_answer="refuse"), registry=served_registry)
+    try:
+        _refused_with_pushback(server)
+    finally:
+        server.stop()
+
+
+def _refused_with_pushback(server: ServerThread) -> None:
     service = server.running.service
     limit = server.running.service.cfg.batching.max_pending
     assert limit > 0

@@ -269,6 +269,39 @@ def test_a_train_refresh_warm_starts_the_towers_and_rebuilds_the_index(setup: Se
     assert json.loads((new.path / "history.json").read_text())  # the warm start's epochs
 
 
+def test_a_refused_retrain_falls_back_to_re_embedding_with_currents_towers(setup: Setup) -> None:
+    """Train mode's bad night (item 8 of issue 22): the gate refuses the retrained candidate,
+    and an embed run on the same events publishes fresh user vectors from CURRENT's towers."""
+    s, w = setup, setup.world
+    base = registry_mod.current_version(s.registry)
+    s.send(w.events)
+    sabotaged: list[str] = []
+
+    def sabotage(point: str) -> None:
+        if point == "after:candidate" and not sabotaged:  # the retrained towers only
+            run = next(p for p in s.cfg.run_root.iterdir() if p.name != "reports")
+            with np.load(run / "candidate" / "towers.npz") as z:
+                arrays = {k: z[k] for k in z.files}
+            for k in ("user_tower.mlp.3.weight", "user_tower.mlp.3.bias"):
+                arrays[k] = -arrays[k]
+            bundle_mod.update_bundle(run / "candidate", {"towers.npz": arrays}, {})
+            sabotaged.append(run.name)
+
+    report = refresh(replace(s.cfg, mode="train", train_epochs=1, gate=True, train_min_targets=0), fault=sabotage,
+                     progress=False, log=lambda _m: None)
+    refused = {st["name"]: st["result"] for st in report["fallback_from"]["steps"]}
+    assert not refused["evaluate"]["passed"] and refused["evaluate"]["upper95"] < refused["evaluate"]["floor"]
+    steps = {st["name"]: st["result"] for st in report["steps"]}
+    assert report["mode"] == "embed" and steps["publish"]["published"], steps["evaluate"]["why"]
+    new = registry_mod.current_version(s.registry)
+    assert new != base
+    old_b, new_b = bundle_mod.load(s.registry / str(base)), bundle_mod.load(s.registry / str(new))
+    assert new_b.manifest["files"]["towers.npz"]["sha256"] == old_b.manifest["files"]["towers.npz"]["sha256"]
+    assert s.state()["pending"] == [0]  # the embed run acknowledged the events the refused one left
+    with pytest.raises(ConfigError, match="--train-blend"):
+        replace(s.cfg, train_blend=0.0)
+
+
 def test_bad_input_is_a_clear_error_and_publishes_nothing(setup: Setup, tmp_path: Path) -> None:
     s = setup
     base = registry_mod.current_version(s.registry)

@@ -221,3 +221,75 @@ def test_admin_ports_per_slot_alternate_across_recycles(tmp_path: Path) -> None:
         Supervisor(load_config(port=7002, admin_port=7000, workers__workers=2), tmp_path)
     with pytest.raises(ConfigError, match="65535"):
         Supervisor(load_config(port=0, admin_port=65535, workers__workers=2), tmp_path)
+
+
+def _free_port_run(n: int) -> int:
+    """A base port with ``n`` consecutive free ports after it (admin ports per slot)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + n >= 65536:
+            continue
+        try:
+            for p in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def test_workers_take_turns_to_swap_and_admin_status_shows_the_supervisor(tmp_path: Path) -> None:
+    """Issue 20 item 5: the workers of one supervisor load a new version one at a time (a swap
+    holds two bundles in memory), waiting for their turn visibly in ``admin status``; and every
+    worker's ``admin status`` carries its supervisor's state: restarts and the crash loop."""
+    from filelock import FileLock
+    from test_hotswap import admin_status, make_version
+
+    from online.supervision_shared import swap_lock_path
+    from towers import registry as registry_mod
+
+    (a, va, _), (b, vb, _) = make_version(tmp_path, 0), make_version(tmp_path, 1)
+    reg = tmp_path / "registry"
+    registry_mod.publish(a, reg)
+    base = _free_port_run(4)  # slot s: base + s, and base + s + 2 for its replacement
+    sup = Supervisor(load_config(port=0, admin_port=base, registry_poll_s=0.05, workers__workers=2,
+                                 workers__check_interval_s=0.2, workers__drain_grace_s=1.0), reg)
+    sup.start()
+    try:
+        assert sup.wait_until_serving(START_TIMEOUT)
+        admins = [f"127.0.0.1:{base + s}" for s in (0, 1)]
+        first = admin_status(admins[0]).supervisor
+        assert first.workers == 2 and first.restarts == 0 and not first.crash_loop
+
+        turn = FileLock(str(swap_lock_path(os.getpid())))  # as if another worker were swapping
+        turn.acquire()
+        try:
+            registry_mod.publish(b, reg)
+            wait_until(lambda: all(admin_status(x).state == "waiting" and admin_status(x).candidate == vb
+                                   for x in admins), 30, "both workers to wait for the swap turn")
+            assert [admin_status(x).version for x in admins] == [va, va]  # the old version serves meanwhile
+        finally:
+            turn.release()
+        wait_until(lambda: all(admin_status(x).version == vb and admin_status(x).state == "serving"
+                               for x in admins), 60, "both workers to swap, in turn")
+
+        # A SERVING worker dies twice within the crash window: the other worker's status shows it.
+        os.kill(dict(sup.slots())[0], signal.SIGKILL)
+        wait_until(lambda: admin_status(admins[1]).supervisor.restarts == 1, 20, "restart 1 in the other's status")
+        assert not admin_status(admins[1]).supervisor.crash_loop  # a first death restarts at once
+        assert sup.wait_until_serving(START_TIMEOUT)
+        os.kill(dict(sup.slots())[0], signal.SIGKILL)
+        # The second restart waits out a 0.5 s (+-20%) backoff: polled every 20 ms, seen.
+        seen = wait_until(lambda: (lambda s: s if s.crash_loop else None)(admin_status(admins[1]).supervisor),
+                          20, "the crash loop in the other worker's status")
+        assert seen.restarts == 2 and 0.0 < seen.restart_backoff_s <= 0.6
+        assert sup.wait_until_serving(START_TIMEOUT)
+        wait_until(lambda: not admin_status(admins[1]).supervisor.crash_loop, 20, "the crash loop to clear")
+    finally:
+        sup.stop()
+    assert not swap_lock_path(os.getpid()).exists()

@@ -164,7 +164,7 @@ class ReloadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "state", "last_error", "candidate", "registry", "swaps", "rejected", "requests_served", "pid", "flags_file", "flags_sha256", "flags_error", "flags_reloads", "flags_rejected", "resident_versions", "resident_bytes", "shadows")
+    __slots__ = ("version", "state", "last_error", "candidate", "registry", "swaps", "rejected", "requests_served", "pid", "flags_file", "flags_sha256", "flags_error", "flags_reloads", "flags_rejected", "resident_versions", "resident_bytes", "shadows", "supervisor")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class StatusResponse(_message.Message):
     RESIDENT_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHADOWS_FIELD_NUMBER: _ClassVar[int]
+    SUPERVISOR_FIELD_NUMBER: _ClassVar[int]
     version: str
     state: str
     last_error: str
@@ -199,7 +200,22 @@ class StatusResponse(_message.Message):
     resident_versions: _containers.RepeatedScalarFieldContainer[str]
     resident_bytes: int
     shadows: _containers.RepeatedCompositeFieldContainer[ShadowStatus]
-    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ..., candidate: _Optional[str] = ..., registry: _Optional[str] = ..., swaps: _Optional[int] = ..., rejected: _Optional[int] = ..., requests_served: _Optional[int] = ..., pid: _Optional[int] = ..., flags_file: _Optional[str] = ..., flags_sha256: _Optional[str] = ..., flags_error: _Optional[str] = ..., flags_reloads: _Optional[int] = ..., flags_rejected: _Optional[int] = ..., resident_versions: _Optional[_Iterable[str]] = ..., resident_bytes: _Optional[int] = ..., shadows: _Optional[_Iterable[_Union[ShadowStatus, _Mapping]]] = ...) -> None: ...
+    supervisor: SupervisorStatus
+    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ..., candidate: _Optional[str] = ..., registry: _Optional[str] = ..., swaps: _Optional[int] = ..., rejected: _Optional[int] = ..., requests_served: _Optional[int] = ..., pid: _Optional[int] = ..., flags_file: _Optional[str] = ..., flags_sha256: _Optional[str] = ..., flags_error: _Optional[str] = ..., flags_reloads: _Optional[int] = ..., flags_rejected: _Optional[int] = ..., resident_versions: _Optional[_Iterable[str]] = ..., resident_bytes: _Optional[int] = ..., shadows: _Optional[_Iterable[_Union[ShadowStatus, _Mapping]]] = ..., supervisor: _Optional[_Union[SupervisorStatus, _Mapping]] = ...) -> None: ...
+
+class SupervisorStatus(_message.Message):
+    __slots__ = ("workers", "restarts", "failed_starts", "crash_loop", "restart_backoff_s")
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_STARTS_FIELD_NUMBER: _ClassVar[int]
+    CRASH_LOOP_FIELD_NUMBER: _ClassVar[int]
+    RESTART_BACKOFF_S_FIELD_NUMBER: _ClassVar[int]
+    workers: int
+    restarts: int
+    failed_starts: int
+    crash_loop: bool
+    restart_backoff_s: float
+    def __init__(self, workers: _Optional[int] = ..., restarts: _Optional[int] = ..., failed_starts: _Optional[int] = ..., crash_loop: _Optional[bool] = ..., restart_backoff_s: _Optional[float] = ...) -> None: ...
 
 class ShadowStatus(_message.Message):
     __slots__ = ("experiment", "variant", "version", "sampled", "scored", "dropped", "errors", "mean_overlap", "mean_latency_ms", "max_latency_ms")
