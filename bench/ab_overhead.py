@@ -33,6 +33,7 @@ from online.feature_store import InMemoryFeatureStore
 from online.request import RecRequest
 from online.service import LoadedModel, RecommendService
 from towers import registry as registry_mod
+from towers.labels import Mode
 
 FLAGS = """experiments:
   - name: bench
@@ -56,7 +57,7 @@ async def _closed_loop(service: RecommendService, *, users: int, concurrency: in
         i = j
         while time.monotonic() < end:
             now = time.monotonic()
-            req = RecRequest(f"u{(i * 7919) % users}", 10, (), (), (), "auto", "", False, now + 1.0, now)
+            req = RecRequest(f"u{(i * 7919) % users}", 10, (), (), (), Mode.AUTO, "", False, now + 1.0, now)
             await service.recommend(req)
             done += 1
             i += concurrency

@@ -77,8 +77,8 @@ async def _client(spec: LoadSpec, share: float, seed: int) -> dict[str, Any]:
     import grpc
 
     from online.client import CHANNEL_OPTIONS, request
-    from online.degradation import RUNGS
     from online.proto import recommender_pb2_grpc as pb_grpc
+    from towers.labels import Rung
 
     rng = random.Random(seed)
     lat: list[float] = []
@@ -116,7 +116,7 @@ async def _client(spec: LoadSpec, share: float, seed: int) -> dict[str, Any]:
                 failed.append(code != "OK")
                 codes[code] += 1
                 if resp is not None:
-                    rungs[RUNGS[resp.rung]] += 1
+                    rungs[Rung(resp.rung).label] += 1
                     versions[resp.model_version] += 1
 
         if spec.mode == "closed":

@@ -36,18 +36,19 @@ def _micro(batch_sizes: list[int], n_requests: int) -> dict[str, Any]:
     import logging
 
     from online.metrics import ServingMetrics
-    from online.request import RecResult
+    from online.request import RecResult, StageTimings
+    from towers.labels import Rung, Source
 
     logging.getLogger("twotower.serve").setLevel(logging.ERROR)  # the degraded log line is not what is timed
 
     def res(i: int) -> RecResult:
         degraded = i % 50 == 0  # 2% degraded
         return RecResult(item_ids=["a"] * 10, scores=[0.5] * 10, version="v20260101T000000-abc", variant="control",
-                         rung="no_session" if degraded else "full",
+                         rung=Rung.NO_SESSION if degraded else Rung.FULL,
                          reasons=["feature store: redis fetch timed out after 30.0 ms"] if degraded else [],
-                         source="online", batch_size=1, request_id=f"r{i}",
-                         timings_us={"queue": 50 + i % 700, "fetch": 400, "combine": 30, "search": 900,
-                                     "filter": 60, "total": 1500 + (i * 37) % 4000})
+                         source=Source.ONLINE, batch_size=1, request_id=f"r{i}",
+                         timings=StageTimings(queue=50 + i % 700, fetch=400, combine=30, search=900, filter=60,
+                                              total=1500 + (i * 37) % 4000))
 
     async def timed(m: ServingMetrics, batches: list[list[RecResult]], n_batches: int) -> float:
         # On an event loop, as in the server: the periodic flush into the prometheus values runs

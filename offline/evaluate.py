@@ -29,7 +29,8 @@ from offline.datasets import Dataset, Split, load_dataset, temporal_split
 from towers import bundle as bundle_mod
 from towers.context import context_term
 from towers.features import FeaturePipeline
-from towers.ranking import POPULARITY, QueryBatch, Ranked, RankModel, rank
+from towers.labels import Source
+from towers.ranking import QueryBatch, Ranked, RankModel, rank
 
 METRIC_KS = {"recall@10": 10, "recall@20": 20, "hr@50": 50}
 MAX_K = 50
@@ -143,7 +144,7 @@ def pessimistic_ranks(model: RankModel, batch: QueryBatch, ranked: Ranked, targe
     ts = ranked.scores[found, hit[found].argmax(axis=1)]
     ranks[found] = ((ranked.scores[found] >= ts[:, None]) & in_list).sum(axis=1) - 1
     last = ranked.scores[found, np.maximum(ranked.counts[found] - 1, 0)]
-    by_score = ranked.source[found] != POPULARITY
+    by_score = ranked.source[found] != Source.POPULARITY
     for i in found[by_score & (last >= ts)].tolist():
         s = model.item_emb @ ranked.queries[i]
         s[batch.banned_rows(i)] = -np.inf

@@ -15,11 +15,10 @@ _EXPORTS = {
     "RunningServer": "online.server", "RecommenderClient": "online.client", "FeatureStore": "online.feature_store",
     "InMemoryFeatureStore": "online.feature_store", "RedisFeatureStore": "online.feature_store",
     "StoreCapabilities": "online.feature_store", "Batcher": "online.batcher", "Ladder": "online.degradation",
-    "RUNGS": "online.degradation", "RecRequest": "online.request", "RecResult": "online.request",
+    "RecRequest": "online.request", "RecResult": "online.request", "StageTimings": "online.request",
     "Supervisor": "online.supervisor", "RegistryWatcher": "online.hotswap",
 }
 __all__ = [
-    "RUNGS",
     "Batcher",
     "FeatureStore",
     "InMemoryFeatureStore",
@@ -34,6 +33,7 @@ __all__ = [
     "RunningServer",
     "ServeConfig",
     "ServerThread",
+    "StageTimings",
     "StoreCapabilities",
     "Supervisor",
     "load_config",
@@ -44,10 +44,10 @@ if TYPE_CHECKING:
     from online.batcher import Batcher
     from online.client import RecommenderClient
     from online.config import ServeConfig, load_config
-    from online.degradation import RUNGS, Ladder
+    from online.degradation import Ladder
     from online.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore, StoreCapabilities
     from online.hotswap import RegistryWatcher
-    from online.request import RecRequest, RecResult
+    from online.request import RecRequest, RecResult, StageTimings
     from online.server import RunningServer, ServerThread, start_server
     from online.service import LoadedModel, RecommendService
     from online.supervisor import Supervisor

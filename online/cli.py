@@ -166,9 +166,9 @@ def parse_context(pairs: list[str]) -> dict[str, str]:
 
 def format_response(r: Any) -> str:
     """A RecommendResponse as a few readable lines."""
-    from online.degradation import RUNGS
+    from towers.labels import Rung
 
-    lines = [f"version {r.model_version}  rung {RUNGS[r.rung]}  source {r.source}  "
+    lines = [f"version {r.model_version}  rung {Rung(r.rung).label}  source {r.source}  "
              f"total {r.timings.total_us / 1000:.2f} ms"]
     for reason in r.reasons:
         lines.append(f"  reason: {reason}")

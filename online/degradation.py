@@ -12,17 +12,14 @@ The ladder, best first::
     popularity  nothing else applies: the most popular items not excluded
 
 A request only ever moves down. ``source`` says where its list came from
-(``towers.ranking.SOURCES``); ``reasons`` say why it is not on the full rung.
+(``towers.labels.Source``); ``reasons`` say why it is not on the full rung.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from towers import ranking
-
-RUNGS = ("unspecified", "full", "no_session", "batch", "popularity")  # index == proto Rung value
-FULL, NO_SESSION, BATCH, POPULARITY = 1, 2, 3, 4
+from towers.labels import Rung, Source
 
 COLD_START = "cold start: unknown user and no session"
 TOO_LATE = "too little time left for the search"
@@ -38,8 +35,8 @@ class Ladder:
     """
 
     def __init__(self, n: int) -> None:
-        self.rung = np.full(n, FULL, dtype=np.int8)
-        self.source = np.full(n, ranking.POPULARITY, dtype=np.int8)
+        self.rung = np.full(n, Rung.FULL, dtype=np.int8)
+        self.source = np.full(n, Source.POPULARITY, dtype=np.int8)
         self.reasons: dict[int, list[str]] = {}
 
     def _down(self, idx: np.ndarray, rung: int, reason: str) -> None:
@@ -58,7 +55,7 @@ class Ladder:
     def feature_store_failed(self, idx: np.ndarray, error: str) -> None:
         """The fetch failed or timed out: no session for these requests (the caller leaves
         the session out of their queries)."""
-        self._down(idx, NO_SESSION, f"feature store: {error}")
+        self._down(idx, Rung.NO_SESSION, f"feature store: {error}")
 
     def plan_search(self, online: np.ndarray, has_query: np.ndarray, time_left_s: np.ndarray,
                     min_search_s: float) -> np.ndarray:
@@ -66,16 +63,16 @@ class Ladder:
         Without a query: popularity (cold start); without time: the batch rung. Returns the
         indices that search, sorted."""
         cold = online[~has_query[online]]
-        self._down(cold, POPULARITY, COLD_START)
+        self._down(cold, Rung.POPULARITY, COLD_START)
         candidates = online[has_query[online]]
         late = candidates[time_left_s[candidates] < min_search_s]
-        self._down(late, BATCH, TOO_LATE)
+        self._down(late, Rung.BATCH, TOO_LATE)
         return candidates[time_left_s[candidates] >= min_search_s]
 
     def not_allowed(self, idx: np.ndarray, rung: int, to: int) -> None:
         """Requests ``idx`` would be served on ``rung``, which their experiment's
         ``allowed_rungs`` leaves out: they move down to ``to`` (the next allowed rung)."""
-        self._down(idx, to, f"rung {RUNGS[rung]} not allowed by the experiment")
+        self._down(idx, to, f"rung {Rung(rung).label} not allowed by the experiment")
 
     def searched(self, idx: np.ndarray, source: np.ndarray) -> None:
         """Requests answered by the search; ``source`` from ``QueryBatch.source``."""
@@ -90,21 +87,21 @@ class Ladder:
             self.note(idx, f"batch recs from the bundle: feature store: {store_error}")
         served = found & (enough | batch_mode)
         rows = idx[served]
-        self.rung[rows] = np.maximum(self.rung[rows], BATCH)  # mode=BATCH asked for it; late ones said why
-        self.source[rows] = ranking.BATCH
+        self.rung[rows] = np.maximum(self.rung[rows], Rung.BATCH)  # mode=BATCH asked for it; late ones said why
+        self.source[rows] = Source.BATCH
         return np.flatnonzero(served)
 
     def overloaded(self, why: str) -> None:
         """Admission refused these requests (a batch of their own, never queued): they go to
         the precomputed rung, answered from memory, then popularity."""
-        self._down(np.arange(len(self.rung)), BATCH, why)
+        self._down(np.arange(len(self.rung)), Rung.BATCH, why)
 
     def popularity(self, idx: np.ndarray) -> None:
         """The last rung, for whatever nothing else answered. Requests already sent here (cold
         start, a rung the experiment leaves out) said why; the rest fell off the batch rung."""
-        fell = idx[self.rung[idx] < POPULARITY]
-        self._down(fell, POPULARITY, NOTHING_PRECOMPUTED)
-        self.source[idx] = ranking.POPULARITY
+        fell = idx[self.rung[idx] < Rung.POPULARITY]
+        self._down(fell, Rung.POPULARITY, NOTHING_PRECOMPUTED)
+        self.source[idx] = Source.POPULARITY
 
     def reasons_of(self, i: int) -> list[str]:
         return self.reasons.get(i, [])

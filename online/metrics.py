@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from online.exporter import PREFIX, WorkerCollector, multiprocess_dir
+from towers.labels import Rung
 
 if TYPE_CHECKING:
     from online.feature_store import LogStatus
@@ -201,15 +202,15 @@ class ServingMetrics:
             ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
             r.register(WorkerCollector(lambda: [(0, os.getpid())]))
         # Children cached by label values: .labels() builds and hashes a key every call.
-        self._lat_children: dict[tuple[str, str, str], _Bulk] = {}
+        self._lat_children: dict[tuple[Rung, str, str], _Bulk] = {}
         self._stage_children: dict[str, dict[str, _Bulk]] = {}
         self._all_bulk: list[_Bulk] = []
         self._batch_child = self._bulk(self._batch)
         self._flush_handle: asyncio.TimerHandle | None = None
-        self._reason_children: dict[tuple[str, str], Any] = {}
+        self._reason_children: dict[tuple[Rung, str], Any] = {}
         self._version: tuple[str, str] | None = None
-        self._last_log: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._last_log: dict[Rung, float] = {}
+        self._suppressed: dict[Rung, int] = {}
 
     # -- the request path: once per batch ---------------------------------------------------------
     def observe_batch(self, results: Sequence[RecResult | BaseException]) -> None:
@@ -220,7 +221,7 @@ class ServingMetrics:
             return
         self.served += len(ok)
         # Below the full rung for a reason (mode=BATCH asks for the batch rung: that has no reason).
-        degraded = [r for r in ok if r.rung != "full" and r.reasons]
+        degraded = [r for r in ok if r.rung is not Rung.FULL and r.reasons]
         if degraded:
             self._degraded(degraded)
         if not self.enabled:
@@ -230,8 +231,8 @@ class ServingMetrics:
         # batch into groups, one run each: group the requests by variant and those values.
         groups: dict[tuple[str, int, int, int, int], int] = {}
         for r in ok:
-            ts = r.timings_us
-            total = ts["total"] * 1e-6
+            ts = r.timings
+            total = ts.total * 1e-6
             key = (r.rung, r.variant, r.version)
             child = lat_children.get(key)
             if child is None:
@@ -240,9 +241,9 @@ class ServingMetrics:
             st = stage_children.get(r.variant)
             if st is None:
                 st = self._stage_of(r.variant)
-            st["queue"].add(ts["queue"] * 1e-6)
+            st["queue"].add(ts.queue * 1e-6)
             st["total"].add(total)
-            g = (r.variant, ts["fetch"], ts["combine"], ts["search"], ts["filter"])
+            g = (r.variant, ts.fetch, ts.combine, ts.search, ts.filter)
             groups[g] = groups.get(g, 0) + 1
         for (variant, *stage_us), n in groups.items():
             st = stage_children[variant]
@@ -282,7 +283,7 @@ class ServingMetrics:
         """Count reasons by class and log, at most once per second per rung, one of the batch's
         degraded responses with its request id, version, variant, rung and reasons."""
         if self.enabled:
-            counts: dict[tuple[str, str], int] = {}
+            counts: dict[tuple[Rung, str], int] = {}
             for r in results:  # each response once, under its first reason (what sent it down first)
                 key = (r.rung, r.reasons[0].split(":", 1)[0])
                 counts[key] = counts.get(key, 0) + 1
@@ -296,7 +297,7 @@ class ServingMetrics:
             if now - self._last_log.get(r.rung, float("-inf")) >= DEGRADED_LOG_INTERVAL_S:
                 extra = self._suppressed.pop(r.rung, 0)
                 log.warning("degraded response rung=%s version=%s reasons=%s total_us=%d (+%d similar since "
-                            "last line)", r.rung, r.version, "; ".join(r.reasons), r.timings_us.get("total", 0),
+                            "last line)", r.rung, r.version, "; ".join(r.reasons), r.timings.total,
                             extra, extra=request_fields(r, reasons=r.reasons, suppressed=extra))
                 self._last_log[r.rung] = now
             else:
@@ -363,7 +364,7 @@ class ServingMetrics:
 
 def request_fields(r: RecResult, **more: Any) -> dict[str, Any]:
     """The request-scoped fields of a log line (``extra=``): JSON logs carry them as keys."""
-    return {"request_id": r.request_id, "version": r.version, "variant": r.variant, "rung": r.rung, **more}
+    return {"request_id": r.request_id, "version": r.version, "variant": r.variant, "rung": r.rung.label, **more}
 
 
 def error_fields(service: Any, request: Any) -> dict[str, Any]:

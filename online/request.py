@@ -11,8 +11,8 @@ from online.config import ServeConfig
 from online.feature_store import EVENT_TYPES, Event
 from online.wire import MalformedRequest
 from towers.errors import InvalidRequest
+from towers.labels import Mode, Rung, Source
 
-MODES = {0: "auto", 1: "online", 2: "batch"}
 # Context.values bounds: a spec declares a handful of context features; anything near these is abuse.
 MAX_CONTEXT_VALUES = 64
 MAX_CONTEXT_KEY = 128
@@ -28,7 +28,7 @@ class RecRequest:
     recent: tuple[str, ...]  # request-supplied session, most recent first
     cart: tuple[str, ...]
     exclude: tuple[str, ...]
-    mode: str  # auto | online | batch
+    mode: Mode
     request_id: str
     include_titles: bool
     deadline: float  # time.monotonic() by which the budget says the response must be sent
@@ -46,15 +46,28 @@ class RecRequest:
 
 
 @dataclass(slots=True)
+class StageTimings:
+    """Microseconds one response spent in each stage: its own wait in the queue, its batch's
+    fetch, combine, search and filter (shared by the batch), and its total (received -> result)."""
+
+    queue: int = 0
+    fetch: int = 0
+    combine: int = 0
+    search: int = 0
+    filter: int = 0
+    total: int = 0
+
+
+@dataclass(slots=True)
 class RecResult:
     item_ids: list[str]
     scores: list[float]
     version: str
     variant: str
-    rung: str  # one of online.degradation.RUNGS[1:]
+    rung: Rung
     reasons: list[str]
-    source: str  # online | session_only | user_only | batch | popularity
-    timings_us: dict[str, int]
+    source: Source
+    timings: StageTimings
     batch_size: int
     titles: list[str] = field(default_factory=list)
     request_id: str = ""
@@ -93,9 +106,10 @@ def parse_recommend(msg: Any, cfg: ServeConfig, *, time_remaining: float | None)
         raise InvalidRequest("k", "must be >= 1 (leave it unset for the default)")
     if k > cfg.max_k:
         raise InvalidRequest("k", f"{k} exceeds the maximum of {cfg.max_k}")
-    mode = MODES.get(msg.mode)
-    if mode is None:
-        raise InvalidRequest("mode", f"unknown mode {msg.mode}")
+    try:
+        mode = Mode(msg.mode)
+    except ValueError:
+        raise InvalidRequest("mode", f"unknown mode {msg.mode}") from None
     if len(msg.request_id) > cfg.max_id_length:  # echoed, logged and written to the impression log
         raise InvalidRequest("request_id", f"longer than {cfg.max_id_length} characters")
     session = msg.session

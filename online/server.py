@@ -21,7 +21,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from online.admin_auth import check_admin_exposure, token_interceptor
 from online.batcher import DeadlineExceeded
 from online.config import ServeConfig
-from online.degradation import RUNGS
 from online.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore, open_redis_store
 from online.hotswap import RegistryWatcher
 from online.log_signals import LogSignals
@@ -77,17 +76,14 @@ def pushback(e: Overloaded) -> tuple[tuple[str, str], ...]:
     return (("grpc-retry-pushback-ms", str(max(int(e.retry_after_s * 1000), 1))),)
 
 
-RUNG_CODE = {name: code for code, name in enumerate(RUNGS)}
-
-
 def to_proto(r: RecResult) -> pb.RecommendResponse:
-    t = r.timings_us
+    t = r.timings
     return pb.RecommendResponse(
         item_ids=r.item_ids, scores=r.scores, model_version=r.version, variant=r.variant,
-        rung=RUNG_CODE[r.rung],  # type: ignore[arg-type]
-        reasons=r.reasons, source=r.source, batch_size=r.batch_size, titles=r.titles, request_id=r.request_id,
-        timings=pb.StageTimings(queue_us=t["queue"], fetch_us=t["fetch"], combine_us=t["combine"],
-                                search_us=t["search"], filter_us=t["filter"], total_us=t["total"]),
+        rung=int(r.rung),  # type: ignore[arg-type]  # Rung's values are the proto's
+        reasons=r.reasons, source=r.source.label, batch_size=r.batch_size, titles=r.titles, request_id=r.request_id,
+        timings=pb.StageTimings(queue_us=t.queue, fetch_us=t.fetch, combine_us=t.combine,
+                                search_us=t.search, filter_us=t.filter, total_us=t.total),
     )
 
 

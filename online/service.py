@@ -27,17 +27,17 @@ import numpy as np
 
 from online.batcher import Batcher
 from online.config import ServeConfig
-from online.degradation import BATCH, EMBEDDING_FROM_BUNDLE, FULL, NO_SESSION, POPULARITY, RUNGS, Ladder
+from online.degradation import EMBEDDING_FROM_BUNDLE, Ladder
 from online.feature_store import Event, FeatureStore, UserFeatures
 from online.impressions import ImpressionLog
 from online.metrics import ServingMetrics
-from online.request import RecRequest, RecResult
+from online.request import RecRequest, RecResult, StageTimings
 from online.settings import DEFAULT_SETTINGS, BatchSettings
 from towers import bundle as bundle_mod
 from towers.context import ContextSchema, request_term
 from towers.errors import FeatureStoreError, NotReady, Overloaded, Unsupported, VersionNotInStore
+from towers.labels import Mode, Rung, Source
 from towers.ranking import (
-    SOURCES,
     QueryBatch,
     RankModel,
     combine_queries,
@@ -188,8 +188,8 @@ class RecommendService:
         (not yet installed, so live traffic is unaffected). Returns the number sent."""
         users = model.bundle.features.user_vocab.values[:4] or ["__warmup_user__"]
         items = tuple(model.bundle.item_ids[:3])
-        cases = [c for u in users for c in ((u, (), "auto"), (u, items, "online"), (u, (), "batch"))]
-        cases += [("__warmup_unknown__", items[:1], "auto"), ("__warmup_unknown__", (), "auto")]
+        cases = [c for u in users for c in ((u, (), Mode.AUTO), (u, items, Mode.ONLINE), (u, (), Mode.BATCH))]
+        cases += [("__warmup_unknown__", items[:1], Mode.AUTO), ("__warmup_unknown__", (), Mode.AUTO)]
         sent, size = 0, 1
         while True:
             reqs = [RecRequest(user_id=u, k=10, recent=s, cart=(), exclude=(), mode=m, request_id="warmup",
@@ -278,13 +278,13 @@ class RecommendService:
         budget = self.cfg.budget
         n = len(reqs)
         ladder = Ladder(n)
-        batch_mode = np.fromiter((r.mode == "batch" for r in reqs), dtype=bool, count=n)
+        batch_mode = np.fromiter((r.mode is Mode.BATCH for r in reqs), dtype=bool, count=n)
         online = np.flatnonzero(~batch_mode)
 
         # fetch: one pipeline for the whole batch
         feats: list[UserFeatures] | None = None
         if len(online) and not settings.allow_full:  # no session in the query: the user embedding alone
-            ladder.not_allowed(online, FULL, NO_SESSION)
+            ladder.not_allowed(online, Rung.FULL, Rung.NO_SESSION)
         elif len(online):
             # The latest deadline sets the timeout: one caller with a tight deadline must not cost
             # the whole batch its features. Callers whose time runs out meanwhile are caught by the
@@ -307,9 +307,9 @@ class RecommendService:
         time_left = np.fromiter((r.deadline for r in reqs), dtype=np.float64, count=n) - time.monotonic()
         to_search = ladder.plan_search(online, has_query, time_left, budget.min_search_ms / 1000.0)
         if not settings.allow_no_session:
-            demoted = to_search[ladder.rung[to_search] == NO_SESSION]
-            ladder.not_allowed(demoted, NO_SESSION, BATCH)
-            to_search = to_search[ladder.rung[to_search] != BATCH]
+            demoted = to_search[ladder.rung[to_search] == Rung.NO_SESSION]
+            ladder.not_allowed(demoted, Rung.NO_SESSION, Rung.BATCH)
+            to_search = to_search[ladder.rung[to_search] != Rung.BATCH]
         sub = batch.subset(to_search)
         queries = combine_queries(model.ranker, sub)
         t2 = time.monotonic()
@@ -348,8 +348,7 @@ class RecommendService:
         await self._lower_rungs(model, reqs, batch, batch_mode, ladder, answered, rows, scores, counts,
                                 allow_batch=settings.allow_batch)
         t4 = time.monotonic()
-        stage_us = {"fetch": int((t1 - t0) * 1e6), "combine": int((t2 - t1) * 1e6), "search": int((t3 - t2) * 1e6),
-                    "filter": int((t4 - t3) * 1e6)}
+        stage_us = (int((t1 - t0) * 1e6), int((t2 - t1) * 1e6), int((t3 - t2) * 1e6), int((t4 - t3) * 1e6))
         return self._results(model, reqs, queue_s, ladder, rows, scores, counts, stage_us)
 
     async def _lower_rungs(self, model: LoadedModel, reqs: Sequence[RecRequest], batch: QueryBatch,
@@ -358,9 +357,9 @@ class RecommendService:
                            from_store: bool = True) -> None:
         """What the search did not answer: the precomputed rung for requests on it (or in
         batch mode), then popularity for the rest (filled in place)."""
-        precomputed = np.flatnonzero(batch_mode | (ladder.rung == BATCH))
+        precomputed = np.flatnonzero(batch_mode | (ladder.rung == Rung.BATCH))
         if len(precomputed) and not allow_batch:
-            ladder.not_allowed(precomputed, BATCH, POPULARITY)
+            ladder.not_allowed(precomputed, Rung.BATCH, Rung.POPULARITY)
             precomputed = precomputed[:0]
         if len(precomputed):
             answered[await self._batch_recs(model, reqs, batch, precomputed, batch_mode, ladder, rows, scores,
@@ -389,8 +388,7 @@ class RecommendService:
         await self._lower_rungs(model, reqs, batch, np.zeros(1, dtype=bool), ladder, answered, rows, scores, counts,
                                 from_store=False)
         filter_us = int((time.monotonic() - req.received) * 1e6)
-        (res,) = self._results(model, reqs, [0.0], ladder, rows, scores, counts,
-                               {"fetch": 0, "combine": 0, "search": 0, "filter": filter_us})
+        (res,) = self._results(model, reqs, [0.0], ladder, rows, scores, counts, (0, 0, 0, filter_us))
         assert isinstance(res, RecResult)
         return res
 
@@ -490,16 +488,16 @@ class RecommendService:
 
     def _results(self, model: LoadedModel, reqs: Sequence[RecRequest], queue_s: Sequence[float], ladder: Ladder,
                  rows: np.ndarray, scores: np.ndarray, counts: np.ndarray,
-                 stage_us: dict[str, int]) -> list[RecResult | BaseException]:
+                 stage_us: tuple[int, int, int, int]) -> list[RecResult | BaseException]:
         item_ids, titles, n = model.item_ids, model.bundle.titles, len(reqs)
         rungs, sources, now = ladder.rung.tolist(), ladder.source.tolist(), time.monotonic()
         out: list[RecResult | BaseException] = []
         for i, (r, c) in enumerate(zip(reqs, counts.tolist(), strict=True)):
             ids = item_ids[rows[i, :c]].tolist()
-            us = {**stage_us, "queue": int(queue_s[i] * 1e6), "total": int((now - r.received) * 1e6)}
+            us = StageTimings(int(queue_s[i] * 1e6), *stage_us, int((now - r.received) * 1e6))
             out.append(RecResult(item_ids=ids, scores=scores[i, :c].tolist(), version=model.version,
-                                 variant=self.cfg.variant, rung=RUNGS[rungs[i]], reasons=ladder.reasons_of(i),
-                                 source=SOURCES[sources[i]], timings_us=us, batch_size=n,
+                                 variant=self.cfg.variant, rung=Rung(rungs[i]), reasons=ladder.reasons_of(i),
+                                 source=Source(sources[i]), timings=us, batch_size=n,
                                  titles=[titles.get(x, "") for x in ids] if r.include_titles else [],
                                  request_id=r.request_id))
         return out

@@ -27,10 +27,11 @@ from online.config import load_config
 from online.exporter import start_exporter
 from online.logs import JsonFormatter
 from online.metrics import LATENCY_BUCKETS, ServingMetrics, _Bulk
-from online.request import RecResult
+from online.request import RecResult, StageTimings
 from online.server import ServerThread
 from towers import registry as registry_mod
 from towers.errors import FeatureStoreError, FeatureStoreTimeout
+from towers.labels import Rung, Source
 
 
 def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -61,10 +62,10 @@ def total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **l
 
 def result(rung: str = "full", *, total_us: int = 1500, queue_us: int = 100, reasons: tuple[str, ...] = (),
            version: str = "v1", request_id: str = "r") -> RecResult:
-    return RecResult(item_ids=["a"], scores=[1.0], version=version, variant="control", rung=rung,
-                     reasons=list(reasons), source="online", batch_size=1, request_id=request_id,
-                     timings_us={"queue": queue_us, "fetch": 300, "combine": 20, "search": 700, "filter": 40,
-                                 "total": total_us})
+    return RecResult(item_ids=["a"], scores=[1.0], version=version, variant="control", rung=Rung.from_label(rung),
+                     reasons=list(reasons), source=Source.ONLINE, batch_size=1, request_id=request_id,
+                     timings=StageTimings(queue=queue_us, fetch=300, combine=20, search=700, filter=40,
+                                          total=total_us))
 
 
 def samples_of(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
@@ -146,7 +147,7 @@ def test_a_routed_batch_keeps_each_groups_stage_times() -> None:
     # fetch time counts for its own requests, under its variant.
     m = ServingMetrics(enabled=True)
     a = result()
-    b = replace(result(), variant="treatment", timings_us={**result().timings_us, "fetch": 5_000})
+    b = replace(result(), variant="treatment", timings=replace(result().timings, fetch=5_000))
     m.observe_batch([a, b, b])
     get = m.registry.get_sample_value
     assert get("twotower_stage_latency_seconds_sum", {"stage": "fetch", "variant": "control"}) == pytest.approx(3e-4)

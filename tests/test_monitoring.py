@@ -27,7 +27,8 @@ from monitoring import (
 from prometheus_client import generate_latest
 
 from online.metrics import ServingMetrics
-from online.request import RecResult
+from online.request import RecResult, StageTimings
+from towers.labels import Rung, Source
 
 DEPLOY = ROOT / "deploy"
 
@@ -92,9 +93,9 @@ def test_every_queried_metric_is_exposed_by_the_exporter() -> None:
     m = ServingMetrics(enabled=True)
     m.installed("v1", "control")
     m.set_serving(True)
-    m.observe_batch([RecResult(item_ids=[], scores=[], version="v1", variant="control", rung="popularity",
-                               reasons=["cold start: x"], source="popularity", batch_size=1,
-                               timings_us={s: 1 for s in ("queue", "fetch", "combine", "search", "filter", "total")})])
+    m.observe_batch([RecResult(item_ids=[], scores=[], version="v1", variant="control", rung=Rung.POPULARITY,
+                               reasons=["cold start: x"], source=Source.POPULARITY, batch_size=1,
+                               timings=StageTimings(1, 1, 1, 1, 1, 1))])
     m.rpc_failed("INVALID_ARGUMENT")
     samples = parse(generate_latest(m.registry).decode())
     assert len(used_metric_names()) >= 10

@@ -17,6 +17,7 @@ from online.proto import recommender_pb2 as pb
 from online.server import ServerThread, load_and_serve
 from towers import bundle as bundle_mod
 from towers import registry as registry_mod
+from towers.labels import Mode, Rung, Source
 from towers.ranking import RankModel, rank
 
 
@@ -296,14 +297,14 @@ def test_one_tight_deadline_does_not_cost_the_batch_its_features(synth_bundle: P
         now = time.monotonic()
 
         def req(user: str, deadline: float) -> RecRequest:
-            return RecRequest(user_id=user, k=5, recent=(), cart=(), exclude=(), mode="auto", request_id="",
+            return RecRequest(user_id=user, k=5, recent=(), cart=(), exclude=(), mode=Mode.AUTO, request_id="",
                               include_titles=False, deadline=deadline)
 
         tight, relaxed = req(users[0], now + 0.0001), req(users[1], now + 5.0)
         out = await svc.run_batch(model, [tight, relaxed], [0.0, 0.0])
         assert timeouts == [cfg.budget.fetch_ms / 1000.0]  # the relaxed caller's budget, not ~0
-        assert out[1].rung == "full" and out[1].source == "user_only"  # type: ignore[union-attr]
-        assert out[0].rung == "batch" and "too little time left" in " ".join(out[0].reasons)  # type: ignore[union-attr]
+        assert out[1].rung is Rung.FULL and out[1].source is Source.USER_ONLY  # type: ignore[union-attr]
+        assert out[0].rung is Rung.BATCH and "too little time left" in " ".join(out[0].reasons)  # type: ignore[union-attr]
         await svc.close()
 
     asyncio.run(main())
@@ -358,11 +359,11 @@ def test_an_old_version_stays_in_the_embedded_store_until_its_last_batch_is_done
         await svc.prepare(old)
         svc.install(old)
         user = old.bundle.features.user_vocab.values[0]
-        req = RecRequest(user_id=user, k=5, recent=(), cart=(), exclude=(), mode="batch", request_id="",
+        req = RecRequest(user_id=user, k=5, recent=(), cart=(), exclude=(), mode=Mode.BATCH, request_id="",
                          include_titles=False, deadline=time.monotonic() + 30)
         store.hold = old.version
         # an online request holds the batch at its fetch; the batch-mode one then needs old's recs
-        online = replace(req, mode="online")
+        online = replace(req, mode=Mode.ONLINE)
         running = asyncio.ensure_future(svc.run_batch(old, [online, req], [0.0, 0.0]))
         await store.entered.wait()
         await svc.prepare(new)
@@ -370,7 +371,7 @@ def test_an_old_version_stays_in_the_embedded_store_until_its_last_batch_is_done
         assert store.versions() == {old.version, new.version}  # old still has a batch running
         store.gate.set()
         res = await running
-        assert [r.rung for r in res] == ["full", "batch"] and res[1].source == "batch"  # type: ignore[union-attr]
+        assert [r.rung for r in res] == [Rung.FULL, Rung.BATCH] and res[1].source is Source.BATCH  # type: ignore[union-attr]
         assert store.versions() == {new.version}  # its last batch done: the old version is dropped
         await svc.close()
 

@@ -15,7 +15,8 @@ _EXPORTS = {
     "Bundle": "towers.bundle", "load_bundle": "towers.bundle:load", "verify_bundle": "towers.bundle:verify",
     "CombinerParams": "towers.combiner", "FeaturePipeline": "towers.features", "Vocabulary": "towers.features",
     "IndexSpec": "towers.index", "RankModel": "towers.ranking", "QueryBatch": "towers.ranking",
-    "Ranked": "towers.ranking", "rank": "towers.ranking", "SOURCES": "towers.ranking",
+    "Ranked": "towers.ranking", "rank": "towers.ranking",
+    "Rung": "towers.labels", "Source": "towers.labels", "Mode": "towers.labels",
     "publish": "towers.registry", "current_path": "towers.registry", "current_version": "towers.registry",
     "RedisKeys": "towers.store_format", "Event": "towers.store_format", "EVENT_TYPES": "towers.store_format",
     "load_bundle_into_redis": "towers.redis_load", "Flags": "towers.flags", "load_flags": "towers.flags",
@@ -24,7 +25,6 @@ _EXPORTS = {
 }
 __all__ = [
     "EVENT_TYPES",
-    "SOURCES",
     "Bundle",
     "BundleError",
     "CombinerParams",
@@ -35,10 +35,13 @@ __all__ = [
     "Flags",
     "IndexSpec",
     "InvalidRequest",
+    "Mode",
     "QueryBatch",
     "RankModel",
     "Ranked",
     "RedisKeys",
+    "Rung",
+    "Source",
     "TwoTowerError",
     "Vocabulary",
     "assign",
@@ -62,7 +65,8 @@ if TYPE_CHECKING:
     from towers.features import FeaturePipeline, Vocabulary
     from towers.flags import Flags, load_flags
     from towers.index import IndexSpec
-    from towers.ranking import SOURCES, QueryBatch, Ranked, RankModel, rank
+    from towers.labels import Mode, Rung, Source
+    from towers.ranking import QueryBatch, Ranked, RankModel, rank
     from towers.redis_load import load_bundle_into_redis
     from towers.registry import current_path, current_version, publish
     from towers.store_format import EVENT_TYPES, Event, RedisKeys

@@ -34,15 +34,11 @@ import numpy as np
 
 from towers.bundle import Bundle
 from towers.combiner import CombinerParams, combine
+from towers.labels import Source
 
 SEARCH_MARGIN = 16  # extra candidates beyond k + exclusions, for IVF/HNSW misses (-1 ids)
 WIDE_BANNED = 256  # exclusions beyond this widen only their own request's search (search_batch)
 EXACT_CHUNK = 64  # refill queries scored at once: 64 x 1M items x 4 bytes = 256 MB at most
-
-# Where a request's list came from; index == code in ``Ranked.source``.
-SOURCES = ("online", "session_only", "user_only", "popularity", "batch")
-ONLINE, SESSION_ONLY, USER_ONLY, POPULARITY, BATCH = range(len(SOURCES))
-
 
 @dataclass(frozen=True)
 class RankModel:
@@ -120,7 +116,8 @@ class QueryBatch:
     def source(self) -> np.ndarray:
         """(B,) source codes of a searched query: online, session_only, user_only or popularity."""
         hs, hu = self.has_session, self.has_user
-        return np.where(hs, np.where(hu, ONLINE, SESSION_ONLY), np.where(hu, USER_ONLY, POPULARITY)).astype(np.int8)
+        return np.where(hs, np.where(hu, Source.ONLINE, Source.SESSION_ONLY),
+                        np.where(hu, Source.USER_ONLY, Source.POPULARITY)).astype(np.int8)
 
     @cached_property
     def queried(self) -> np.ndarray:
@@ -203,7 +200,7 @@ class Ranked:
     rows: np.ndarray  # (B, K) int64 item rows, -1 padded
     scores: np.ndarray  # (B, K) float32
     counts: np.ndarray  # (B,) int64
-    source: np.ndarray  # (B,) int8 codes into SOURCES
+    source: np.ndarray  # (B,) int8 ``Source`` codes
     queries: np.ndarray  # (B, d) the queries ranked with (zero rows for popularity)
 
     def __len__(self) -> int:
@@ -385,7 +382,7 @@ def select(model: RankModel, batch: QueryBatch, queries: np.ndarray, cand_scores
         short = searched[c < np.minimum(batch.k[searched], model.n_items - batch.n_banned[searched])]
         if len(short):
             rows[short], scores[short], counts[short] = exact_topk(model, batch, short, queries[short])
-    cold = np.flatnonzero(source == POPULARITY)
+    cold = np.flatnonzero(source == Source.POPULARITY)
     if len(cold):
         rows[cold], scores[cold], counts[cold] = popular(model, batch, cold)
     return Ranked(rows=rows, scores=scores, counts=counts, source=source, queries=queries)
