@@ -30,8 +30,9 @@ from offline.synth import make_synthetic_bundle
 from online.config import load_config
 from online.experiments import Router
 from online.feature_store import InMemoryFeatureStore
+from online.lifecycle import LoadedModel
 from online.request import RecRequest
-from online.service import LoadedModel, RecommendService
+from online.service import RecommendService
 from towers import registry as registry_mod
 from towers.labels import Mode
 
@@ -83,8 +84,8 @@ async def _main(root: Path, *, items: int, users: int, rounds: int, seconds: flo
     cfg = replace(load_config(), warmup=False)
     service = RecommendService(cfg, InMemoryFeatureStore())
     model = LoadedModel.load(reg / ids[0])
-    await service.prepare(model)
-    service.install(model)
+    await service.lifecycle.prepare(model)
+    service.lifecycle.install(model)
     routers = {}
     for mode, flags, cache in (("same", "same.yaml", 100_000), ("two", "two.yaml", 100_000),
                                ("two-cold", "two.yaml", 0)):
@@ -97,7 +98,7 @@ async def _main(root: Path, *, items: int, users: int, rounds: int, seconds: flo
         for mode in qps:
             service.router = routers.get(mode)
             if service.router is not None:
-                service.pin(frozenset(service.router.table.models) if service.router.table else frozenset())
+                service.lifecycle.pin(frozenset(service.router.table.models) if service.router.table else frozenset())
             await _closed_loop(service, users=users, concurrency=concurrency, seconds=0.3)  # settle
             wall, per_s = await _closed_loop(service, users=users, concurrency=concurrency, seconds=seconds)
             qps[mode].append(wall)

@@ -70,6 +70,13 @@ def _served_rank(resp: Any, item: str) -> int:
     return items.index(item) if item in items else K
 
 
+def _gate_why(report: dict[str, Any] | None) -> str | None:
+    """Why a refresh's gate decided as it did (None without a report)."""
+    if report is None:
+        return None
+    return {s["name"]: s["result"] for s in report["steps"]}.get("evaluate", {}).get("why")
+
+
 def _wait_version(client: Any, user: str, version: str, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -194,6 +201,7 @@ def run_arm(arm: str, *, bundle: Path, days: list[list[tuple[str, str, int]]], r
                 new_version = str(pub["version"]) if pub.get("published") else version
                 row["refresh"] = {"seconds": round(time.perf_counter() - t0, 2), "published": pub.get("published"),
                                   "gate": steps.get("evaluate", {}).get("why"),
+                                  "fallback_from_train": _gate_why(report.get("fallback_from")),
                                   "users_embedded": steps.get("candidate", {}).get("users_embedded"),
                                   "traffic": traffic.summary(allowed={version, new_version})}
             out.append(row)
@@ -363,6 +371,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-epochs", type=positive_int, default=2, help="warm-start epochs of the train arm")
     p.add_argument("--train-blend", type=float, default=None, help="the refresh's --train-blend (train arm)")
     p.add_argument("--train-min-targets", type=int, default=None, help="the refresh's --train-min-targets")
+    p.add_argument("--train-min-users", type=int, default=None, help="the refresh's --train-min-users")
+    p.add_argument("--no-train-fallback", action="store_true", help="the refresh's --no-train-fallback")
     p.add_argument("--out", type=Path, default=Path("bench/results/replay"))
     p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
     p.set_defaults(func=cmd_replay)
@@ -370,8 +380,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     dates = [d.strip() for d in args.train_until.split(",") if d.strip()]
-    overrides = {k: v for k, v in (("train_blend", args.train_blend), ("train_min_targets", args.train_min_targets))
-                 if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("train_blend", args.train_blend),
+                                                   ("train_min_targets", args.train_min_targets),
+                                                   ("train_min_users", args.train_min_users)) if v is not None}
+    if args.no_train_fallback:
+        overrides["train_fallback"] = False
     kw: dict[str, Any] = {"dataset": args.dataset, "n_days": args.days, "data_dir": args.data_dir,
                           "arms": tuple(a.strip() for a in args.arms.split(",") if a.strip()), "epochs": args.epochs,
                           "train_epochs": args.train_epochs, "refresh_overrides": overrides}

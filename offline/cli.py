@@ -150,6 +150,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-min-targets", type=int, default=None,
                    help="train mode: holdout events a retrained model must be scored on to be published "
                         "(default 1000)")
+    p.add_argument("--train-min-users", type=int, default=None,
+                   help="train mode: ... and the distinct users they come from (default 100)")
     p.add_argument("--no-train-fallback", action="store_true",
                    help="train mode: when the gate refuses the retrained model, publish nothing tonight "
                         "(default: an embed run follows, fresh user vectors from CURRENT's towers)")
@@ -368,7 +370,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
                         grace_s=int(args.grace_s), flags=args.flags, keep_versions=args.keep_versions,
                         max_events=args.max_events, train_fallback=not args.no_train_fallback,
                         **{k: v for k, v in (("train_blend", args.train_blend),
-                                             ("train_min_targets", args.train_min_targets)) if v is not None})
+                                             ("train_min_targets", args.train_min_targets),
+                                             ("train_min_users", args.train_min_users)) if v is not None})
     log = (lambda *_: None) if args.json else print
 
     def once() -> dict[str, Any]:

@@ -93,6 +93,7 @@ class RefreshConfig:
     # Train mode: a retrained model passes only on at least this many holdout events (the
     # window reaches back, never into what CURRENT trained on); fewer: CURRENT stays tonight.
     train_min_targets: int = 1_000
+    train_min_users: int = 100  # ... of at least this many distinct users (the test's real sample size)
     train_epochs: int = 3  # train mode: warm-start epochs (an epoch is kept only if it beats the start)
     # Train mode: the published towers are ``blend`` x the warm start's + (1 - blend) x CURRENT's
     # (weight averaging; 1.0: the warm start's alone).
@@ -134,6 +135,8 @@ class RefreshConfig:
             raise ConfigError("--train-blend", f"{self.train_blend}: must be in (0, 1]")
         if self.train_min_targets < 0:
             raise ConfigError("--train-min-targets", f"{self.train_min_targets}: must be >= 0")
+        if self.train_min_users < 0:
+            raise ConfigError("--train-min-users", f"{self.train_min_users}: must be >= 0")
 
 
 Fault = Callable[[str], None]
@@ -360,8 +363,10 @@ class _Job:
             return holdout_start(self._new_events().timestamp, window_s=self.cfg.holdout_s, min_targets=0,
                                  not_before=None)
         man = bundle_mod.read_manifest(self.cfg.registry / self.parent)
-        return holdout_start(self._log().timestamp, window_s=self.cfg.holdout_s,
-                             min_targets=self.cfg.train_min_targets, not_before=man.get("trained_until"))
+        log_rows = self._log()
+        return holdout_start(log_rows.timestamp, window_s=self.cfg.holdout_s, min_targets=self.cfg.train_min_targets,
+                             not_before=man.get("trained_until"), users=log_rows.user,
+                             min_users=self.cfg.train_min_users)
 
     def candidate(self) -> dict[str, Any]:
         from offline.histories import user_histories
@@ -585,7 +590,8 @@ class _Job:
         hits_p = hits(cur, tusers, prefixes, titems,
                       vectors=embed_prefixes(cur, tusers, prefixes) if self.cfg.mode == "train" else None)
         rule = GateRule(max_drop=self.cfg.max_drop, min_targets=self.cfg.gate_min_targets, gated=self.cfg.gate,
-                        min_targets_to_accept=self.cfg.train_min_targets if self.cfg.mode == "train" else 0)
+                        min_targets_to_accept=self.cfg.train_min_targets if self.cfg.mode == "train" else 0,
+                        min_users_to_accept=self.cfg.train_min_users if self.cfg.mode == "train" else 0)
         result = decide(hits_c, hits_p, tusers, rule, stored_rows_ok=self._stored_rows_ok(cand))
         self.log(f"refresh gate: {'pass' if result['passed'] else 'REFUSED'}: {result['why']}")
         return {**result, "holdout_start": t0}

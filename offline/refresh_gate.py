@@ -14,17 +14,28 @@ from towers import bundle as bundle_mod
 from towers.ranking import RankModel
 
 
-def holdout_start(timestamps: np.ndarray, *, window_s: int, min_targets: int, not_before: int | None) -> int:
+def holdout_start(timestamps: np.ndarray, *, window_s: int, min_targets: int, not_before: int | None,
+                  users: np.ndarray | None = None, min_users: int = 0) -> int:
     """The holdout is every event at or after the returned time: the newest ``window_s``
-    seconds, reaching further back until it holds ``min_targets`` events (a quiet night's few
-    hundred events cannot tell a retrained model's 5% loss from noise), but never before
-    ``not_before``, CURRENT's ``trained_until``: scoring CURRENT on what it trained on would
-    flatter it. A train-mode candidate trains on what came before: the window slides a day a
-    night, so each night's candidate still learns from one more day than CURRENT did."""
+    seconds, reaching further back until it holds ``min_targets`` events and ``min_users``
+    distinct users (a quiet night's few hundred events cannot tell a retrained model's 5% loss
+    from noise, and on ML-100k a day's thousand ratings come from some 30 users: the test is
+    clustered by user, so users are its sample size), but never before ``not_before``,
+    CURRENT's ``trained_until``: scoring CURRENT on what it trained on would flatter it. A
+    train-mode candidate trains on what came before: the window slides a day a night, so each
+    night's candidate still learns from one more day than CURRENT did."""
     if not len(timestamps):
         return 0
-    ts = np.sort(np.asarray(timestamps, np.int64))
-    t0 = min(int(ts[-1]) - window_s + 1, int(ts[max(len(ts) - min_targets, 0)]) if min_targets > 0 else 2**62)
+    ts = np.asarray(timestamps, np.int64)
+    order = np.argsort(-ts, kind="stable")  # newest first
+    t0 = int(ts[order[0]]) - window_s + 1
+    if min_targets > 0:
+        t0 = min(t0, int(ts[order[min(min_targets, len(ts)) - 1]]))
+    if users is not None and min_users > 0:
+        # Position (newest first) where each user first appears; the min_users-th of them.
+        _, first = np.unique(np.asarray(users)[order], return_index=True)
+        first.sort()
+        t0 = min(t0, int(ts[order[first[min(min_users, len(first)) - 1]]]))
     return max(t0, not_before) if not_before is not None else t0
 
 
@@ -33,6 +44,7 @@ class GateRule:
     max_drop: float  # refuse when measurably (95%, paired) worse than CURRENT by more than this share
     min_targets: int  # below: too few to refuse on (measured and reported)
     min_targets_to_accept: int = 0  # a candidate needs this many to pass at all (train mode)
+    min_users_to_accept: int = 0  # ... and targets of this many distinct users
     gated: bool = True  # False: whatever the figures, pass (they are still reported)
 
 
@@ -49,16 +61,17 @@ def decide(hits_c: np.ndarray, hits_p: np.ndarray, users: list[str], rule: GateR
     upper = float(d.mean()) + 1.96 * se
     floor = -rule.max_drop * r_p
     few = len(d) < rule.min_targets
-    short = len(d) < rule.min_targets_to_accept
+    n_users = len(set(users))
+    short = len(d) < rule.min_targets_to_accept or n_users < rule.min_users_to_accept
     passed = not rule.gated or (stored_rows_ok and not short and (few or upper >= floor))
     why = (f"candidate Recall@20 {r_c:.4f} vs CURRENT {r_p:.4f} on {len(d)} holdout events of "
-           f"{len(set(users))} users (difference {d.mean():+.4f}, 95% upper bound {upper:+.4f}; refused "
+           f"{n_users} users (difference {d.mean():+.4f}, 95% upper bound {upper:+.4f}; refused "
            f"below {floor:+.4f}, max drop {rule.max_drop:.0%})")
     if few:
         why += f"; fewer than {rule.min_targets} targets: too few to tell, not refused on them"
     if short:
-        why += (f"; fewer than {rule.min_targets_to_accept} targets: too few to accept a retrained model on "
-                "(CURRENT stays; a later run has more)")
+        why += (f"; fewer than {rule.min_targets_to_accept} targets or {rule.min_users_to_accept} users: too few "
+                "to accept a retrained model on (CURRENT's towers stay; a later run has more)")
     if not stored_rows_ok:
         why += "; the candidate's stored user embeddings do not match its towers on the users' history"
     if not rule.gated:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "ServeConfig": "online.config", "load_config": "online.config", "RecommendService": "online.service",
-    "LoadedModel": "online.service", "start_server": "online.server", "ServerThread": "online.server",
+    "LoadedModel": "online.lifecycle", "start_server": "online.server", "ServerThread": "online.server",
     "RunningServer": "online.server", "RecommenderClient": "online.client", "FeatureStore": "online.feature_store",
     "InMemoryFeatureStore": "online.feature_store", "RedisFeatureStore": "online.feature_store",
     "StoreCapabilities": "online.feature_store", "Batcher": "online.batcher", "Ladder": "online.degradation",
@@ -47,9 +47,10 @@ if TYPE_CHECKING:
     from online.degradation import Ladder
     from online.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore, StoreCapabilities
     from online.hotswap import RegistryWatcher
+    from online.lifecycle import LoadedModel
     from online.request import RecRequest, RecResult, StageTimings
     from online.server import RunningServer, ServerThread, start_server
-    from online.service import LoadedModel, RecommendService
+    from online.service import RecommendService
     from online.supervisor import Supervisor
 
 

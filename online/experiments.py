@@ -45,9 +45,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from online.lifecycle import LoadedModel
 from online.polling import Poller
 from online.request import RecRequest, RecResult, budget_deadline
-from online.service import LoadedModel, RecommendService
+from online.service import RecommendService
 from online.settings import DEFAULT_SETTINGS, BatchSettings, batch_settings
 from towers import bundle as bundle_mod
 from towers.assign import assign, shadow_sampled
@@ -282,7 +283,7 @@ class Router:
                 table = await self._build(flags, digest, added)
             except Exception as e:  # any failure: the old flags serve on
                 for v in added:
-                    self.service.reject(v)  # prepared, never pinned: the embedded store lets go
+                    self.service.lifecycle.reject(v)  # prepared, never pinned: the embedded store lets go
                 where = "" if str(e).startswith(str(self.flags_file)) else f"{self.flags_file}: "
                 self.state.error = f"{where}{e}"
                 self.state.rejected += 1
@@ -291,7 +292,7 @@ class Router:
                           self.table.digest[:12] if self.table is not None else "no flags")
                 return False
             self.table = table  # the switch: one reference assignment, read once per batch
-            self.service.pin(frozenset(table.models))
+            self.service.lifecycle.pin(frozenset(table.models))
             self.state.digest = digest
             self.state.error = ""
             self.state.rejected_digest = ""
@@ -321,7 +322,6 @@ class Router:
             raise ConfigError("max_resident_mb", f"resident versions would take {total / MB:.2f} MB, over the "
                                                  f"limit of {self.max_resident_bytes / MB:g} MB ({sizes})")
         models: dict[str, LoadedModel] = {}
-        loop = asyncio.get_running_loop()
         for v in pinned:
             if v in old:
                 models[v] = old[v]
@@ -329,11 +329,9 @@ class Router:
             if current is not None and current.version == v:
                 models[v] = current  # CURRENT is that version: already prepared and warm, share it
                 continue
-            model = await loop.run_in_executor(None, LoadedModel.load, self.registry / v)  # verifies
+            model = await self.service.lifecycle.candidate(self.registry / v)  # verified, in the store, warm
             added.append(v)
-            await self.service.prepare(model)  # the feature store must hold its keys
             if self.service.cfg.warmup:
-                await self.service.warm(model)
                 self.state.warmed.append(v)
             models[v] = model
         for exp in flags.experiments:  # an override the arm's index cannot take is refused, not ignored

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from online.polling import Poller
-from online.service import LoadedModel, RecommendService
+from online.service import RecommendService
 from online.supervision_shared import SwapTurn
 from towers import registry as registry_mod
 from towers.errors import FeatureStoreError, TwoTowerError, VersionNotInStore
@@ -44,6 +44,7 @@ class RegistryWatcher:
     def __init__(self, service: RecommendService, registry: Path, *, poll_s: float,
                  swap_turn: SwapTurn | None = None) -> None:
         self.service = service
+        self.lifecycle = service.lifecycle
         # Workers of one supervisor swap one at a time (a swap holds two bundles): the first
         # load of each does not wait (nothing is held yet).
         self._turn = swap_turn
@@ -82,12 +83,7 @@ class RegistryWatcher:
             path = self.registry / version
             if not path.is_dir():
                 raise TwoTowerError(f"{self.registry}: CURRENT names {version}, which is not in the registry")
-            loop = asyncio.get_running_loop()
-            model = await loop.run_in_executor(None, LoadedModel.load, path)
-            await self.service.prepare(model)
-            if self.service.cfg.warmup:
-                await self.service.warm(model)
-            self.service.install(model)
+            self.lifecycle.install(await self.lifecycle.candidate(path))
         except Exception as e:  # any failure rejects the candidate; the old version serves on
             self.state.state = prev if prev == "serving" else "failed"
             self.state.last_error = f"{version}: {e}"
@@ -96,7 +92,7 @@ class RegistryWatcher:
             transient = isinstance(e, FeatureStoreError) and not isinstance(e, VersionNotInStore)
             self._retry_at = time.monotonic() + self._retry_s * random.uniform(0.8, 1.2) if transient else None
             self._retry_s = min(self._retry_s * 2, RETRY_MAX_S) if transient else RETRY_MIN_S
-            self.service.reject(version)
+            self.lifecycle.reject(version)
             self.service.metrics.rejected()
             log.error("rejected %s, still serving %s: %s", version, self.state.version or "nothing", e)
             return False
@@ -123,8 +119,8 @@ class RegistryWatcher:
                 log.error("CURRENT refused, still serving %s: %s", self.state.version or "nothing", e)
             self.state.last_error = str(e)
             return False
-        if self.service.unverified:
-            await self.service.verify_in_store()
+        if self.lifecycle.unverified:
+            await self.lifecycle.verify_in_store()
         if version is None or version == self.state.version:
             return False
         if version == self._rejected_version and not force:

@@ -23,13 +23,14 @@ from online.batcher import DeadlineExceeded
 from online.config import ServeConfig
 from online.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore, open_redis_store
 from online.hotswap import RegistryWatcher
+from online.lifecycle import LoadedModel
 from online.log_signals import LogSignals
 from online.metrics import error_fields
 from online.proto import recommender_pb2 as pb
 from online.proto import recommender_pb2_grpc as pb_grpc
 from online.reflection import enable_reflection
 from online.request import RecResult, parse_events, parse_recommend
-from online.service import LoadedModel, RecommendService
+from online.service import RecommendService
 from online.supervision_shared import SharedSupervision, SwapTurn
 from online.tls import load_server_tls
 from online.wire import lenient_deserializer
@@ -378,12 +379,10 @@ async def start_router(service: RecommendService, cfg: ServeConfig, registry: Pa
 
 
 async def load_and_serve(running: RunningServer, bundle_path: Path) -> LoadedModel:
-    loop = asyncio.get_running_loop()
-    model = await loop.run_in_executor(None, LoadedModel.load, bundle_path)
-    await running.service.prepare(model)
-    n = await running.service.warm(model) if running.service.cfg.warmup else 0
-    running.service.install(model)
-    log.info("loaded %s from %s, warmed with %d requests", model.version, bundle_path, n)
+    lifecycle = running.service.lifecycle
+    model = await lifecycle.candidate(bundle_path)
+    lifecycle.install(model)
+    log.info("loaded %s from %s%s", model.version, bundle_path, ", warmed" if running.service.cfg.warmup else "")
     await running.set_serving()
     return model
 

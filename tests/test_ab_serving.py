@@ -19,10 +19,10 @@ from waiting import wait_until
 from offline.synth import make_synthetic_bundle
 from online.client import RecommenderClient
 from online.config import ServeConfig, load_config
+from online.lifecycle import Lifecycle
 from online.proto import recommender_pb2 as pb
 from online.proto import recommender_pb2_grpc as pb_grpc
 from online.server import ServerThread
-from online.service import RecommendService
 from towers import bundle as bundle_mod
 from towers import registry as registry_mod
 from towers.assign import assign
@@ -166,14 +166,14 @@ class Load:
 def warmed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Every version the service warms, appended when its warmup is done."""
     done: list[str] = []
-    real = RecommendService.warm
+    real = Lifecycle.warm
 
-    async def warm(self: RecommendService, model: Any) -> int:
+    async def warm(self: Lifecycle, model: Any) -> int:
         n = await real(self, model)
         done.append(model.version)
         return n
 
-    monkeypatch.setattr(RecommendService, "warm", warm)
+    monkeypatch.setattr(Lifecycle, "warm", warm)
     yield done
 
 

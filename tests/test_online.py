@@ -277,8 +277,9 @@ def test_one_tight_deadline_does_not_cost_the_batch_its_features(synth_bundle: P
     import time
 
     from online.feature_store import InMemoryFeatureStore
+    from online.lifecycle import LoadedModel
     from online.request import RecRequest
-    from online.service import LoadedModel, RecommendService
+    from online.service import RecommendService
 
     timeouts: list[float] = []
 
@@ -292,7 +293,7 @@ def test_one_tight_deadline_does_not_cost_the_batch_its_features(synth_bundle: P
         cfg = load_config(port=0)
         svc = RecommendService(cfg, RecordingStore())
         model = LoadedModel.load(synth_bundle)
-        await svc.prepare(model)
+        await svc.lifecycle.prepare(model)
         users = model.bundle.features.user_vocab.values
         now = time.monotonic()
 
@@ -336,8 +337,9 @@ def test_an_old_version_stays_in_the_embedded_store_until_its_last_batch_is_done
     from dataclasses import replace
 
     from online.feature_store import InMemoryFeatureStore
+    from online.lifecycle import LoadedModel
     from online.request import RecRequest
-    from online.service import LoadedModel, RecommendService
+    from online.service import RecommendService
 
     class HeldStore(InMemoryFeatureStore):
         def __init__(self) -> None:
@@ -356,8 +358,8 @@ def test_an_old_version_stays_in_the_embedded_store_until_its_last_batch_is_done
         store = HeldStore()
         svc = RecommendService(load_config(port=0, warmup=False), store)
         old, new = (LoadedModel.load(synth_bundle_factory(seed=s)) for s in (21, 22))
-        await svc.prepare(old)
-        svc.install(old)
+        await svc.lifecycle.prepare(old)
+        svc.lifecycle.install(old)
         user = old.bundle.features.user_vocab.values[0]
         req = RecRequest(user_id=user, k=5, recent=(), cart=(), exclude=(), mode=Mode.BATCH, request_id="",
                          include_titles=False, deadline=time.monotonic() + 30)
@@ -366,8 +368,8 @@ def test_an_old_version_stays_in_the_embedded_store_until_its_last_batch_is_done
         online = replace(req, mode=Mode.ONLINE)
         running = asyncio.ensure_future(svc.run_batch(old, [online, req], [0.0, 0.0]))
         await store.entered.wait()
-        await svc.prepare(new)
-        svc.install(new)
+        await svc.lifecycle.prepare(new)
+        svc.lifecycle.install(new)
         assert store.versions() == {old.version, new.version}  # old still has a batch running
         store.gate.set()
         res = await running

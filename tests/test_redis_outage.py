@@ -81,7 +81,7 @@ def test_a_worker_starts_in_a_blackout_serves_degraded_recovers_and_swaps_throug
         assert any("feature store" in r for r in reasons), reasons
         proxy.blackhole(False)
         wait_until(lambda: callers.answers[-1][0] == pb.RUNG_FULL, timeout=20, what="full answers after the blackout")
-        wait_until(lambda: not srv.running.service.unverified, what="v0 verified in the store")
+        wait_until(lambda: not srv.running.service.lifecycle.unverified, what="v0 verified in the store")
 
         # A new version published (straight to Redis) while the proxy is dark for 2 s.
         proxy.blackhole(True)

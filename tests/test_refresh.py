@@ -287,7 +287,8 @@ def test_a_refused_retrain_falls_back_to_re_embedding_with_currents_towers(setup
             bundle_mod.update_bundle(run / "candidate", {"towers.npz": arrays}, {})
             sabotaged.append(run.name)
 
-    report = refresh(replace(s.cfg, mode="train", train_epochs=1, gate=True, train_min_targets=0), fault=sabotage,
+    report = refresh(replace(s.cfg, mode="train", train_epochs=1, gate=True, train_min_targets=0,
+                             train_min_users=0), fault=sabotage,
                      progress=False, log=lambda _m: None)
     refused = {st["name"]: st["result"] for st in report["fallback_from"]["steps"]}
     assert not refused["evaluate"]["passed"] and refused["evaluate"]["upper95"] < refused["evaluate"]["floor"]

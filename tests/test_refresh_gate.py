@@ -27,6 +27,18 @@ def test_the_holdout_is_the_newest_window_reaching_back_for_enough_events() -> N
     assert holdout_start(np.array([], np.int64), window_s=DAY, min_targets=10, not_before=None) == 0
 
 
+def test_the_holdout_reaches_back_for_enough_distinct_users() -> None:
+    # Newest first: user "a" rates 50 items today, then "b" and "c" one each on earlier days.
+    ts = np.array([10 * DAY + j for j in range(50)] + [8 * DAY, 6 * DAY])
+    users = np.array(["a"] * 50 + ["b", "c"])
+    def start(min_users: int) -> int:
+        return holdout_start(ts, window_s=1, min_targets=1, not_before=None, users=users, min_users=min_users)
+
+    assert start(1) == 10 * DAY + 49  # the newest event alone: one user
+    assert start(2) == 8 * DAY and start(3) == 6 * DAY
+    assert start(9) == 6 * DAY  # fewer users than asked for: all of them
+
+
 def _pairs(n_users: int, per_user: int, p_c: float, p_p: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
                                                                                         list[str]]:
     rng = np.random.default_rng(seed)
@@ -52,6 +64,8 @@ def test_a_retrained_model_needs_the_minimum_sample_to_pass() -> None:
     assert not small["passed"] and "too few to accept" in str(small["why"])
     large = decide(*_pairs(400, 5, 0.35, 0.30), rule, stored_rows_ok=True)
     assert large["passed"] and large["targets"] == 2_000
+    few_users = GateRule(max_drop=0.01, min_targets=20, min_targets_to_accept=1_000, min_users_to_accept=500)
+    assert not decide(*_pairs(400, 5, 0.35, 0.30), few_users, stored_rows_ok=True)["passed"]  # 400 users
 
 
 def test_the_standard_error_is_clustered_by_user() -> None:
