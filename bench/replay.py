@@ -212,7 +212,7 @@ def versus_frozen(arms: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Each refreshing arm against ``never`` on the same events: the relative Recall@20 gain
     over the window and per day the paired difference with its standard error (clustered by
     user: a user's events share their vector); the worst day is the lowest difference."""
-    from offline.refresh_gate import clustered_se
+    from offline.ab_stats import clustered_se
 
     frozen = arms.get("never")
     if frozen is None:

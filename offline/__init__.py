@@ -16,7 +16,8 @@ _EXPORTS = {
     "seen_rows": "offline.batch_score", "load_dataset": "offline.datasets", "temporal_split": "offline.datasets",
     "make_synthetic_bundle": "offline.synth", "rebuild_index": "offline.index_build", "publish": "offline.publish",
     "InteractionRows": "offline.interactions", "InteractionStore": "offline.interactions",
-    "RefreshLock": "offline.run_lock", "RunDir": "offline.run_steps", "run_schedule": "offline.schedule",
+    "RefreshLock": "offline.refresh.run_lock", "RunDir": "offline.refresh.run_steps",
+    "run_schedule": "offline.refresh.schedule",
 }
 __all__ = ["InteractionRows", "InteractionStore", "RefreshLock", "RunDir", "TrainConfig", "batch_score_bundle",
            "batch_topk", "eval_set", "evaluate_bundle", "evaluate_model", "format_table", "load_dataset",
@@ -30,9 +31,9 @@ if TYPE_CHECKING:
     from offline.index_build import rebuild_index
     from offline.interactions import InteractionRows, InteractionStore
     from offline.publish import publish
-    from offline.run_lock import RefreshLock
-    from offline.run_steps import RunDir
-    from offline.schedule import run_schedule
+    from offline.refresh.run_lock import RefreshLock
+    from offline.refresh.run_steps import RunDir
+    from offline.refresh.schedule import run_schedule
     from offline.synth import make_synthetic_bundle
     from offline.train import TrainConfig, train
 

@@ -1,4 +1,4 @@
-"""Outcome statistics of an A/B experiment: pure functions, no I/O.
+"""Outcome statistics of an A/B experiment and of the refresh gate: pure functions, no I/O.
 
 The report (``twotower ab report``) joins impressions and events per variant and
 hands the counts here. What it prints per variant:
@@ -15,6 +15,9 @@ hands the counts here. What it prints per variant:
   and no metric of the experiment can be trusted; the conventional threshold is
   p < 0.001, strict because the test runs on every report.
 
+Also here, for the refresh gate's paired test (``offline.refresh.gate``): the standard error
+of a mean difference clustered by user.
+
 scipy is not a dependency of this project, so the chi-square survival function
 is computed here in closed form (integer degrees of freedom, via ``math.erfc``).
 """
@@ -24,6 +27,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 SRM_ALPHA = 0.001
@@ -146,3 +151,14 @@ def sample_ratio_mismatch(*, counts: Mapping[str, int], weights: Mapping[str, fl
     df = max(1, arms - 1)
     p = 1.0 if arms < 2 and math.isfinite(chi2) else chi2_sf(chi2, df)
     return SampleRatio(chi2=chi2, df=df, p_value=p, mismatch=p < alpha, expected=expected)
+
+
+def clustered_se(d: np.ndarray, groups: list[str]) -> float:
+    """Standard error of ``d.mean()`` with observations clustered by group (CR1): a user's
+    targets share their vector and session, so they are not independent draws."""
+    _, g = np.unique(np.asarray(groups), return_inverse=True)
+    n_g = int(g.max()) + 1 if len(g) else 0
+    if n_g < 2:
+        return float("inf")
+    resid = np.bincount(g, weights=d - d.mean(), minlength=n_g)
+    return float(np.sqrt(n_g / (n_g - 1) * np.sum(resid ** 2)) / len(d))

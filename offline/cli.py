@@ -396,7 +396,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from offline.schedule import run_schedule, validate_cron
+    from offline.refresh.schedule import run_schedule, validate_cron
 
     validate_cron(args.schedule)
     stop = threading.Event()

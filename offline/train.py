@@ -121,7 +121,7 @@ def train(
         "engine": engine, **({"ray_workers": workers} if engine == "ray" else {}),
     }
     if len(ds.interactions.timestamp):
-        # The refresh gate never scores a model on what it trained on (offline.refresh_gate).
+        # The refresh gate never scores a model on what it trained on (offline.refresh.gate).
         manifest["trained_until"] = int(ds.interactions.timestamp.max()) + 1
     bundle_mod.write_bundle(out, files, manifest)
     if spec.quantized:  # the figure publish gates on: this index vs exact search, same bundle

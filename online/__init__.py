@@ -13,7 +13,7 @@ _EXPORTS = {
     "ServeConfig": "online.config", "load_config": "online.config", "RecommendService": "online.service",
     "LoadedModel": "online.lifecycle", "start_server": "online.server", "ServerThread": "online.server",
     "RunningServer": "online.server", "RecommenderClient": "online.client", "FeatureStore": "online.feature_store",
-    "InMemoryFeatureStore": "online.feature_store", "RedisFeatureStore": "online.feature_store",
+    "InMemoryFeatureStore": "online.feature_store", "RedisFeatureStore": "online.redis_store",
     "StoreCapabilities": "online.feature_store", "Batcher": "online.batcher", "Ladder": "online.degradation",
     "RecRequest": "online.request", "RecResult": "online.request", "StageTimings": "online.request",
     "Supervisor": "online.supervisor", "RegistryWatcher": "online.hotswap",
@@ -45,9 +45,10 @@ if TYPE_CHECKING:
     from online.client import RecommenderClient
     from online.config import ServeConfig, load_config
     from online.degradation import Ladder
-    from online.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore, StoreCapabilities
+    from online.feature_store import FeatureStore, InMemoryFeatureStore, StoreCapabilities
     from online.hotswap import RegistryWatcher
     from online.lifecycle import LoadedModel
+    from online.redis_store import RedisFeatureStore
     from online.request import RecRequest, RecResult, StageTimings
     from online.server import RunningServer, ServerThread, start_server
     from online.service import RecommendService

@@ -158,6 +158,9 @@ class ServeConfig:
             ("batching.max_inflight_batches", self.batching.max_inflight_batches >= 1, "must be >= 1"),
             ("budget.total_ms", self.budget.total_ms > 0, "must be > 0"),
             ("workers.workers", self.workers.workers >= 1, "must be >= 1"),
+            *((f"workers.{name}", getattr(self.workers, name) >= 0, "must be >= 0 (0 disables)")
+              for name in ("max_age_s", "max_requests", "max_rss_mb", "drain_grace_s")),
+            ("workers.check_interval_s", self.workers.check_interval_s > 0, "must be > 0"),
             ("search_threads", self.search_threads >= 1, "must be >= 1"),
             ("max_events_per_call", 1 <= self.max_events_per_call <= 16384, "must be in 1..16384"),
             ("max_event_skew_s", self.max_event_skew_s >= 0, "must be >= 0"),

@@ -157,3 +157,31 @@ def start_exporter(registry: CollectorRegistry, *, host: str, port: int) -> Expo
     except OSError as e:
         raise ConfigError("--metrics-port", f"cannot bind {host}:{port}: {e.strerror or e}") from e
     return Exporter(server, thread)
+
+
+@dataclass
+class SupervisorExporter:
+    exporter: Any
+    path: Path
+    created: bool
+
+    @property
+    def port(self) -> int:
+        return int(self.exporter.port)
+
+    def close(self) -> None:
+        self.exporter.close()
+        cleanup_multiprocess_dir(self.path, created=self.created)
+
+
+def start_supervisor_exporter(*, host: str, port: int, workers: Callable[[], list[tuple[int, int]]],
+                              stats: Callable[[], Any]) -> SupervisorExporter:
+    """One /metrics for the pod: prometheus_client's multiprocess mode (deploy/README.md says
+    why). The directory is set in the environment the workers are spawned with."""
+    path, created = prepare_multiprocess_dir()
+    try:
+        exporter = start_exporter(supervisor_registry(path, workers=workers, stats=stats), host=host, port=port)
+    except BaseException:
+        cleanup_multiprocess_dir(path, created=created)
+        raise
+    return SupervisorExporter(exporter, path, created)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import time
 
-from online.feature_store import RedisFeatureStore
 from online.metrics import ServingMetrics
 from online.polling import Poller
+from online.redis_store import RedisFeatureStore
 
 log = logging.getLogger("twotower.serve")
 

@@ -21,13 +21,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from online.admin_auth import check_admin_exposure, token_interceptor
 from online.batcher import DeadlineExceeded
 from online.config import ServeConfig
-from online.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore, open_redis_store
+from online.feature_store import FeatureStore, InMemoryFeatureStore
 from online.hotswap import RegistryWatcher
 from online.lifecycle import LoadedModel
 from online.log_signals import LogSignals
 from online.metrics import error_fields
 from online.proto import recommender_pb2 as pb
 from online.proto import recommender_pb2_grpc as pb_grpc
+from online.redis_store import RedisFeatureStore, open_redis_store
 from online.reflection import enable_reflection
 from online.request import RecResult, parse_events, parse_recommend
 from online.service import RecommendService

@@ -19,7 +19,6 @@ import multiprocessing as mp
 import os
 import random
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -31,11 +30,12 @@ from typing import Any
 
 # Deliberately no grpc / online.server import at module level: spawned workers import
 # this module to find their entry point, and the supervisor must stay gRPC-free.
-from online.config import ServeConfig, WorkersConfig
-from online.exporter import mark_dead
+from online.config import ServeConfig
+from online.exporter import mark_dead, start_supervisor_exporter
 from online.logs import configure_logging
+from online.ports import admin_port_for, check_admin_ports, check_port_free, pick_port
 from online.supervision_shared import SharedSupervision, SwapTurn, remove_swap_lock, swap_lock_path
-from towers.errors import ConfigError, TwoTowerError
+from towers.errors import TwoTowerError
 
 log = logging.getLogger("twotower.supervisor")
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
@@ -128,59 +128,6 @@ class SupervisorStats:
     monitor_errors: int = 0  # exceptions the monitor loop survived
 
 
-def admin_port_for(base: int, *, workers: int, slot: int, held: set[int]) -> int:
-    """Each worker answers for its own version, so each has its own admin port:
-    ``base + slot``, or ``base + workers + slot`` while another worker of the slot (a
-    recycle's predecessor still draining, or its replacement) holds the first (``held``:
-    the ports the slot's live workers hold). ``base`` 0 gives every worker a free port, -1 none."""
-    if base <= 0:
-        return base
-    first, second = base + slot, base + workers + slot
-    return first if first not in held else second
-
-
-def check_admin_ports(cfg: ServeConfig) -> None:
-    """Workers use admin_port .. admin_port + 2N - 1: inside the port range, clear of the serving port."""
-    if cfg.admin_port > 0:
-        last = cfg.admin_port + 2 * cfg.workers.workers - 1
-        if last > 65535:
-            raise ConfigError("admin_port", f"{cfg.workers.workers} workers need ports up to {last} (> 65535)")
-        if cfg.port and cfg.admin_port <= cfg.port <= last:
-            raise ConfigError("admin_port", f"the workers' admin ports {cfg.admin_port}..{last} include port "
-                              f"{cfg.port}")
-
-
-def check_workers_config(w: WorkersConfig) -> None:
-    for name, value in (("max_age_s", w.max_age_s), ("max_requests", w.max_requests),
-                        ("max_rss_mb", w.max_rss_mb), ("drain_grace_s", w.drain_grace_s)):
-        if value < 0:
-            raise ConfigError(f"workers.{name}", "must be >= 0 (0 disables)")
-    if w.check_interval_s <= 0:
-        raise ConfigError("workers.check_interval_s", "must be > 0")
-
-
-def pick_port(host: str) -> int:
-    """A free port chosen here, because every worker has to bind the same one."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Refuse a port something already listens on. The workers bind with SO_REUSEPORT, so a
-    second ``serve --workers`` on a served port would not fail: the kernel would silently
-    split the traffic between two deployments. A plain bind (SO_REUSEADDR only, so sockets in
-    TIME_WAIT from a previous run do not count) fails if anything listens there."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ConfigError("--port", f"{host}:{port} is already in use ({e.strerror}); is another twotower "
-                                        "serve running there? Workers share a port with SO_REUSEPORT, so a "
-                                        "second one would silently split its traffic") from e
-
-
 def rss_mb(pid: int) -> float | None:
     """Resident memory of ``pid`` from /proc (Linux); None where unavailable."""
     try:
@@ -199,7 +146,7 @@ class Supervisor:
     blocks until every slot has a SERVING worker; ``stop()`` drains them all."""
 
     def __init__(self, cfg: ServeConfig, registry: Path, *, log_level: int | None = None) -> None:
-        check_workers_config(cfg.workers)
+        cfg.validate()  # workers.* included: a Supervisor may be built without load_config
         if cfg.port:
             check_port_free(cfg.host, cfg.port)
         self.cfg = replace(cfg, port=cfg.port or pick_port(cfg.host))
@@ -466,7 +413,9 @@ def run_supervisor(cfg: ServeConfig, registry: Path, *, startup_timeout_s: float
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     sup = Supervisor(cfg, registry)
-    exporter = start_supervisor_exporter(sup) if cfg.metrics_port >= 0 else None  # before any worker spawns
+    # Before any worker spawns: the multiprocess directory goes into their environment.
+    exporter = start_supervisor_exporter(host=sup.cfg.host, port=sup.cfg.metrics_port, workers=sup.slots,
+                                         stats=sup.snapshot) if cfg.metrics_port >= 0 else None
     sup.start()
     try:
         deadline = time.monotonic() + startup_timeout_s
@@ -485,35 +434,3 @@ def run_supervisor(cfg: ServeConfig, registry: Path, *, startup_timeout_s: float
         if exporter is not None:
             exporter.close()
     return 0
-
-
-@dataclass
-class _SupervisorExporter:
-    exporter: Any
-    path: Path
-    created: bool
-
-    @property
-    def port(self) -> int:
-        return int(self.exporter.port)
-
-    def close(self) -> None:
-        from online.exporter import cleanup_multiprocess_dir
-
-        self.exporter.close()
-        cleanup_multiprocess_dir(self.path, created=self.created)
-
-
-def start_supervisor_exporter(sup: Supervisor) -> _SupervisorExporter:
-    """One /metrics for the pod: prometheus_client's multiprocess mode (deploy/README.md says
-    why). The directory is set in the environment the workers are spawned with."""
-    from online.exporter import cleanup_multiprocess_dir, prepare_multiprocess_dir, start_exporter, supervisor_registry
-
-    path, created = prepare_multiprocess_dir()
-    try:
-        exporter = start_exporter(supervisor_registry(path, workers=sup.slots, stats=sup.snapshot),
-                                  host=sup.cfg.host, port=sup.cfg.metrics_port)
-    except BaseException:
-        cleanup_multiprocess_dir(path, created=created)
-        raise
-    return _SupervisorExporter(exporter, path, created)

@@ -21,7 +21,7 @@ from cli_entry import package_dirs, twotower_argv
 
 from online.admin_auth import check_admin_exposure
 from online.config import load_config
-from online.supervisor import check_admin_ports
+from online.ports import check_admin_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from offline.event_log import EventLog
-from online.feature_store import RedisFeatureStore
+from online.redis_store import RedisFeatureStore
 from towers.store_format import Event, RedisKeys
 
 PREFIX = "trim"

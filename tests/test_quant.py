@@ -175,7 +175,7 @@ def test_int8_user_embeddings_round_trip_through_redis(synth_bundle: Path, redis
     # The online Redis feature store reads them unchanged (one pipeline; decode by the tag).
     import asyncio
 
-    from online.feature_store import RedisFeatureStore
+    from online.redis_store import RedisFeatureStore
 
     async def fetch() -> list[np.ndarray | None]:
         store = RedisFeatureStore(url=redis_proc.url, socket_timeout_s=2.0)

@@ -7,11 +7,8 @@ import pytest
 
 from towers import index as faiss_index
 from towers.combiner import CombinerParams, combine
+from towers.labels import Source
 from towers.ranking import (
-    ONLINE,
-    POPULARITY,
-    SESSION_ONLY,
-    USER_ONLY,
     QueryBatch,
     RankModel,
     combine_queries,
@@ -79,7 +76,7 @@ def test_exact_index_ranks_every_request_like_the_plain_reference() -> None:
     for i, (user, session, exclude, k) in enumerate(reqs):
         rows, scores = ranked.items(i)
         assert rows.tolist() == reference(model, user, session, exclude, k), i
-        assert np.all(np.diff(scores) <= 1e-6) or ranked.source[i] == POPULARITY
+        assert np.all(np.diff(scores) <= 1e-6) or ranked.source[i] == Source.POPULARITY
 
 
 def test_short_approximate_lists_are_refilled_exactly() -> None:
@@ -138,7 +135,7 @@ def test_sources_follow_what_the_query_had() -> None:
     model = make_model()
     reqs = [(3, [5, 6], [], 5), (-1, [5], [], 5), (3, [], [], 5), (-1, [], [9], 5)]
     ranked = rank(model, batch_of(model, reqs))
-    assert ranked.source.tolist() == [ONLINE, SESSION_ONLY, USER_ONLY, POPULARITY]
+    assert ranked.source.tolist() == [Source.ONLINE, Source.SESSION_ONLY, Source.USER_ONLY, Source.POPULARITY]
     rows, scores = ranked.items(3)
     assert 9 not in rows.tolist() and scores.tolist() == pytest.approx([1 / (1 + j) for j in range(5)])
 

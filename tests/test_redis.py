@@ -14,13 +14,13 @@ import redis
 
 from online.client import RecommenderClient
 from online.config import RedisConfig, load_config
-from online.feature_store import RedisKeys
 from online.proto import recommender_pb2 as pb
 from online.server import ServerThread
 from towers import bundle as bundle_mod
 from towers import registry as registry_mod
 from towers.errors import TwoTowerError
 from towers.redis_load import load_bundle_into_redis
+from towers.store_format import RedisKeys
 
 
 @pytest.fixture
@@ -145,7 +145,7 @@ def test_a_timed_out_call_does_not_wait_for_the_client_library_to_clean_up() -> 
     server; the store must answer at its own deadline, not after that cleanup."""
     import asyncio
 
-    from online.feature_store import RedisFeatureStore
+    from online.redis_store import RedisFeatureStore
     from towers.errors import FeatureStoreError
 
     async def main() -> None:

@@ -23,8 +23,8 @@ from waiting import wait_until
 from bench.procs import free_port
 from online.client import RecommenderClient
 from online.config import load_config
-from online.feature_store import RedisClusterFeatureStore, RedisFeatureStore, open_redis_store
 from online.proto import recommender_pb2 as pb
+from online.redis_store import RedisClusterFeatureStore, RedisFeatureStore, open_redis_store
 from online.server import ServerThread
 from towers import bundle as bundle_mod
 from towers.errors import FeatureStoreError
@@ -197,7 +197,7 @@ def test_recommend_and_record_events_round_trip_on_a_cluster(served) -> None:  #
 
 def test_the_event_log_on_a_cluster_is_written_with_the_sessions_and_read_whole(served) -> None:  # type: ignore[no-untyped-def]
     from offline.event_log import EventLog
-    from offline.run_lock import RefreshLock
+    from offline.refresh.run_lock import RefreshLock
 
     srv, cluster = served
     rc = _client(cluster)

@@ -198,7 +198,7 @@ def test_the_gate_refuses_a_worse_candidate_and_nothing_changes(setup: Setup) ->
 
 
 def test_two_refreshes_never_overlap_and_a_lost_lock_never_publishes(setup: Setup) -> None:
-    from offline.run_lock import RefreshLock
+    from offline.refresh.run_lock import RefreshLock
 
     s, w = setup, setup.world
     base = registry_mod.current_version(s.registry)
@@ -397,8 +397,8 @@ def test_a_bad_catalog_feed_line_is_named(tmp_path: Path) -> None:
 
 
 def test_event_types_map_to_interactions_and_weights_as_the_spec_says() -> None:
-    from offline.event_types import SEED_TYPE, interactions_of, seed_types, training_interactions
     from offline.interactions import InteractionRows
+    from offline.refresh.event_types import SEED_TYPE, interactions_of, seed_types, training_interactions
     from towers.spec import parse_spec
 
     spec = parse_spec({"name": "s", "interactions": {"path": "x.csv", "event_type": {
@@ -429,7 +429,7 @@ def test_a_shop_refresh_follows_its_spec_events_weights_and_repeat_policy(tmp_pa
 
     from offline.batch_score import batch_score_bundle, seen_rows
     from offline.datasets import load_dataset
-    from offline.event_types import training_interactions
+    from offline.refresh.event_types import training_interactions
 
     spec_path = write_shop(tmp_path / "shop")
     inter = spec_path.parent / "inter.csv"
@@ -453,7 +453,8 @@ def test_a_shop_refresh_follows_its_spec_events_weights_and_repeat_policy(tmp_pa
         r.xadd(RedisKeys("shop").events(), event_fields(e))  # type: ignore[arg-type]
     cfg = RefreshConfig(registry=reg, redis_url=redis_proc.url, run_root=tmp_path / "runs",
                         store_root=tmp_path / "store", data_dir=tmp_path, prefix="shop", grace_s=0,
-                        holdout_s=2 * 86_400, gate=False, mode="train", train_epochs=1, batch_k=10)
+                        holdout_s=2 * 86_400, gate=False, mode="train", train_epochs=1, batch_k=10,
+                        train_min_targets=0, train_min_users=0)  # the window alone: what this test checks
     report = refresh(cfg, progress=False, log=lambda _m: None)
     steps = {st["name"]: st["result"] for st in report["steps"]}
     bought = [e for e in after if e.type != "view"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offline.refresh_gate import GateRule, clustered_se, decide, holdout_start
+from offline.ab_stats import clustered_se
+from offline.refresh.gate import GateRule, decide, holdout_start
 from offline.train_loop import blend_arrays
 
 DAY = 86_400

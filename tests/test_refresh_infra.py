@@ -19,9 +19,9 @@ from waiting import wait_until
 
 from offline.datasets import Interactions, order_key, synthetic_dataset, temporal_split
 from offline.interactions import InteractionRows, InteractionStore
-from offline.run_lock import RefreshLock
-from offline.run_steps import RunDir
-from offline.schedule import local_now, run_schedule
+from offline.refresh.run_lock import RefreshLock
+from offline.refresh.run_steps import RunDir
+from offline.refresh.schedule import local_now, run_schedule
 from towers.errors import ConfigError, DataError, FeatureStoreError, LockHeld, LockLost, TwoTowerError
 from towers.store_format import Event
 
@@ -195,7 +195,7 @@ def test_renewal_keeps_the_lease_past_its_ttl(redis_proc: Any) -> None:
 
 def test_a_crashed_holder_expires_and_the_next_one_acquires(redis_proc: Any) -> None:
     """A real process takes the lock and dies without releasing it."""
-    code = ("import os; from offline.run_lock import RefreshLock\n"
+    code = ("import os; from offline.refresh.run_lock import RefreshLock\n"
             f"RefreshLock(redis_url={redis_proc.url!r}, key='tt:refresh:lock', ttl_ms=800,\n"
             "            owner='dead:1:x').acquire()\n"
             "os._exit(0)\n")
@@ -410,7 +410,7 @@ def test_a_failing_job_is_reported_and_the_schedule_goes_on(tmp_path: Path,
         stop.set()
         return {"ok": True}
 
-    with caplog.at_level("ERROR", logger="offline.schedule"):
+    with caplog.at_level("ERROR", logger="offline.refresh.schedule"):
         assert run_schedule(cron="*/30 * * * *", job=job, stop=stop, now=clock.now, sleep=clock.sleep,
                             report_dir=tmp_path) == 2
     assert "failed" in caplog.text and "redis went away" in caplog.text

@@ -341,7 +341,7 @@ def test_the_server_removes_only_the_session_the_cart_and_exclusions(trained: Tr
 def test_the_refresh_gate_follows_the_policy(trained: Trained, ds: Dataset) -> None:
     """The gate's targets are served as the server would: under ``exclude_seen: false`` a past
     item (outside the session) can be a hit; under ``true`` it never is; a session item never."""
-    from offline.refresh_gate import hits as _hits
+    from offline.refresh.gate import hits as _hits
 
     split = temporal_split(ds.interactions)
     catalog = bundle_mod.load(trained.bundle).item_ids

@@ -207,7 +207,7 @@ def test_a_failing_replacement_backs_off_and_the_old_worker_serves_on(served_reg
 
 
 def test_admin_ports_per_slot_alternate_across_recycles(tmp_path: Path) -> None:
-    from online.supervisor import admin_port_for
+    from online.ports import admin_port_for
     from towers.errors import ConfigError
 
     assert [admin_port_for(7000, workers=2, slot=s, held=set()) for s in (0, 1)] == [7000, 7001]

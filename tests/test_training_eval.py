@@ -67,7 +67,8 @@ def test_evaluate_cli_json(trained_bundle: Path, data_dir: Path) -> None:
 
 def test_rank_edge_cases_against_hand_counts() -> None:
     from offline.evaluate import EvalSet, pessimistic_ranks, popularity_ranks
-    from towers.ranking import ONLINE, POPULARITY, QueryBatch, Ranked, RankModel
+    from towers.labels import Source
+    from towers.ranking import QueryBatch, Ranked, RankModel
 
     counts = np.array([5, 9, 5, 5, 1])
     es = EvalSet(np.array(["a", "b"]), np.array([-1, -1]), [[], []], [[1], [2]], np.array([2, 2]),
@@ -88,6 +89,6 @@ def test_rank_edge_cases_against_hand_counts() -> None:
     qb = QueryBatch(user=q, has_user=np.ones(3, bool), session=np.zeros((3, 0), np.int64),
                     banned=np.array([1 * 4 + 3]), n_banned=np.array([0, 1, 0]), k=np.array([2, 2, 2]), n_items=4)
     targets = np.array([1, 1, 3])
-    assert pessimistic_ranks(model, qb, ranked(ONLINE), targets).tolist() == [3, 2, MAX_K]
+    assert pessimistic_ranks(model, qb, ranked(Source.ONLINE), targets).tolist() == [3, 2, MAX_K]
     # the popularity list is not ranked by the query: ties count within the list only
-    assert pessimistic_ranks(model, qb, ranked(POPULARITY), targets).tolist() == [1, 1, MAX_K]
+    assert pessimistic_ranks(model, qb, ranked(Source.POPULARITY), targets).tolist() == [1, 1, MAX_K]

@@ -72,7 +72,7 @@ class Unsupported(TwoTowerError):
 
 
 class LockError(TwoTowerError):
-    """A distributed run lock (``offline.run_lock``) could not be taken or was not kept."""
+    """A distributed run lock (``offline.refresh.run_lock``) could not be taken or was not kept."""
 
 
 class LockHeld(LockError):

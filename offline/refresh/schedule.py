@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from offline.run_steps import write_bytes_atomic
+from offline.refresh.run_steps import write_bytes_atomic
 from towers.errors import ConfigError
 
 log = logging.getLogger(__name__)

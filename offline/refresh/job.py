@@ -1,234 +1,34 @@
-"""``twotower refresh``: the nightly loop that keeps a model alive.
-
-One run, each step checkpointed in the run directory (``offline.run_steps``), so that
-``--resume RUN`` continues after a crash and never repeats a step whose effect is out:
-
-1. ``read``      new events from the event stream (consumer group; pending entries of an
-                 earlier, crashed run first), saved in the run dir;
-2. ``merge``     into the interaction store (Parquet by day; repeats by event identity are
-                 stored once, so a replay stores nothing twice). The bundle's dataset spec
-                 maps the events (``interactions.event_type``): only the ``positives`` types
-                 are interactions (the others are consumed, not stored), and ``weights`` are
-                 the per-type training weights of the ``train`` mode; a spec without event
-                 types takes every event at weight 1;
-3. ``candidate`` a new bundle from CURRENT's towers. Modes:
-                 - ``embed``: re-embed the users with new events and every new user from their
-                   history (the user tower reads it), append new items that have features;
-                 - ``train``: warm-start the towers on the store's interactions before the
-                   holdout window for a few epochs, then re-embed every user and item;
-4. ``index``     rebuild the FAISS index (same type and search settings as CURRENT) when the
-                 item embeddings changed;
-5. ``batch_score`` the precomputed top-K per user (past items excluded or not, as the spec's
-                 ``policies.exclude_seen`` says; the gate below follows the same policy);
-6. ``evaluate``  candidate vs CURRENT on the holdout window (every new event in the most
-                 recent ``holdout_s`` is a target, with what came before it as known), and the
-                 gate: refused when measurably (95%, paired) worse than CURRENT by more than
-                 ``max_drop`` of its Recall@20;
-7. ``publish``   (gate passed, lock still ours) install, load the version's keys into Redis,
-                 flip CURRENT;
-8. ``ack``       ``XACK`` the consumed entries: after publish, so a crash replays them;
-9. ``gc``        retention (``offline.retention``): delete Redis keys of versions retired
-                 more than ``grace_s`` ago, and registry directories beyond the newest
-                 ``keep_versions``; never CURRENT's nor a version a flags file pins.
-
-A run that ends removes its directory and keeps its report (``RUNS/reports/RUN.json``).
-
-Two refreshes never overlap: the run holds a Redis lock (``offline.run_lock``) and checks it
-right before publishing. A run with no new events says so and publishes nothing.
-"""
+"""The steps of one refresh run (``offline.refresh``'s docstring lists them), as methods of
+one job over its run directory: each returns the JSON its checkpoint keeps."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from offline.event_log import EventLog, ReadBatch
-from offline.event_types import interactions_of, seed_types, training_interactions
 from offline.interactions import InteractionRows, InteractionStore
 from offline.loading import read_item_feed, take_rows
-from offline.refresh_gate import GateRule, decide, embed_prefixes, hits, holdout_start
-from offline.retention import collect_garbage, mark_retired, prune_registry
-from offline.run_events import EventPages
-from offline.run_lock import RefreshLock
-from offline.run_steps import RunDir, write_json_atomic
+from offline.refresh.config import RefreshConfig
+from offline.refresh.event_types import interactions_of, seed_types, training_interactions
+from offline.refresh.gate import GateRule, decide, embed_prefixes, hits, holdout_start, stored_rows_match
+from offline.refresh.retention import collect_garbage, mark_retired, prune_registry
+from offline.refresh.run_events import EventPages
+from offline.refresh.run_lock import RefreshLock
+from offline.refresh.run_steps import RunDir, write_json_atomic
 from towers import bundle as bundle_mod
 from towers import index as faiss_index
-from towers import registry as registry_mod
-from towers.errors import ConfigError, DataError, FeatureStoreError, RegistryError
+from towers.errors import DataError
 from towers.features import FeaturePipeline
 from towers.spec import DatasetSpec
-from towers.store_format import REFRESH_GROUP, redact_url
-
-MODES = ("embed", "train")
-ENGINES = ("local", "ray")
-STEPS = ("read", "merge", "candidate", "index", "batch_score", "evaluate", "publish", "ack", "gc")
 
 
-@dataclass(frozen=True, kw_only=True)
-class RefreshConfig:
-    registry: Path  # the bundle registry CURRENT is read from and the candidate published to
-    redis_url: str  # the event stream, the lock, and where the new version's keys are loaded
-    run_root: Path  # a directory per run (checkpoints, the candidate bundle, the report)
-    store_root: Path  # the interaction store (Parquet partitioned by day)
-    data_dir: Path  # dataset cache: seeds an empty store with CURRENT's training dataset
-    mode: str = "embed"  # embed | train (see the module docstring)
-    engine: str = "local"
-    prefix: str = "tt"  # Redis key prefix (the server's)
-    group: str = REFRESH_GROUP  # consumer group on the event stream
-    consumer: str = "refresh"  # one name: a later run finds a crashed run's pending entries
-    holdout_s: int = 86_400  # the gate's window: the newest events within this many seconds
-    max_drop: float = 0.01  # gate: refuse a candidate measurably worse than CURRENT by more (see evaluate)
-    gate: bool = True  # False: publish whatever the evaluation says (it is still measured and reported)
-    max_targets: int = 20_000  # holdout events scored (a deterministic sample beyond this)
-    gate_min_targets: int = 20  # below: measured and reported, but too few to refuse on
-    # Train mode: a retrained model passes only on at least this many holdout events (the
-    # window reaches back, never into what CURRENT trained on); fewer: CURRENT stays tonight.
-    train_min_targets: int = 1_000
-    train_min_users: int = 100  # ... of at least this many distinct users (the test's real sample size)
-    train_epochs: int = 3  # train mode: warm-start epochs (an epoch is kept only if it beats the start)
-    # Train mode: the published towers are ``blend`` x the warm start's + (1 - blend) x CURRENT's
-    # (weight averaging; 1.0: the warm start's alone).
-    train_blend: float = 1.0
-    # Train mode: a refused retrained candidate is followed by an embed run (see ``refresh``).
-    train_fallback: bool = True
-    batch_k: int = 100  # precomputed recs per user
-    grace_s: int = 3_600  # keep a retired version's Redis keys this long (servers still swapping)
-    flags: Path | None = None  # versions a running or paused experiment pins keep their keys and directories
-    keep_versions: int = 2  # registry: the newest this many versions beside CURRENT (and pinned) stay
-    # Entries one run takes from the log (pending first); the rest wait for the next run. Bounds
-    # the run's memory: measured ~1 GB + ~0.7 KB per event taken (bench/refresh_backlog.py), so
-    # 5M fits the CronJob's 8Gi; at 100 events/s (8.6M a day) schedule it twice a day.
-    max_events: int = 5_000_000
-    lock_ttl_ms: int = 60_000
-    seed: int = 0
-    # A catalog feed in the spec's item schema (the items table's id, feature and title columns,
-    # any table format; ``offline.loading.read_item_feed``): how items that first appear in
-    # events get the features the item tower embeds them from (known items keep theirs).
-    item_features: Path | None = None
-    threads: int = 1  # torch threads of the train mode (1: a shared machine's OpenMP spin costs more)
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError("--mode", f"{self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.engine not in ENGINES:
-            raise ConfigError("--engine", f"{self.engine!r}: choose one of {', '.join(ENGINES)}")
-        if self.engine == "ray" and importlib.util.find_spec("ray") is None:
-            raise ConfigError("--engine", "ray: Ray is not installed; install the [ray] extra (twotower[ray])")
-        if not 0 <= self.max_drop < 1:
-            raise ConfigError("--max-drop", f"{self.max_drop}: must be in [0, 1)")
-        if self.holdout_s <= 0:
-            raise ConfigError("--holdout-s", f"{self.holdout_s}: must be positive")
-        if self.max_events < 1:
-            raise ConfigError("--max-events", f"{self.max_events}: must be >= 1")
-        if self.keep_versions < 0:
-            raise ConfigError("--keep-versions", f"{self.keep_versions}: must be >= 0")
-        if not 0 < self.train_blend <= 1:
-            raise ConfigError("--train-blend", f"{self.train_blend}: must be in (0, 1]")
-        if self.train_min_targets < 0:
-            raise ConfigError("--train-min-targets", f"{self.train_min_targets}: must be >= 0")
-        if self.train_min_users < 0:
-            raise ConfigError("--train-min-users", f"{self.train_min_users}: must be >= 0")
-
-
-Fault = Callable[[str], None]
-
-
-def _no_fault(_: str) -> None:
-    pass
-
-
-def refresh(cfg: RefreshConfig, *, resume: Path | None = None, fault: Fault = _no_fault,
-            progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) one refresh; returns its report (also ``RUNS/reports/RUN.json``).
-
-    Train mode with ``train_fallback``: when the gate refuses the retrained candidate, an embed
-    run follows on the same (unacknowledged) events, so the night still publishes fresh user
-    vectors from CURRENT's towers; its report carries the refused one as ``fallback_from``.
-    ``fault(point)`` is a test hook called after each step's checkpoint (``after:<step>``)."""
-    report = _refresh_once(cfg, resume=resume, fault=fault, progress=progress, log=log)
-    steps = {s["name"]: s["result"] for s in report["steps"]}
-    if cfg.mode == "train" and cfg.train_fallback and steps.get("evaluate", {}).get("passed") is False:
-        log("refresh: the retrained candidate was refused; re-embedding with CURRENT's towers instead")
-        report = {**_refresh_once(replace(cfg, mode="embed"), resume=None, fault=fault, progress=progress, log=log),
-                  "fallback_from": report}
-    return report
-
-
-def _refresh_once(cfg: RefreshConfig, *, resume: Path | None, fault: Fault, progress: bool,
-                  log: Callable[[str], None]) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    current = registry_mod.current_version(cfg.registry)
-    if current is None:
-        raise RegistryError(f"{cfg.registry}: no CURRENT version to refresh")
-    lock = RefreshLock(redis_url=cfg.redis_url, key=f"{cfg.prefix}:refresh:lock", ttl_ms=cfg.lock_ttl_ms)
-    lock.acquire()  # before any run directory exists: a refused start leaves nothing behind
-    results: dict[str, dict[str, Any]] = {}
-    try:
-        run = RunDir.open(resume) if resume is not None else RunDir.create(
-            cfg.run_root, params={**{k: str(v) for k, v in asdict(cfg).items()}, "parent": current,
-                                  "redis_url": redact_url(cfg.redis_url)})  # run.json is on a shared volume
-        parent = str(run.params.get("parent", current))
-        if resume is not None:
-            for name, flag in (("mode", "--mode"), ("engine", "--engine")):
-                if str(run.params.get(name, getattr(cfg, name))) != str(getattr(cfg, name)):
-                    raise ConfigError(flag, f"run {run.run_id} was started with {flag} {run.params.get(name)}; "
-                                            f"resume it with the same")
-        job = _Job(cfg, run, parent, lock, log)
-        bar = tqdm(STEPS, desc=f"refresh {run.run_id}", unit="step", disable=not progress)
-        for step in bar:
-            bar.set_postfix_str(step)
-            result = results[step] = run.run_step(step, getattr(job, step))
-            fault(f"after:{step}")
-            if step == "read" and result["events"] == 0 and result["entries"] == 0:
-                log("refresh: no new events; nothing to publish")
-                break
-    finally:
-        lock.release()
-        lock.close()
-        _record_run(cfg, results, log)
-    # The run ended (published, refused, or nothing to do): its directory (the events read,
-    # the candidate bundle) is no longer needed for a resume. Only its report is kept.
-    report_path = cfg.run_root / "reports" / f"{run.run_id}.json"
-    report = {**run.report(), "run_dir": str(run.path), "report": str(report_path), "mode": cfg.mode,
-              "parent": parent}
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(report_path, report)
-    shutil.rmtree(run.path)
-    return report
-
-
-def _record_run(cfg: RefreshConfig, results: dict[str, dict[str, Any]], log: Callable[[str], None]) -> None:
-    """The run's outcome in Redis for the servers' metrics (``EventLog.record_run``); a run
-    that raised is "failed". Best effort: a Redis that is down must not hide the run's error."""
-    pub = results.get("publish")
-    if "gc" in results:
-        outcome = "published" if pub and pub.get("published") else "refused"
-    elif "read" in results and not results["read"]["entries"] and not results["read"]["events"]:
-        outcome = "unchanged"
-    else:
-        outcome = "failed"
-    try:
-        ev = EventLog(redis_url=cfg.redis_url, prefix=cfg.prefix)
-        try:
-            ev.record_run(outcome=outcome, lost=results.get("read", {}).get("lost", 0), now=time.time(),
-                          version=str(pub.get("version", "")) if pub else "")
-        finally:
-            ev.close()
-    except FeatureStoreError as e:
-        log(f"refresh: could not record the run's outcome ({outcome}) in Redis: {e}")
-
-
-class _Job:
+class Job:
     """The steps of one run; each returns a JSON-able dict (its checkpoint)."""
 
     def __init__(self, cfg: RefreshConfig, run: RunDir, parent: str, lock: RefreshLock,
@@ -273,7 +73,7 @@ class _Job:
         return EventPages(self.run.path / "events")
 
     def read(self) -> dict[str, Any]:
-        # Page by page into Parquet (offline.run_events): a backlog costs disk, not memory, and
+        # Page by page into Parquet (offline.refresh.run_events): a backlog costs disk, not memory, and
         # at most ``max_events`` entries are taken per run (pending ones first); the rest wait.
         pages = self._pages()
         pages.reset()  # a read that died half way starts over: its entries are still pending
@@ -596,21 +396,9 @@ class _Job:
         self.log(f"refresh gate: {'pass' if result['passed'] else 'REFUSED'}: {result['why']}")
         return {**result, "holdout_start": t0}
 
-    def _stored_rows_ok(self, cand: bundle_mod.Bundle, sample: int = 64) -> bool:
-        """The published rows, not only the towers: re-embed a sample of the users this run
-        embedded from their whole history and compare with ``user_embeddings.npy`` (a row
-        misaligned by the candidate step would pass a gate that scores only the towers)."""
+    def _stored_rows_ok(self, cand: bundle_mod.Bundle) -> bool:
         affected = np.array(json.loads((self.run.path / "affected.json").read_text())["users"], dtype=np.int64)
-        if len(affected) == 0:
-            return True
-        rows = np.sort(np.random.default_rng(self.cfg.seed).choice(affected, min(sample, len(affected)),
-                                                                    replace=False))
-        log = self._log()
-        users = [cand.features.user_vocab.values[r] for r in rows.tolist()]
-        mine = log.take(np.flatnonzero(np.isin(log.user, users)))
-        prefixes = [mine.item[mine.user == u].tolist() for u in users]
-        again = embed_prefixes(cand, users, prefixes)
-        return bool(np.allclose(again, np.asarray(cand.user_emb)[rows], atol=1e-5))
+        return stored_rows_match(cand, affected, self._log(), seed=self.cfg.seed)
 
     def publish(self) -> dict[str, Any]:
         gate = self._result("evaluate")

@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from offline.run_steps import write_json_atomic
+from offline.refresh.run_steps import write_json_atomic
 from towers import bundle_paths
 from towers import registry as registry_mod
 from towers.bundle import fsync_dir

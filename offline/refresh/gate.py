@@ -9,7 +9,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from offline.ab_stats import clustered_se
 from offline.evaluate import EvalSet, model_ranks
+from offline.interactions import InteractionRows
 from towers import bundle as bundle_mod
 from towers.ranking import RankModel
 
@@ -81,17 +83,6 @@ def decide(hits_c: np.ndarray, hits_p: np.ndarray, users: list[str], rule: GateR
             "floor": floor, "gated": rule.gated, "passed": bool(passed), "why": why}
 
 
-def clustered_se(d: np.ndarray, groups: list[str]) -> float:
-    """Standard error of ``d.mean()`` with observations clustered by group (CR1): a user's
-    targets share their vector and session, so they are not independent draws."""
-    _, g = np.unique(np.asarray(groups), return_inverse=True)
-    n_g = int(g.max()) + 1 if len(g) else 0
-    if n_g < 2:
-        return float("inf")
-    resid = np.bincount(g, weights=d - d.mean(), minlength=n_g)
-    return float(np.sqrt(n_g / (n_g - 1) * np.sum(resid ** 2)) / len(d))
-
-
 def embed_prefixes(b: bundle_mod.Bundle, users: list[str], prefixes: list[list[str]]) -> np.ndarray:
     """(T, d): each target's user embedding from ``b``'s towers and the items known before it
     (most recent ``history_len``), with the user's features."""
@@ -132,3 +123,19 @@ def hits(b: bundle_mod.Bundle, users: list[str], prefixes: list[list[str]], targ
         model = replace(model, user_emb=np.asarray(vectors, np.float32))
         es = replace(es, user_rows=np.where(rows >= 0, np.arange(len(users)), -1))
     return np.asarray(model_ranks(model, es) < k)
+
+
+def stored_rows_match(cand: bundle_mod.Bundle, affected: np.ndarray, log: InteractionRows, *, seed: int,
+                      sample: int = 64) -> bool:
+    """The published rows, not only the towers: re-embed a sample of the users a run embedded
+    (``affected``, rows of ``cand``) from their whole history in ``log`` and compare with the
+    bundle's ``user_embeddings.npy`` (a row misaligned by the candidate step would pass a gate
+    that scores only the towers)."""
+    if len(affected) == 0:
+        return True
+    rows = np.sort(np.random.default_rng(seed).choice(affected, min(sample, len(affected)), replace=False))
+    users = [cand.features.user_vocab.values[r] for r in rows.tolist()]
+    mine = log.take(np.flatnonzero(np.isin(log.user, users)))
+    prefixes = [mine.item[mine.user == u].tolist() for u in users]
+    again = embed_prefixes(cand, users, prefixes)
+    return bool(np.allclose(again, np.asarray(cand.user_emb)[rows], atol=1e-5))
