@@ -6,8 +6,9 @@ importing ``offline`` does not load torch; only ``train`` does, when it is asked
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from towers.lazy import lazy_exports
 
 _EXPORTS = {
     "train": "offline.train", "TrainConfig": "offline.train", "evaluate_bundle": "offline.evaluate",
@@ -38,8 +39,4 @@ if TYPE_CHECKING:
     from offline.train import TrainConfig, train
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'offline' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -9,12 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from offline.refresh.cli import register_refresh
 from towers.cliargs import add_redis_url, default_data_dir, existing_dir, positive_int
 from towers.errors import ConfigError
 from towers.index import INDEX_TYPES
-
-# refresh ran, but the event log had lost entries before it read them (its byte cap trimmed them)
-EXIT_EVENTS_LOST = 3
 
 DATASET_HELP = ("ml-100k | a dataset spec (SPEC.yaml) | a directory of RecBole atomic files (NAME.inter, .item, "
                 ".user) | a GroupLens directory | synthetic:UxI[:SEED]")
@@ -124,51 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--events-format", default="csv", choices=["csv", "parquet"])
     p.set_defaults(func=cmd_example_data)
 
-    p = sub.add_parser("refresh", help="the nightly loop: consume new events, re-embed (or warm-start train), "
-                                       "index, batch-score, gate against CURRENT, publish, acknowledge")
-    p.add_argument("--registry", required=True, type=Path)
-    add_redis_url(p, required=True, help="the Redis the servers write events to (and serve from)")
-    p.add_argument("--prefix", default="tt", help="the serve config's redis.prefix")
-    p.add_argument("--mode", default="embed", choices=["embed", "train"])
-    p.add_argument("--engine", default="local", choices=["local", "ray"],
-                   help="ray: the embedding and batch-scoring steps on a local Ray (the [ray] extra)")
-    p.add_argument("--run-dir", type=Path, default=None, help="where run directories go (default: REGISTRY/../runs)")
-    p.add_argument("--resume", type=existing_dir, default=None, help="continue a crashed run (its directory)")
-    p.add_argument("--store", type=Path, default=None,
-                   help="the interaction store (Parquet by day; default: DATA_DIR/interactions)")
-    p.add_argument("--holdout-hours", type=float, default=24.0, help="the gate's window: the newest events")
-    p.add_argument("--max-drop", type=float, default=0.01,
-                   help="gate: refuse a candidate whose Recall@20 is measurably (95%%) lower than CURRENT's "
-                        "by more than this fraction")
-    p.add_argument("--no-gate", action="store_true",
-                   help="publish even a candidate the holdout says is worse (still measured and reported)")
-    p.add_argument("--epochs", type=positive_int, default=3, help="train mode: warm-start epochs")
-    # Defaults None: RefreshConfig's own defaults apply (one source of truth).
-    p.add_argument("--train-blend", type=float, default=None,
-                   help="train mode: publish this share of the warm start's weights averaged with CURRENT's "
-                        "(default 1.0: the warm start's alone)")
-    p.add_argument("--train-min-targets", type=int, default=None,
-                   help="train mode: holdout events a retrained model must be scored on to be published "
-                        "(default 1000)")
-    p.add_argument("--train-min-users", type=int, default=None,
-                   help="train mode: ... and the distinct users they come from (default 100)")
-    p.add_argument("--no-train-fallback", action="store_true",
-                   help="train mode: when the gate refuses the retrained model, publish nothing tonight "
-                        "(default: an embed run follows, fresh user vectors from CURRENT's towers)")
-    p.add_argument("--grace-s", type=float, default=3600.0, help="keep retired versions' Redis keys this long")
-    p.add_argument("--flags", type=Path, default=None,
-                   help="an A/B flags file: versions a running or paused experiment pins keep their keys and files")
-    p.add_argument("--max-events", type=int, default=5_000_000,
-                   help="take at most N log entries this run (pending ones first); the rest wait for the next run")
-    p.add_argument("--keep-versions", type=int, default=2,
-                   help="registry retention: keep the newest N versions beside CURRENT and pinned ones (rollbacks)")
-    p.add_argument("--item-features", type=Path, default=None,
-                   help="catalog feed in the dataset spec's item schema (the items table's id, feature and "
-                        "title columns; CSV, Parquet, JSON lines): new items join with these features")
-    p.add_argument("--schedule", default=None, help='run as a scheduler, e.g. "0 3 * * *" (cron, local time)')
-    p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
-    p.add_argument("--json", action="store_true", help="print the run report as JSON")
-    p.set_defaults(func=cmd_refresh)
+    register_refresh(sub)
 
     p = sub.add_parser("distill", help="train a servable student bundle from an expensive teacher ensemble "
                                        "(CE + alpha T^2 KL over in-batch candidates or the catalog); "
@@ -224,7 +178,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not ray_available():  # before the dataset is read: fail fast, naming the flag
             raise ConfigError("--engine", f"ray is not installed; {INSTALL_HINT}")
     ds = load_dataset(args.dataset, cache_dir=args.data_dir)
-    import sys
 
     out = sys.stderr if args.json else sys.stdout
     if ds.report:  # what loading read, dropped and defaulted: a user should see it before training
@@ -348,62 +301,6 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
     version = publish(args.bundle, registry=args.registry, redis_url=args.redis_url, redis_dtype=args.redis_dtype)
     print(f"published {version}: {args.registry}/CURRENT -> {version}")
-    return 0
-
-
-def cmd_refresh(args: argparse.Namespace) -> int:
-    from offline.refresh import RefreshConfig, refresh
-
-    if args.holdout_hours <= 0:
-        raise ConfigError("--holdout-hours", "must be positive")
-    if args.flags is not None and not args.flags.is_file():
-        raise ConfigError("--flags", f"file not found: {args.flags}")
-    if args.item_features is not None and not args.item_features.is_file():
-        raise ConfigError("--item-features", f"file not found: {args.item_features}")
-    if args.resume is not None and args.schedule is not None:
-        raise ConfigError("--resume", "resumes one run; it cannot be combined with --schedule")
-    cfg = RefreshConfig(registry=args.registry, redis_url=args.redis_url, prefix=args.prefix, mode=args.mode,
-                        engine=args.engine, run_root=args.run_dir or args.registry.resolve().parent / "runs",
-                        store_root=args.store or args.data_dir / "interactions", data_dir=args.data_dir,
-                        holdout_s=int(args.holdout_hours * 3600), max_drop=args.max_drop, train_epochs=args.epochs,
-                        gate=not args.no_gate, item_features=args.item_features,
-                        grace_s=int(args.grace_s), flags=args.flags, keep_versions=args.keep_versions,
-                        max_events=args.max_events, train_fallback=not args.no_train_fallback,
-                        **{k: v for k, v in (("train_blend", args.train_blend),
-                                             ("train_min_targets", args.train_min_targets),
-                                             ("train_min_users", args.train_min_users)) if v is not None})
-    log = (lambda *_: None) if args.json else print
-
-    def once() -> dict[str, Any]:
-        report = refresh(cfg, resume=args.resume, log=log)
-        steps = {s["name"]: s["result"] for s in report["steps"]}
-        if args.json:
-            print(json.dumps(report))
-        elif "publish" in steps:
-            pub = steps["publish"]
-            print(f"refresh {report['run_id']}: " + (f"published {pub['version']}" if pub["published"]
-                                                     else f"not published: {pub['why']}"))
-        return report
-
-    if args.schedule is None:
-        report = once()
-        read: dict[str, Any] = next((st["result"] for st in report["steps"] if st["name"] == "read"), {})
-        if read.get("lost", 0) != 0:  # None (unknown) counts as a loss
-            print(f"refresh: event log entries were lost before this run read them: {read.get('lost')} "
-                  "(see the read step in the report)", file=sys.stderr)
-            return EXIT_EVENTS_LOST
-        return 0
-    import signal
-    import threading
-
-    from offline.refresh.schedule import run_schedule, validate_cron
-
-    validate_cron(args.schedule)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"refresh scheduler: {args.schedule!r}; reports in {cfg.run_root / 'schedule'}")
-    run_schedule(cron=args.schedule, job=once, stop=stop, report_dir=cfg.run_root / "schedule")
     return 0
 
 

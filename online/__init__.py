@@ -6,8 +6,9 @@ These are the names other code (bench, the demo, tests) uses. Names resolve on f
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from towers.lazy import lazy_exports
 
 _EXPORTS = {
     "ServeConfig": "online.config", "load_config": "online.config", "RecommendService": "online.service",
@@ -55,8 +56,4 @@ if TYPE_CHECKING:
     from online.supervisor import Supervisor
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'online' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -145,8 +145,9 @@ def test_a_monitor_error_is_survived_and_repeated_deaths_back_off(supervise: Cal
     assert not sup.stats.crash_loop
     assert sup.wait_until_serving(START_TIMEOUT)
     os.kill(sup.pids()[0], signal.SIGKILL)  # dies again within CRASH_WINDOW_S
-    wait_until(lambda: sup.stats.restarts == 2, 10, "the second death")
-    assert sup.stats.crash_loop and 0.3 < sup.stats.restart_backoff_s <= 0.6  # 0.5 s +-20%
+    # snapshot(): taken under the monitor's lock, so never between a death and its backoff.
+    seen = wait_until(lambda: (lambda s: s if s.restarts == 2 else None)(sup.snapshot()), 10, "the second death")
+    assert seen.crash_loop and 0.3 < seen.restart_backoff_s <= 0.6  # 0.5 s +-20%
     assert sup.wait_until_serving(START_TIMEOUT)
     wait_until(lambda: not sup.stats.crash_loop, 10, "the crash-loop state to clear")
 

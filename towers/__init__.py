@@ -8,8 +8,9 @@ FAISS, and nothing here ever imports torch (``towers.model`` is for training onl
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from towers.lazy import lazy_exports
 
 _EXPORTS = {
     "Bundle": "towers.bundle", "load_bundle": "towers.bundle:load", "verify_bundle": "towers.bundle:verify",
@@ -72,9 +73,4 @@ if TYPE_CHECKING:
     from towers.store_format import EVENT_TYPES, Event, RedisKeys
 
 
-def __getattr__(name: str) -> Any:
-    target = _EXPORTS.get(name)
-    if target is None:
-        raise AttributeError(f"module 'towers' has no attribute {name!r}")
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr or name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

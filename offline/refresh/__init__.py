@@ -37,8 +37,21 @@ Two refreshes never overlap: the run holds a Redis lock (``offline.refresh.run_l
 right before publishing. A run with no new events says so and publishes nothing.
 """
 
-from offline.refresh.config import ENGINES, MODES, STEPS, RefreshConfig
-from offline.refresh.retention import collect_garbage
-from offline.refresh.run import refresh
+from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from towers.lazy import lazy_exports
+
+# Resolved on first use: the CLI registers ``refresh``'s flags without loading the steps.
+_EXPORTS = {"ENGINES": "offline.refresh.config", "MODES": "offline.refresh.config", "STEPS": "offline.refresh.config",
+            "RefreshConfig": "offline.refresh.config", "collect_garbage": "offline.refresh.retention",
+            "refresh": "offline.refresh.run"}
 __all__ = ["ENGINES", "MODES", "STEPS", "RefreshConfig", "collect_garbage", "refresh"]
+
+if TYPE_CHECKING:
+    from offline.refresh.config import ENGINES, MODES, STEPS, RefreshConfig
+    from offline.refresh.retention import collect_garbage
+    from offline.refresh.run import refresh
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

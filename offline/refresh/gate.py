@@ -83,15 +83,20 @@ def decide(hits_c: np.ndarray, hits_p: np.ndarray, users: list[str], rule: GateR
             "floor": floor, "gated": rule.gated, "passed": bool(passed), "why": why}
 
 
-def embed_prefixes(b: bundle_mod.Bundle, users: list[str], prefixes: list[list[str]]) -> np.ndarray:
+def embed_prefixes(b: bundle_mod.Bundle, users: list[str], prefixes: list[list[str]], *,
+                   new_users: bool = False) -> np.ndarray:
     """(T, d): each target's user embedding from ``b``'s towers and the items known before it
-    (most recent ``history_len``), with the user's features."""
+    (most recent ``history_len``), with the user's features. ``new_users``: users ``b`` never
+    saw are embedded too, as an embed-mode refresh of ``b`` would embed them (their id in an
+    OOV bucket, their features and history); otherwise they get no vector."""
     from towers.model import ModelConfig, embed_users, model_from_arrays
 
     cfg_m = ModelConfig.from_dict(b.manifest["model_config"])
+    fp = b.features.extended(user_ids=[u for u in users if b.features.user_vocab.known(u) < 0]) if new_users \
+        else b.features
     with np.load(b.path / "towers.npz", allow_pickle=False) as z:
-        model = model_from_arrays(cfg_m, b.features, {k: z[k] for k in z.files})
-    rows = b.features.user_vocab.positions(users)
+        model = model_from_arrays(cfg_m, fp, {k: z[k] for k in z.files})
+    rows = fp.user_vocab.positions(users)
     hist = np.full((len(users), cfg_m.history_len), -1, np.int64)
     for t, prefix in enumerate(prefixes):
         known = [r for r in b.features.item_vocab.positions(prefix[::-1]).tolist() if r >= 0][:cfg_m.history_len]
@@ -99,14 +104,15 @@ def embed_prefixes(b: bundle_mod.Bundle, users: list[str], prefixes: list[list[s
     vecs = np.zeros((len(users), cfg_m.dim), np.float32)  # a user unknown to ``b`` has no vector
     ok = rows >= 0
     if ok.any():
-        vecs[ok] = embed_users(model, b.features, hist[ok], rows=rows[ok], item_emb=np.asarray(b.item_emb))
+        vecs[ok] = embed_users(model, fp, hist[ok], rows=rows[ok], item_emb=np.asarray(b.item_emb))
     return vecs
 
 
 def hits(b: bundle_mod.Bundle, users: list[str], prefixes: list[list[str]], targets: list[str], *,
-          vectors: np.ndarray | None, k: int = 20) -> np.ndarray:
+          vectors: np.ndarray | None, every_user: bool = False, k: int = 20) -> np.ndarray:
     """(T,) bool: whether each target is in ``b``'s top ``k``, served as the server would:
-    the user's vector (``vectors``, else ``b``'s stored row), session = the last items known,
+    the user's vector (``vectors``, for the users ``b`` knows or, ``every_user``, for all;
+    else ``b``'s stored row), session = the last items known,
     pessimistic ties. Excluded: every known item (``exclude_seen``), or only the session items
     when the spec keeps past items as candidates (the repeat-aware protocol; the interaction
     store holds no group id, so the session is the most recent items, as the server's is)."""
@@ -121,7 +127,7 @@ def hits(b: bundle_mod.Bundle, users: list[str], prefixes: list[list[str]], targ
     if vectors is not None:
         # One row per target: the vectors become the model's user table for this evaluation.
         model = replace(model, user_emb=np.asarray(vectors, np.float32))
-        es = replace(es, user_rows=np.where(rows >= 0, np.arange(len(users)), -1))
+        es = replace(es, user_rows=np.where((rows >= 0) | every_user, np.arange(len(users)), -1))
     return np.asarray(model_ranks(model, es) < k)
 
 

@@ -361,10 +361,11 @@ class Job:
         with its towers. CURRENT: in embed mode it serves the vector it has (none for a user it
         never saw: the targets are this run's events, newer than its vectors), so the gate
         measures what re-embedding adds; in train mode it embeds the same history with its own
-        towers, so the gate measures the retraining alone (and CURRENT is never scored on what
+        towers, new users included (what the embed run a refused candidate falls back to would
+        serve), so the gate measures the retraining alone (and CURRENT is never scored on what
         its vectors already saw). Both get the session and exclusions the server would (DESIGN
-        §6's rules, by the spec's repeat policy: see ``refresh_gate.hits``). The decision is
-        ``refresh_gate.decide``'s paired test."""
+        §6's rules, by the spec's repeat policy: see ``gate.hits``). The decision is
+        ``gate.decide``'s paired test."""
         t0 = self._holdout_start()
         cand = bundle_mod.load(self.cand_dir)
         cur = bundle_mod.load(self.cfg.registry / self.parent)
@@ -387,8 +388,11 @@ class Job:
         tusers = [users[j] for j in targets]
         titems = [items[j] for j in targets]
         hits_c = hits(cand, tusers, prefixes, titems, vectors=embed_prefixes(cand, tusers, prefixes))
-        hits_p = hits(cur, tusers, prefixes, titems,
-                      vectors=embed_prefixes(cur, tusers, prefixes) if self.cfg.mode == "train" else None)
+        # Train mode: CURRENT as an embed run would serve it (its towers, every user embedded
+        # from the same history, new users too): the alternative a refused candidate falls back to.
+        train = self.cfg.mode == "train"
+        hits_p = hits(cur, tusers, prefixes, titems, every_user=train,
+                      vectors=embed_prefixes(cur, tusers, prefixes, new_users=True) if train else None)
         rule = GateRule(max_drop=self.cfg.max_drop, min_targets=self.cfg.gate_min_targets, gated=self.cfg.gate,
                         min_targets_to_accept=self.cfg.train_min_targets if self.cfg.mode == "train" else 0,
                         min_users_to_accept=self.cfg.train_min_users if self.cfg.mode == "train" else 0)
