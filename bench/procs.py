@@ -26,6 +26,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_run(n: int) -> int:
+    """A base port with ``n`` consecutive free ports after it (admin ports per slot)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + n >= 65536:
+            continue
+        try:
+            for p in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 def wait_serving(target: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> float:
     """Seconds until the health service says SERVING (bounded by ``timeout``)."""
     import grpc

@@ -186,6 +186,11 @@ class Supervisor:
         with self._lock:
             return [(w.slot, w.pid) for w in self._workers if w.proc.exitcode is None]
 
+    def admin_ports(self) -> list[int]:
+        """The admin port of each live worker not asked to exit (-1: none)."""
+        with self._lock:
+            return [w.admin_port for w in sorted(self._workers, key=lambda w: w.slot) if not w.requested]
+
     def served(self) -> dict[int, int]:
         """Requests served per worker pid, as last reported (warmup excluded)."""
         with self._lock:

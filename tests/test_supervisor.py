@@ -224,26 +224,6 @@ def test_admin_ports_per_slot_alternate_across_recycles(tmp_path: Path) -> None:
         Supervisor(load_config(port=0, admin_port=65535, workers__workers=2), tmp_path)
 
 
-def _free_port_run(n: int) -> int:
-    """A base port with ``n`` consecutive free ports after it (admin ports per slot)."""
-    import socket
-
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + n >= 65536:
-            continue
-        try:
-            for p in range(base, base + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
 def test_workers_take_turns_to_swap_and_admin_status_shows_the_supervisor(tmp_path: Path) -> None:
     """Issue 20 item 5: the workers of one supervisor load a new version one at a time (a swap
     holds two bundles in memory), waiting for their turn visibly in ``admin status``; and every
@@ -251,13 +231,14 @@ def test_workers_take_turns_to_swap_and_admin_status_shows_the_supervisor(tmp_pa
     from filelock import FileLock
     from test_hotswap import admin_status, make_version
 
+    from bench.procs import free_port_run
     from online.supervision_shared import swap_lock_path
     from towers import registry as registry_mod
 
     (a, va, _), (b, vb, _) = make_version(tmp_path, 0), make_version(tmp_path, 1)
     reg = tmp_path / "registry"
     registry_mod.publish(a, reg)
-    base = _free_port_run(4)  # slot s: base + s, and base + s + 2 for its replacement
+    base = free_port_run(4)  # slot s: base + s, and base + s + 2 for its replacement
     sup = Supervisor(load_config(port=0, admin_port=base, registry_poll_s=0.05, workers__workers=2,
                                  workers__check_interval_s=0.2, workers__drain_grace_s=1.0), reg)
     sup.start()
