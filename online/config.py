@@ -103,6 +103,10 @@ class ServeConfig:
     max_events_per_call: int = 10_000  # at most 16384: the session order's tie-break has 14 bits
     max_event_skew_s: int = 3600  # event timestamps may run this far ahead of the server's clock
     max_message_bytes: int = 8 * 1024 * 1024  # larger messages are refused by gRPC itself
+    # HTTP/2 streams one client connection may have open at once (0: gRPC's default, no
+    # limit). Past it the client's own channel queues the call: under overload the wait is
+    # spent (and the deadline runs out) on the client, not in this server's queue.
+    max_concurrent_streams: int = 0
     variant: str = "control"
     impression_sample_rate: float = 0.01  # share of served responses logged to the impression stream
     warmup: bool = True  # send synthetic requests down every path before reporting SERVING
@@ -172,6 +176,7 @@ class ServeConfig:
             ("redis.impressions_max_bytes", self.redis.impressions_max_bytes == 0
              or self.redis.impressions_max_bytes >= 1 << 16, "must be 0 (no cap) or >= 65536"),
             ("default_deadline_ms", self.default_deadline_ms >= 0, "must be >= 0 (0: none)"),
+            ("max_concurrent_streams", self.max_concurrent_streams >= 0, "must be >= 0 (0: no limit)"),
             ("batching.max_pending", self.batching.max_pending >= 0, "must be >= 0 (0: no bound)"),
             ("batching.shed_answer", self.batching.shed_answer in ("degrade", "refuse"),
              "must be 'degrade' or 'refuse'"),

@@ -296,6 +296,7 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.so_reuseport", int(reuse_port)),
+        *((("grpc.max_concurrent_streams", cfg.max_concurrent_streams),) if cfg.max_concurrent_streams else ()),
     ]
     service = RecommendService(cfg, store or make_store(cfg))
     # Past the batcher's bound, refuse in gRPC's core (RESOURCE_EXHAUSTED) before a Python

@@ -136,3 +136,14 @@ def test_ab_shadow_switches_the_shadow_on_and_off(tmp_path: Path) -> None:
         assert row["shadow"]["sampled"] >= row["shadow"]["scored"] + row["shadow"]["dropped"] + row["shadow"]["errors"]
     assert len(s["per_round_p99_ratio"]) == 1 and set(s["median_of_rounds_ms"]) == set(MODES)
     assert (tmp_path / "s.png").is_file()
+
+
+def test_profile_top_frames_count_own_and_inclusive_samples(tmp_path: Path) -> None:
+    from bench.profile_server import top_frames
+
+    collapsed = tmp_path / "stacks.txt"
+    collapsed.write_text("main;serve;search 6\nmain;serve;parse 3\nmain;idle 1\n")
+    t = top_frames(collapsed)
+    assert t["samples"] == 10
+    assert t["own"][:3] == [["search", 0.6], ["parse", 0.3], ["idle", 0.1]]
+    assert dict(map(tuple, t["inclusive"]))["serve"] == 0.9 and dict(map(tuple, t["inclusive"]))["main"] == 1.0

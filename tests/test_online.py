@@ -467,3 +467,23 @@ def _refused_with_pushback(server: ServerThread) -> None:
         generate_latest(service.metrics.registry).decode()) for s in fam.samples
         if s.name == "twotower_shed_requests_total"}
     assert shed == {"queue_full": 1.0, "deadline": 0.0}
+
+
+def test_serve_settings_that_bound_overload_are_checked_by_name(served_registry: Path) -> None:
+    from towers.errors import ConfigError
+
+    for overrides, field in (({"batching__shed_answer": "drop"}, "batching.shed_answer"),
+                             ({"max_concurrent_streams": -1}, "max_concurrent_streams"),
+                             ({"workers__max_age_s": -1.0}, "workers.max_age_s"),
+                             ({"workers__check_interval_s": 0.0}, "workers.check_interval_s")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_config(port=0, **overrides)  # type: ignore[arg-type]
+    # A per-connection stream cap queues a client's extra calls in its own channel: all answered.
+    srv = ServerThread(load_config(port=0, max_concurrent_streams=2), registry=served_registry)
+    try:
+        with RecommenderClient(srv.target, timeout=10.0) as c:
+            futures = [c.stub.Recommend.future(pb.RecommendRequest(user_id=str(u), k=5), timeout=10.0)
+                       for u in range(1, 17)]
+            assert [len(f.result().item_ids) for f in futures] == [5] * 16
+    finally:
+        srv.stop()
