@@ -42,7 +42,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from online.lifecycle import LoadedModel
@@ -282,11 +282,13 @@ class Router:
             return await self.service.run_batch(current, reqs, queue_s)
         route_of = table.route
         routes = [route_of(r.user_id) for r in reqs]
+        if any(route.arm.adjusts_request for route in routes):
+            # An arm's default_k / budget_ms make a copy: requests stay as they arrived.
+            reqs = [self._adjusted(r, route.arm) if route.arm.adjusts_request else r
+                    for r, route in zip(reqs, routes, strict=True)]
         groups: dict[str, list[int]] = {}
         for i, route in enumerate(routes):
             arm = route.arm
-            if arm.adjusts_request:
-                self._adjust(reqs[i], arm)
             g = groups.get(arm.key)
             if g is None:
                 groups[arm.key] = [i]
@@ -318,15 +320,18 @@ class Router:
             self._sample_shadows(table, reqs, routes, results)
         return results
 
-    def _adjust(self, r: RecRequest, arm: Arm) -> None:
-        """The overrides that act on the request itself: default_k (only where the request
-        left k unset) and budget_ms (its deadline, still capped by the client's)."""
+    def _adjusted(self, r: RecRequest, arm: Arm) -> RecRequest:
+        """A copy of ``r`` with the overrides that act on the request itself: default_k (only
+        where the request left k unset) and budget_ms (its deadline, still capped by the
+        client's)."""
+        k, deadline = r.k, r.deadline
         if arm.default_k is not None and r.k_default:
-            r.k = min(arm.default_k, self.service.cfg.max_k)
+            k = min(arm.default_k, self.service.cfg.max_k)
         if arm.budget_ms is not None:
             b = self.service.cfg.budget
-            r.deadline = budget_deadline(r.received, total_ms=arm.budget_ms, network_ms=b.network_ms,
-                                         client_deadline=r.client_deadline)
+            deadline = budget_deadline(r.received, total_ms=arm.budget_ms, network_ms=b.network_ms,
+                                       client_deadline=r.client_deadline)
+        return replace(r, k=k, deadline=deadline)
 
     # -- shadows ---------------------------------------------------------------------------
     def _sample_shadows(self, table: RoutingTable, reqs: Sequence[RecRequest], routes: Sequence[UserRoute],
