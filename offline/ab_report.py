@@ -10,6 +10,13 @@ An impression's variant is the response's label, ``exp=variant,...`` (towers.ass
 outside the experiment (label ``default`` or no ``exp=`` part) is not in any of its arms. The
 impression log is a sample (``impression_sample_rate``): rates are unbiased, counts are scaled
 down by the rate.
+
+Per user as well (``offline.ab_effects``): a user is one observation (their clicks and purchases
+per impression), so a heavy user is not many independent draws; users whose impressions name
+more than one arm (a ramp, a forced user, a flags change) are left out and counted. Per arm and
+metric: the difference against the control with its fixed-horizon and always-valid (mSPRT)
+95% intervals, Benjamini-Hochberg across every (arm, metric) of the report, and a verdict line
+(sample ratio mismatch / not enough data / ship / no difference).
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from offline.ab_effects import Effect, benjamini_hochberg, effect, verdict
 from offline.ab_stats import Lift, Proportion, SampleRatio, proportion, relative_lift, sample_ratio_mismatch
 from towers.store_format import Event, Impression
 
@@ -49,6 +59,10 @@ class Report:
     arms: list[ArmOutcome]
     srm: SampleRatio | None  # None without weights
     unjoined_events: int  # events naming a request id that no logged impression has
+    mixed_users: int = 0  # users whose impressions name more than one arm: left out per user
+    effects: dict[str, dict[str, Effect]] | None = None  # arm -> metric -> per-user effect vs control
+    bh_rejected: dict[str, dict[str, bool]] | None = None  # arm -> metric -> BH at q = 0.05
+    verdicts: dict[str, str] | None = None  # arm -> verdict line
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -62,10 +76,12 @@ def outcome_report(impressions: Iterable[Impression], events: Iterable[Event], *
     shown: dict[str, str] = {}  # request id -> arm
     users: dict[str, set[str]] = {}
     counts: dict[str, int] = {}
+    impressions_seen: list[tuple[str, str, str]] = []  # (request id, user, arm)
     for imp in impressions:
         arm = arm_of(imp.variant, experiment)
         if arm is None:
             continue
+        impressions_seen.append((imp.request_id, imp.user_id, arm))
         users.setdefault(arm, set()).add(imp.user_id)
         counts[arm] = counts.get(arm, 0) + 1
         if imp.request_id:
@@ -98,7 +114,49 @@ def outcome_report(impressions: Iterable[Impression], events: Iterable[Event], *
     srm = None
     if weights:
         srm = sample_ratio_mismatch(counts={a: len(users.get(a, ())) for a in weights}, weights=weights)
-    return Report(experiment, control, out, srm, unjoined)
+    mixed, effects, rejected, verdicts = _per_user(impressions_seen, clicked, converted, arms=arms,
+                                                  control=control, srm=srm is not None and srm.mismatch)
+    return Report(experiment, control, out, srm, unjoined, mixed, effects, rejected, verdicts)
+
+
+METRICS = ("clicks_per_impression", "purchases_per_impression")
+
+
+def _per_user(seen: list[tuple[str, str, str]], clicked: set[str], converted: set[str], *, arms: list[str],
+              control: str, srm: bool) -> tuple[int, dict[str, dict[str, Effect]], dict[str, dict[str, bool]],
+                                                dict[str, str]]:
+    """Per-user rates from (request id, user, arm) impressions; users in several arms left out."""
+    arms_of: dict[str, set[str]] = {}
+    for _, user, arm in seen:
+        arms_of.setdefault(user, set()).add(arm)
+    mixed = {u for u, a in arms_of.items() if len(a) > 1}
+    imps: dict[str, int] = {}
+    hits: dict[str, dict[str, int]] = {m: {} for m in METRICS}
+    for rid, user, _ in seen:
+        if user in mixed:
+            continue
+        imps[user] = imps.get(user, 0) + 1
+        for m, done in zip(METRICS, (clicked, converted), strict=True):
+            if rid and rid in done:
+                hits[m][user] = hits[m].get(user, 0) + 1
+    values: dict[str, dict[str, np.ndarray]] = {}
+    for a in arms:
+        us = [u for u, arm in arms_of.items() if arm == {a}]
+        values[a] = {m: np.array([hits[m].get(u, 0) / imps[u] for u in us]) for m in METRICS}
+    effects: dict[str, dict[str, Effect]] = {}
+    for a in arms:
+        if a == control:
+            continue
+        effects[a] = {m: effect(values[control][m], values[a][m]) for m in METRICS
+                      if len(values[control][m]) >= 2 and len(values[a][m]) >= 2}
+    keys = [(a, m) for a, per in effects.items() for m in per]
+    flags, _ = benjamini_hochberg([effects[a][m].p_value for a, m in keys])
+    rejected: dict[str, dict[str, bool]] = {a: {} for a in effects}
+    for (a, m), r in zip(keys, flags, strict=True):
+        rejected[a][m] = r
+    verdicts = {a: verdict(per, primary=METRICS[0], rejected=rejected[a], srm=srm) if METRICS[0] in per
+                else "not enough data" for a, per in effects.items()}
+    return len(mixed), effects, rejected, verdicts
 
 
 def format_report(r: Report) -> str:
@@ -121,4 +179,12 @@ def format_report(r: Report) -> str:
         lines.append("sample ratio: not checked (no --flags)")
     if r.unjoined_events:
         lines.append(f"{r.unjoined_events} events name a request id with no logged impression (sampled out)")
+    if r.mixed_users:
+        lines.append(f"{r.mixed_users} users saw more than one arm: left out of the per-user effects")
+    for arm, per in (r.effects or {}).items():
+        for m, e in per.items():
+            bh = "BH: significant" if (r.bh_rejected or {}).get(arm, {}).get(m) else "BH: not significant"
+            lines.append(f"{arm:14s} {m:26s} {e.diff:+.4f} per user vs control  95% [{e.low:+.4f}, {e.high:+.4f}]  "
+                         f"always-valid [{e.seq_low:+.4f}, {e.seq_high:+.4f}]  p {e.p_value:.3g}  {bh}")
+        lines.append(f"{arm:14s} verdict: {(r.verdicts or {}).get(arm, 'not enough data')}")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from offline.ab_report import arm_of, outcome_report
+from offline.ab_report import arm_of, format_report, outcome_report
 from offline.event_log import EventLog
 from online.client import RecommenderClient
 from online.config import RedisConfig, load_config
@@ -121,3 +121,25 @@ def test_the_outcome_report_flags_a_broken_split() -> None:
     imps += [Impression(f"t{j}", f"t{j}", "e=treat", "v", ()) for j in range(800)]  # a fifth of treat lost
     rep = outcome_report(imps, [], experiment="e", control="control", weights={"control": 0.5, "treat": 0.5})
     assert rep.srm is not None and rep.srm.mismatch
+
+
+def test_the_report_compares_per_user_rates_and_leaves_out_users_seen_in_two_arms() -> None:
+    def imp(rid: str, user: str, arm: str) -> Impression:
+        return Impression(rid, user, f"ranker={arm}", "v1", ("a",))
+
+    # control c1..c4: one impression each, c1 and c2 clicked -> per-user rates 1, 1, 0, 0.
+    # treat: t1 two impressions, one clicked (0.5); t2, t3 one each, clicked (1, 1).
+    # m1 saw both arms (a ramp): left out of the per-user comparison, still in the rates above.
+    imps = [imp(f"c{j}", f"c{j}", "control") for j in range(1, 5)]
+    imps += [imp("t1a", "t1", "treat"), imp("t1b", "t1", "treat"), imp("t2", "t2", "treat"), imp("t3", "t3", "treat")]
+    imps += [imp("m1a", "m1", "control"), imp("m1b", "m1", "treat")]
+    events = [Event(u, "a", "click", 1, rid) for rid, u in (("c1", "c1"), ("c2", "c2"), ("t1a", "t1"), ("t2", "t2"),
+                                                             ("t3", "t3"), ("m1b", "m1"))]
+    rep = outcome_report(imps, events, experiment="ranker", control="control")
+    assert rep.mixed_users == 1 and rep.effects is not None and rep.verdicts is not None
+    e = rep.effects["treat"]["clicks_per_impression"]
+    assert (e.n_control, e.n_treatment) == (4, 3)
+    assert e.control_mean == pytest.approx(0.5) and e.treatment_mean == pytest.approx(2.5 / 3)
+    assert e.diff == pytest.approx(2.5 / 3 - 0.5) and e.seq_low < e.low < e.diff < e.high < e.seq_high
+    assert rep.verdicts["treat"] == "not enough data"  # 3 and 4 users: far below the minimum
+    assert "1 users saw more than one arm" in format_report(rep) and "verdict: not enough data" in format_report(rep)
