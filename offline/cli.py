@@ -13,6 +13,7 @@ from offline.refresh.cli import register_refresh
 from towers.cliargs import add_redis_url, default_data_dir, existing_dir, positive_int
 from towers.errors import ConfigError
 from towers.index import INDEX_TYPES
+from towers.store_format import DEFAULT_PREFIX
 
 DATASET_HELP = ("ml-100k | a dataset spec (SPEC.yaml) | a directory of RecBole atomic files (NAME.inter, .item, "
                 ".user) | a GroupLens directory | synthetic:UxI[:SEED]")
@@ -328,7 +329,7 @@ def register_ab_report(asub: argparse._SubParsersAction) -> None:
     p = asub.add_parser("report", help="outcomes per variant: impressions joined with events (CTR, conversion, "
                                        "lift, sample ratio)")
     add_redis_url(p, required=True, help="the Redis the servers log to")
-    p.add_argument("--prefix", default="tt", help="the serve config's redis.prefix")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="the serve config's redis.prefix")
     p.add_argument("--experiment", required=True, help="the experiment's name in the flags file")
     p.add_argument("--flags", type=Path, default=None, help="the flags file: its weights drive the sample-ratio check")
     p.add_argument("--control", default=None, help="the control arm (default: the experiment's first variant)")

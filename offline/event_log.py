@@ -22,6 +22,7 @@ from typing import Any
 
 from towers.errors import FeatureStoreError
 from towers.store_format import (
+    DEFAULT_PREFIX,
     Event,
     Impression,
     RedisKeys,
@@ -65,7 +66,7 @@ class EventLog:
     not services). On a cluster the log is ``LOG_SHARDS`` streams (``towers.store_format``);
     this reads them all, and its entry ids name the shard (``"S/<id>"``) so ``ack`` finds it."""
 
-    def __init__(self, *, redis_url: str, prefix: str = "tt") -> None:
+    def __init__(self, *, redis_url: str, prefix: str = DEFAULT_PREFIX) -> None:
         import redis
 
         from towers.redis_load import sync_client

@@ -8,11 +8,12 @@ from collections.abc import Collection
 from pathlib import Path
 
 from towers import registry as registry_mod
+from towers.store_format import DEFAULT_PREFIX
 
 
 def publish(bundle_dir: Path, *, registry: Path, redis_url: str | None = None,
             fault: registry_mod.FaultHook | None = None, redis_dtype: str | None = None,
-            redis_prefix: str = "tt", expect_current: Collection[str | None] | None = None) -> str:
+            redis_prefix: str = DEFAULT_PREFIX, expect_current: Collection[str | None] | None = None) -> str:
     """Copy + verify (and gate: ``towers.registry.quality_gate``) into the registry; with
     ``redis_url``, load the version's user embeddings (``redis_dtype``, default the bundle's
     declared dtype) and precomputed recs into Redis before the pointer flips. The refresh's

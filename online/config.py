@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from towers.errors import ConfigError
+from towers.store_format import DEFAULT_PREFIX
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class BatchingConfig:
 @dataclass(frozen=True)
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
-    prefix: str = "tt"
+    prefix: str = DEFAULT_PREFIX
     max_connections: int = 32
     socket_timeout_ms: float = 200.0  # hard ceiling; each call also gets the remaining budget
     session_ttl_s: int = 7 * 24 * 3600

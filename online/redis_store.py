@@ -15,6 +15,7 @@ import numpy as np
 from online.feature_store import LogStatus, StoreCapabilities, UserFeatures
 from towers.errors import FeatureStoreError, FeatureStoreTimeout, Unsupported
 from towers.store_format import (
+    DEFAULT_PREFIX,
     IMPRESSIONS_MAX_BYTES,
     LOG_SHARDS,
     REFRESH_GROUP,
@@ -138,7 +139,8 @@ class RedisFeatureStore:
 
     capabilities = StoreCapabilities(shared=True, holds_versions=False)
 
-    def __init__(self, *, url: str, prefix: str = "tt", max_connections: int = 32, socket_timeout_s: float = 0.2,
+    def __init__(self, *, url: str, prefix: str = DEFAULT_PREFIX, max_connections: int = 32,
+                 socket_timeout_s: float = 0.2,
                  session_ttl_s: int = 7 * 24 * 3600, session_cap: int = 100,
                  stream_maxlen: int = STREAM_MAXLEN, events_max_bytes: int = STREAM_MAX_BYTES,
                  impressions_max_bytes: int = IMPRESSIONS_MAX_BYTES) -> None:
@@ -320,7 +322,8 @@ class RedisClusterFeatureStore(RedisFeatureStore):
     degrades (RUNG_NO_SESSION) exactly as with a stalled standalone Redis.
     """
 
-    def __init__(self, *, url: str, prefix: str = "tt", max_connections: int = 32, socket_timeout_s: float = 0.2,
+    def __init__(self, *, url: str, prefix: str = DEFAULT_PREFIX, max_connections: int = 32,
+                 socket_timeout_s: float = 0.2,
                  session_ttl_s: int = 7 * 24 * 3600, session_cap: int = 100,
                  stream_maxlen: int = STREAM_MAXLEN, events_max_bytes: int = STREAM_MAX_BYTES,
                  impressions_max_bytes: int = IMPRESSIONS_MAX_BYTES) -> None:
@@ -395,7 +398,8 @@ class RedisClusterFeatureStore(RedisFeatureStore):
         return sum(int(n) for n in await self._run("record", go, timeout))  # type: ignore[call-overload]
 
 
-def open_redis_store(*, url: str, prefix: str = "tt", max_connections: int = 32, socket_timeout_s: float = 0.2,
+def open_redis_store(*, url: str, prefix: str = DEFAULT_PREFIX, max_connections: int = 32,
+                     socket_timeout_s: float = 0.2,
                      session_ttl_s: int = 7 * 24 * 3600, session_cap: int = 100,
                      stream_maxlen: int = STREAM_MAXLEN, events_max_bytes: int = STREAM_MAX_BYTES,
                      impressions_max_bytes: int = IMPRESSIONS_MAX_BYTES) -> RedisFeatureStore:

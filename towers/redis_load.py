@@ -14,6 +14,7 @@ from towers import bundle as bundle_mod
 from towers.errors import BundleError, FeatureStoreError
 from towers.quant import TAG_BYTES, quantize_int8, scale_tag
 from towers.store_format import (
+    DEFAULT_PREFIX,
     EMBEDDING_DTYPES,
     RedisKeys,
     embedding_nbytes,
@@ -43,7 +44,7 @@ def declared_dtype(manifest: dict[str, Any]) -> str:
     return str(manifest.get("quant", {}).get("user_embeddings", {}).get("dtype", "float32"))
 
 
-def load_bundle_into_redis(bundle_dir: Path, *, redis_url: str, prefix: str = "tt", batch: int = 5000,
+def load_bundle_into_redis(bundle_dir: Path, *, redis_url: str, prefix: str = DEFAULT_PREFIX, batch: int = 5000,
                            float16: bool = False, dtype: str | None = None, progress: bool = True) -> int:
     """Returns the number of users loaded.
 

@@ -72,9 +72,12 @@ class Event:
     request_id: str = field(default="", compare=False)
 
 
+DEFAULT_PREFIX = "tt"  # every key a server, publish and refresh share starts with this (redis.prefix)
+
+
 @dataclass(frozen=True)
 class RedisKeys:
-    prefix: str = "tt"
+    prefix: str = DEFAULT_PREFIX
     cluster: bool = False  # hash-tag per-user keys with the user's log shard (see the module docstring)
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from towers.cliargs import add_redis_url, default_data_dir, existing_dir, positive_int
 from towers.errors import ConfigError
+from towers.store_format import DEFAULT_PREFIX
 
 # refresh ran, but the event log had lost entries before it read them (its byte cap trimmed them)
 EXIT_EVENTS_LOST = 3
@@ -21,7 +22,7 @@ def register_refresh(sub: argparse._SubParsersAction) -> None:
                                        "index, batch-score, gate against CURRENT, publish, acknowledge")
     p.add_argument("--registry", required=True, type=Path)
     add_redis_url(p, required=True, help="the Redis the servers write events to (and serve from)")
-    p.add_argument("--prefix", default="tt", help="the serve config's redis.prefix")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="the serve config's redis.prefix")
     p.add_argument("--mode", default="embed", choices=["embed", "train"])
     p.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="ray: the embedding and batch-scoring steps on a local Ray (the [ray] extra)")

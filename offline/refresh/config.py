@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from towers.errors import ConfigError
-from towers.store_format import REFRESH_GROUP
+from towers.store_format import DEFAULT_PREFIX, REFRESH_GROUP
 
 MODES = ("embed", "train")
 ENGINES = ("local", "ray")
@@ -23,7 +23,7 @@ class RefreshConfig:
     data_dir: Path  # dataset cache: seeds an empty store with CURRENT's training dataset
     mode: str = "embed"  # embed | train (see the module docstring)
     engine: str = "local"
-    prefix: str = "tt"  # Redis key prefix (the server's)
+    prefix: str = DEFAULT_PREFIX  # Redis key prefix (the server's)
     group: str = REFRESH_GROUP  # consumer group on the event stream
     consumer: str = "refresh"  # one name: a later run finds a crashed run's pending entries
     holdout_s: int = 86_400  # the gate's window: the newest events within this many seconds
