@@ -22,7 +22,7 @@ metric: the difference against the control with its fixed-horizon and always-val
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,7 @@ class Report:
     effects: dict[str, dict[str, Effect]] | None = None  # arm -> metric -> per-user effect vs control
     bh_rejected: dict[str, dict[str, bool]] | None = None  # arm -> metric -> BH at q = 0.05
     verdicts: dict[str, str] | None = None  # arm -> verdict line
+    users_from: str = "impressions"  # exposures (complete) | impressions (a sample)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -71,8 +72,13 @@ class Report:
 
 
 def outcome_report(impressions: Iterable[Impression], events: Iterable[Event], *, experiment: str,
-                   control: str, weights: Mapping[str, float] | None = None) -> Report:
-    """The join and the statistics; pure (the CLI reads the logs and passes them in)."""
+                   control: str, weights: Mapping[str, float] | None = None,
+                   exposures: Iterable[Impression] | None = None) -> Report:
+    """The join and the statistics; pure (the CLI reads the logs and passes them in).
+    ``exposures`` (the exposure log, complete): users per arm, the sample-ratio check and the
+    per-user effects come from it (clicks and purchases per exposed user over the window);
+    without it, from the sampled impressions (rates per impression)."""
+    events = list(events)
     shown: dict[str, str] = {}  # request id -> arm
     users: dict[str, set[str]] = {}
     counts: dict[str, int] = {}
@@ -98,7 +104,12 @@ def outcome_report(impressions: Iterable[Impression], events: Iterable[Event], *
             clicked.add(e.request_id)
         elif e.type == "purchase":
             converted.add(e.request_id)
-    arms = sorted(set(counts) | set(weights or ()), key=lambda a: (a != control, a))
+    exposed: list[tuple[str, str, str]] | None = None
+    if exposures is not None:
+        exposed = [(x.request_id, x.user_id, xa) for x in exposures
+                   if (xa := arm_of(x.variant, experiment)) is not None]
+    arms = sorted(set(counts) | set(weights or ()) | {x[2] for x in exposed or ()},
+                  key=lambda a: (a != control, a))
     clicks = {a: sum(1 for r in clicked if shown[r] == a) for a in arms}
     convs = {a: sum(1 for r in converted if shown[r] == a) for a in arms}
     out = []
@@ -111,15 +122,26 @@ def outcome_report(impressions: Iterable[Impression], events: Iterable[Event], *
                      for s in (clicks, convs)]
         out.append(ArmOutcome(a, len(users.get(a, ())), n, proportion(successes=clicks[a], trials=n),
                               proportion(successes=convs[a], trials=n), lifts[0], lifts[1]))
+    if exposed is not None:
+        users = {}
+        for _, exposed_user, exposed_arm in exposed:
+            users.setdefault(exposed_arm, set()).add(exposed_user)
+        out = [replace(o, users=len(users.get(o.arm, ()))) for o in out]
     srm = None
     if weights:
         srm = sample_ratio_mismatch(counts={a: len(users.get(a, ())) for a in weights}, weights=weights)
-    mixed, effects, rejected, verdicts = _per_user(impressions_seen, clicked, converted, arms=arms,
-                                                  control=control, srm=srm is not None and srm.mismatch)
-    return Report(experiment, control, out, srm, unjoined, mixed, effects, rejected, verdicts)
+    broken = srm is not None and srm.mismatch
+    if exposed is not None:
+        mixed, effects, rejected, verdicts = _per_exposed_user(exposed, events, arms=arms, control=control, srm=broken)
+    else:
+        mixed, effects, rejected, verdicts = _per_user(impressions_seen, clicked, converted, arms=arms,
+                                                      control=control, srm=broken)
+    return Report(experiment, control, out, srm, unjoined, mixed, effects, rejected, verdicts,
+                  "exposures" if exposed is not None else "impressions")
 
 
 METRICS = ("clicks_per_impression", "purchases_per_impression")
+EXPOSED_METRICS = ("clicks_per_user", "purchases_per_user")
 
 
 def _per_user(seen: list[tuple[str, str, str]], clicked: set[str], converted: set[str], *, arms: list[str],
@@ -143,20 +165,46 @@ def _per_user(seen: list[tuple[str, str, str]], clicked: set[str], converted: se
     for a in arms:
         us = [u for u, arm in arms_of.items() if arm == {a}]
         values[a] = {m: np.array([hits[m].get(u, 0) / imps[u] for u in us]) for m in METRICS}
+    return (len(mixed), *_compare(values, arms=arms, control=control, metrics=METRICS, srm=srm))
+
+
+def _per_exposed_user(exposed: list[tuple[str, str, str]], events: list[Event], *, arms: list[str], control: str,
+                      srm: bool) -> tuple[int, dict[str, dict[str, Effect]], dict[str, dict[str, bool]],
+                                      dict[str, str]]:
+    """Per exposed user: their clicks and purchases over the window; users exposed to more
+    than one arm left out."""
+    arms_of: dict[str, set[str]] = {}
+    for _, user, arm in exposed:
+        arms_of.setdefault(user, set()).add(arm)
+    mixed = {u for u, a in arms_of.items() if len(a) > 1}
+    counts: dict[str, dict[str, int]] = {m: {} for m in EXPOSED_METRICS}
+    for e in events:
+        m = {"click": EXPOSED_METRICS[0], "purchase": EXPOSED_METRICS[1]}.get(e.type)
+        if m is not None and e.user_id in arms_of:
+            counts[m][e.user_id] = counts[m].get(e.user_id, 0) + 1
+    values = {a: {m: np.array([counts[m].get(u, 0) for u, arm in arms_of.items() if arm == {a}], np.float64)
+                  for m in EXPOSED_METRICS} for a in arms}
+    return (len(mixed), *_compare(values, arms=arms, control=control, metrics=EXPOSED_METRICS, srm=srm))
+
+
+def _compare(values: dict[str, dict[str, np.ndarray]], *, arms: list[str], control: str, metrics: tuple[str, ...],
+             srm: bool) -> tuple[dict[str, dict[str, Effect]], dict[str, dict[str, bool]], dict[str, str]]:
+    """Each arm's per-user values against the control's: effects, BH across every (arm,
+    metric), a verdict per arm (the first metric is the primary)."""
     effects: dict[str, dict[str, Effect]] = {}
     for a in arms:
         if a == control:
             continue
-        effects[a] = {m: effect(values[control][m], values[a][m]) for m in METRICS
+        effects[a] = {m: effect(values[control][m], values[a][m]) for m in metrics
                       if len(values[control][m]) >= 2 and len(values[a][m]) >= 2}
     keys = [(a, m) for a, per in effects.items() for m in per]
     flags, _ = benjamini_hochberg([effects[a][m].p_value for a, m in keys])
     rejected: dict[str, dict[str, bool]] = {a: {} for a in effects}
     for (a, m), r in zip(keys, flags, strict=True):
         rejected[a][m] = r
-    verdicts = {a: verdict(per, primary=METRICS[0], rejected=rejected[a], srm=srm) if METRICS[0] in per
+    verdicts = {a: verdict(per, primary=metrics[0], rejected=rejected[a], srm=srm) if metrics[0] in per
                 else "not enough data" for a, per in effects.items()}
-    return len(mixed), effects, rejected, verdicts
+    return effects, rejected, verdicts
 
 
 def format_report(r: Report) -> str:
@@ -179,6 +227,8 @@ def format_report(r: Report) -> str:
         lines.append("sample ratio: not checked (no --flags)")
     if r.unjoined_events:
         lines.append(f"{r.unjoined_events} events name a request id with no logged impression (sampled out)")
+    lines.append(f"users per arm from the {r.users_from} log"
+                 + (" (complete)" if r.users_from == "exposures" else " (a sample: no exposure log found)"))
     if r.mixed_users:
         lines.append(f"{r.mixed_users} users saw more than one arm: left out of the per-user effects")
     for arm, per in (r.effects or {}).items():

@@ -373,8 +373,9 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
     log = EventLog(redis_url=args.redis_url, prefix=args.prefix)
     try:
         events = [e for e, _ in log.events(since_ms=since) if e is not None]
+        exposures = list(log.exposures(since_ms=since))  # bounded by users x days, not by requests
         report = outcome_report(log.impressions(since_ms=since), events, experiment=args.experiment,
-                                control=control, weights=weights)
+                                exposures=exposures or None, control=control, weights=weights)
     finally:
         log.close()
     print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))

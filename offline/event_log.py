@@ -283,6 +283,11 @@ class EventLog:
         """Every impression logged at or after ``since_ms`` (unix ms, the entry id's clock)."""
         yield from (decode_impression(f) for _, f in self._range(self.keys.impressions(), since_ms, chunk))
 
+    def exposures(self, *, since_ms: int = 0, chunk: int = 10_000) -> Iterator[Impression]:
+        """Every exposure logged at or after ``since_ms`` (``online.exposures``: one per user,
+        experiment label and day; the items are empty)."""
+        yield from (decode_impression(f) for _, f in self._range(self.keys.exposures(), since_ms, chunk))
+
     def events(self, *, since_ms: int = 0, chunk: int = 10_000) -> Iterator[tuple[Event | None, str]]:
         """Every event logged at or after ``since_ms`` without a consumer group (reports):
         (event, "") or (None, reason) for an entry that does not parse. A cluster's shards

@@ -84,8 +84,10 @@ class FeatureStore(Protocol):
         removed unread to make room: 0 unless its consumers have stopped for too long."""
         ...
 
-    async def log_impressions(self, impressions: Sequence[Impression], *, timeout: float) -> None:
-        """Append served impressions (a sample) to the impression log, for the outcome join."""
+    async def log_impressions(self, impressions: Sequence[Impression], *, timeout: float,
+                              log: str = "impressions") -> None:
+        """Append served impressions (a sample) to the impression log, for the outcome join;
+        ``log="exposures"``: to the exposure log (``online.exposures``) instead."""
         ...
 
     async def has_version(self, version: str) -> bool:
@@ -109,6 +111,7 @@ class InMemoryFeatureStore:
         # tests to see what a Redis store would have logged; not durable.
         self.event_log: deque[Event] = deque(maxlen=100_000)
         self.impression_log: deque[Impression] = deque(maxlen=100_000)
+        self.exposure_log: deque[Impression] = deque(maxlen=100_000)
 
     def add_version(self, version: str, *, user_ids: Sequence[str], user_emb: np.ndarray,
                     recs_items: np.ndarray | None = None, recs_scores: np.ndarray | None = None) -> None:
@@ -178,8 +181,9 @@ class InMemoryFeatureStore:
                 del sess[oldest]
         return dropped
 
-    async def log_impressions(self, impressions: Sequence[Impression], *, timeout: float) -> None:
-        self.impression_log.extend(impressions)
+    async def log_impressions(self, impressions: Sequence[Impression], *, timeout: float,
+                              log: str = "impressions") -> None:
+        (self.exposure_log if log == "exposures" else self.impression_log).extend(impressions)
 
     async def has_version(self, version: str) -> bool:
         return version in self._versions

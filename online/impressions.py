@@ -28,6 +28,8 @@ class ImpressionStats:
 
 
 class ImpressionLog:
+    log = "impressions"  # the store's log these go to
+
     def __init__(self, store: FeatureStore, *, rate: float, max_buffer: int = 10_000, chunk: int = 512,
                  timeout_s: float = 0.5, rng: random.Random | None = None) -> None:
         self.store = store
@@ -40,8 +42,12 @@ class ImpressionLog:
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
 
+    def _keep(self, req: RecRequest, res: RecResult) -> bool:
+        """Whether this response is logged: a sample at ``rate``."""
+        return not (self.rate <= 0.0 or (self.rate < 1.0 and self._rng.random() >= self.rate))
+
     def offer(self, req: RecRequest, res: RecResult) -> None:
-        if self.rate <= 0.0 or (self.rate < 1.0 and self._rng.random() >= self.rate):
+        if not self._keep(req, res):
             return
         self.stats.sampled += 1
         if len(self._buffer) >= self._max:
@@ -56,7 +62,7 @@ class ImpressionLog:
         while self._buffer:
             chunk, self._buffer = self._buffer[: self._chunk], self._buffer[self._chunk:]
             try:
-                await self.store.log_impressions(chunk, timeout=self._timeout)
+                await self.store.log_impressions(chunk, timeout=self._timeout, log=self.log)
                 self.stats.written += len(chunk)
             except FeatureStoreError:
                 self.stats.failed += len(chunk)

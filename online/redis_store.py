@@ -224,14 +224,16 @@ class RedisFeatureStore:
 
         return int((await self._run("record", go, timeout))[0])  # type: ignore[call-overload]
 
-    async def log_impressions(self, impressions: Sequence[Impression], *, timeout: float) -> None:
+    async def log_impressions(self, impressions: Sequence[Impression], *, timeout: float,
+                              log: str = "impressions") -> None:
+        key = self.keys.exposures() if log == "exposures" else self.keys.impressions()
         args: list[bytes | str | int] = [self._stream_maxlen, self._impressions_max_bytes]
         for imp in impressions:
             f = impression_fields(imp)
             args += [f["rid"], f["user"], f["variant"], f["version"], f["items"]]
 
         async def go() -> list[object]:
-            return [await self._impressions_script(keys=[self.keys.impressions()], args=args)]
+            return [await self._impressions_script(keys=[key], args=args)]
 
         await self._run("impressions", go, timeout)
 

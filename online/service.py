@@ -24,6 +24,7 @@ import numpy as np
 from online.batcher import Batcher
 from online.config import ServeConfig
 from online.degradation import EMBEDDING_FROM_BUNDLE, Ladder
+from online.exposures import ExposureLog
 from online.feature_store import Event, FeatureStore, UserFeatures
 from online.impressions import ImpressionLog
 from online.lifecycle import Lifecycle, LoadedModel
@@ -70,6 +71,7 @@ class RecommendService:
                                                            max_pending=b.max_pending)
         self.metrics = ServingMetrics(enabled=cfg.metrics_port >= 0, load=self.batcher)
         self.impressions = ImpressionLog(store, rate=cfg.impression_sample_rate)
+        self.exposures = ExposureLog(store)  # users in an experiment: once per label and day
         # The versions this process holds: load -> prepare -> warm -> install / reject / pin.
         self.lifecycle = Lifecycle(cfg=cfg, store=store, metrics=self.metrics, run_batch=self.run_batch)
         # A/B flags (online.experiments): the router assigns each request a version and settings;
@@ -89,6 +91,7 @@ class RecommendService:
     async def close(self) -> None:
         await self.batcher.stop()
         await self.impressions.close()
+        await self.exposures.close()
         self.search_pool.shutdown(wait=False, cancel_futures=True)
         await self.store.close()
 
@@ -110,6 +113,7 @@ class RecommendService:
             res = await self.shed_answer(req, e)
             self.metrics.observe_batch([res])
         self.impressions.offer(req, res)
+        self.exposures.offer(req, res)
         return res
 
     async def record_events(self, events: Sequence[Event]) -> int:

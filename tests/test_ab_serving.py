@@ -197,6 +197,11 @@ def test_two_versions_served_concurrently_sticky_forced_and_each_from_its_own_ve
     finally:
         load.finish()
         srv.stop()
+    # The exposure log (issue 21): every user served once per label and day, however many calls.
+    exposures = list(srv.running.service.store.exposure_log)  # type: ignore[attr-defined]
+    by_user = {(x.user_id, x.variant) for x in exposures}
+    assert len(exposures) == len(by_user) == len({u for u, *_ in load.answers} | {"u5", "u6", "qa-new"})
+    assert all(x.variant == assign(flags, x.user_id).label for x in exposures)
     assert load.errors == []
     assert sorted(st.resident_versions) == sorted([v0.id, v1.id]) and st.flags_error == ""
     assert st.flags_sha256 and st.flags_reloads == 1 and st.resident_bytes > 0

@@ -143,3 +143,51 @@ def test_the_report_compares_per_user_rates_and_leaves_out_users_seen_in_two_arm
     assert e.diff == pytest.approx(2.5 / 3 - 0.5) and e.seq_low < e.low < e.diff < e.high < e.seq_high
     assert rep.verdicts["treat"] == "not enough data"  # 3 and 4 users: far below the minimum
     assert "1 users saw more than one arm" in format_report(rep) and "verdict: not enough data" in format_report(rep)
+
+
+def test_exposures_are_logged_once_per_user_label_and_day_and_the_report_counts_users_from_them(
+        redis_proc) -> None:  # type: ignore[no-untyped-def]
+    """Issue 21 item 1: every response of a user in an experiment is an exposure, written once
+    per user, label and day (to Redis, read back by the report); users exposed to two arms are
+    left out of the per-user effects and counted."""
+    import asyncio
+
+    from offline.ab_report import outcome_report
+    from online.exposures import DAY_S, ExposureLog
+    from online.redis_store import RedisFeatureStore
+    from online.request import RecRequest, RecResult, StageTimings
+    from towers.labels import Mode, Rung, Source
+
+    now = [10 * DAY_S + 5.0]
+
+    def served(user: str, label: str, rid: str) -> tuple[RecRequest, RecResult]:
+        req = RecRequest(user, 5, (), (), (), Mode.AUTO, rid, False, 0.0)
+        return req, RecResult([], [], "v1", label, Rung.FULL, [], Source.ONLINE, StageTimings(), 1, request_id=rid)
+
+    async def main() -> None:
+        store = RedisFeatureStore(url=redis_proc.url, prefix="tt-exp")
+        log = ExposureLog(store, clock=lambda: now[0])
+        for rid, user, label in [("r1", "u1", "rk=control"), ("r2", "u1", "rk=control"),  # same day: once
+                                 ("r3", "u2", "rk=treat"), ("r4", "u3", "default"),  # not in an experiment
+                                 ("r5", "u4", "rk=control"), ("r6", "u4", "rk=treat")]:  # a ramp: two arms
+            log.offer(*served(user, label, rid))
+        now[0] += DAY_S  # the next day: u1 is exposed again
+        log.offer(*served("u1", "rk=control", "r7"))
+        await log.close()
+        await store.close()
+        assert log.stats.written == 5 and log.stats.failed == 0
+
+    asyncio.run(main())
+    ev = EventLog(redis_url=redis_proc.url, prefix="tt-exp")
+    try:
+        exposures = list(ev.exposures())
+    finally:
+        ev.close()
+    assert [(x.request_id, x.user_id, x.variant) for x in exposures] == [
+        ("r1", "u1", "rk=control"), ("r3", "u2", "rk=treat"), ("r5", "u4", "rk=control"), ("r6", "u4", "rk=treat"),
+        ("r7", "u1", "rk=control")]
+    events = [Event("u1", "a", "click", 1, ""), Event("u1", "b", "click", 2, ""), Event("u2", "a", "click", 3, "")]
+    rep = outcome_report([], events, experiment="rk", control="control", exposures=exposures)
+    assert rep.users_from == "exposures" and rep.mixed_users == 1
+    assert {a.arm: a.users for a in rep.arms} == {"control": 2, "treat": 2}  # u4 counted in both, as exposed
+    assert rep.effects == {"treat": {}}  # one clean user per arm: too few to compare

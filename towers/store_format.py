@@ -126,6 +126,10 @@ class RedisKeys:
     def impressions(self) -> str:
         return f"{self.prefix}:impressions"
 
+    def exposures(self) -> str:
+        """One entry per user, experiment label and day served (``online.exposures``)."""
+        return f"{self.prefix}:exposures"
+
     def dead_letters(self) -> str:
         return f"{self.prefix}:events:dead"
 
