@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,11 +74,13 @@ class Report:
 
 def outcome_report(impressions: Iterable[Impression], events: Iterable[Event], *, experiment: str,
                    control: str, weights: Mapping[str, float] | None = None,
-                   exposures: Iterable[Impression] | None = None) -> Report:
+                   exposures: Iterable[Impression] | None = None,
+                   pre: Mapping[str, Mapping[str, float]] | None = None) -> Report:
     """The join and the statistics; pure (the CLI reads the logs and passes them in).
     ``exposures`` (the exposure log, complete): users per arm, the sample-ratio check and the
     per-user effects come from it (clicks and purchases per exposed user over the window);
-    without it, from the sampled impressions (rates per impression)."""
+    without it, from the sampled impressions (rates per impression). ``pre``: per metric of the
+    exposure path, each user's value over a pre-period (``pre_period_counts``): CUPED."""
     events = list(events)
     shown: dict[str, str] = {}  # request id -> arm
     users: dict[str, set[str]] = {}
@@ -132,7 +135,8 @@ def outcome_report(impressions: Iterable[Impression], events: Iterable[Event], *
         srm = sample_ratio_mismatch(counts={a: len(users.get(a, ())) for a in weights}, weights=weights)
     broken = srm is not None and srm.mismatch
     if exposed is not None:
-        mixed, effects, rejected, verdicts = _per_exposed_user(exposed, events, arms=arms, control=control, srm=broken)
+        mixed, effects, rejected, verdicts = _per_exposed_user(exposed, events, arms=arms, control=control,
+                                                               srm=broken, pre=pre)
     else:
         mixed, effects, rejected, verdicts = _per_user(impressions_seen, clicked, converted, arms=arms,
                                                       control=control, srm=broken)
@@ -169,8 +173,8 @@ def _per_user(seen: list[tuple[str, str, str]], clicked: set[str], converted: se
 
 
 def _per_exposed_user(exposed: list[tuple[str, str, str]], events: list[Event], *, arms: list[str], control: str,
-                      srm: bool) -> tuple[int, dict[str, dict[str, Effect]], dict[str, dict[str, bool]],
-                                      dict[str, str]]:
+                      srm: bool, pre: Mapping[str, Mapping[str, float]] | None = None,
+                      ) -> tuple[int, dict[str, dict[str, Effect]], dict[str, dict[str, bool]], dict[str, str]]:
     """Per exposed user: their clicks and purchases over the window; users exposed to more
     than one arm left out."""
     arms_of: dict[str, set[str]] = {}
@@ -182,21 +186,29 @@ def _per_exposed_user(exposed: list[tuple[str, str, str]], events: list[Event], 
         m = {"click": EXPOSED_METRICS[0], "purchase": EXPOSED_METRICS[1]}.get(e.type)
         if m is not None and e.user_id in arms_of:
             counts[m][e.user_id] = counts[m].get(e.user_id, 0) + 1
-    values = {a: {m: np.array([counts[m].get(u, 0) for u, arm in arms_of.items() if arm == {a}], np.float64)
-                  for m in EXPOSED_METRICS} for a in arms}
-    return (len(mixed), *_compare(values, arms=arms, control=control, metrics=EXPOSED_METRICS, srm=srm))
+    members = {a: [u for u, arm in arms_of.items() if arm == {a}] for a in arms}
+    values = {a: {m: np.array([counts[m].get(u, 0) for u in members[a]], np.float64) for m in EXPOSED_METRICS}
+              for a in arms}
+    pre_values = None if pre is None else {
+        a: {m: np.array([pre.get(m, {}).get(u, 0.0) for u in members[a]], np.float64) for m in EXPOSED_METRICS}
+        for a in arms}
+    return (len(mixed), *_compare(values, arms=arms, control=control, metrics=EXPOSED_METRICS, srm=srm,
+                                  pre=pre_values))
 
 
 def _compare(values: dict[str, dict[str, np.ndarray]], *, arms: list[str], control: str, metrics: tuple[str, ...],
-             srm: bool) -> tuple[dict[str, dict[str, Effect]], dict[str, dict[str, bool]], dict[str, str]]:
+             srm: bool, pre: dict[str, dict[str, np.ndarray]] | None = None,
+             ) -> tuple[dict[str, dict[str, Effect]], dict[str, dict[str, bool]], dict[str, str]]:
     """Each arm's per-user values against the control's: effects, BH across every (arm,
     metric), a verdict per arm (the first metric is the primary)."""
     effects: dict[str, dict[str, Effect]] = {}
     for a in arms:
         if a == control:
             continue
-        effects[a] = {m: effect(values[control][m], values[a][m]) for m in metrics
-                      if len(values[control][m]) >= 2 and len(values[a][m]) >= 2}
+        effects[a] = {m: effect(values[control][m], values[a][m],
+                                control_pre=None if pre is None else pre[control][m],
+                                treatment_pre=None if pre is None else pre[a][m])
+                      for m in metrics if len(values[control][m]) >= 2 and len(values[a][m]) >= 2}
     keys = [(a, m) for a, per in effects.items() for m in per]
     flags, _ = benjamini_hochberg([effects[a][m].p_value for a, m in keys])
     rejected: dict[str, dict[str, bool]] = {a: {} for a in effects}
@@ -205,6 +217,20 @@ def _compare(values: dict[str, dict[str, np.ndarray]], *, arms: list[str], contr
     verdicts = {a: verdict(per, primary=metrics[0], rejected=rejected[a], srm=srm) if metrics[0] in per
                 else "not enough data" for a, per in effects.items()}
     return effects, rejected, verdicts
+
+
+def pre_period_counts(store_root: Path, *, users: set[str], until: int, days: float) -> dict[str, dict[str, float]]:
+    """Each user's clicks and purchases in the interaction store over the ``days`` before
+    ``until`` (unix seconds): CUPED's covariate, per metric of the exposure path."""
+    from offline.interactions import InteractionStore
+
+    rows = InteractionStore(store_root).read(since=until - int(days * 86_400), until=until, users=users)
+    out: dict[str, dict[str, float]] = {m: {} for m in EXPOSED_METRICS}
+    for m, kind in zip(EXPOSED_METRICS, ("click", "purchase"), strict=True):
+        sel = rows.user[rows.type == kind]
+        us, n = np.unique(sel, return_counts=True)
+        out[m] = {str(u): float(c) for u, c in zip(us.tolist(), n.tolist(), strict=True)}
+    return out
 
 
 def format_report(r: Report) -> str:
@@ -234,7 +260,8 @@ def format_report(r: Report) -> str:
     for arm, per in (r.effects or {}).items():
         for m, e in per.items():
             bh = "BH: significant" if (r.bh_rejected or {}).get(arm, {}).get(m) else "BH: not significant"
+            cuped = f"  CUPED: variance -{100 * e.variance_reduction:.0f}%" if e.variance_reduction else ""
             lines.append(f"{arm:14s} {m:26s} {e.diff:+.4f} per user vs control  95% [{e.low:+.4f}, {e.high:+.4f}]  "
-                         f"always-valid [{e.seq_low:+.4f}, {e.seq_high:+.4f}]  p {e.p_value:.3g}  {bh}")
+                         f"always-valid [{e.seq_low:+.4f}, {e.seq_high:+.4f}]  p {e.p_value:.3g}  {bh}{cuped}")
         lines.append(f"{arm:14s} verdict: {(r.verdicts or {}).get(arm, 'not enough data')}")
     return "\n".join(lines)

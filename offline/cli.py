@@ -334,6 +334,10 @@ def register_ab_report(asub: argparse._SubParsersAction) -> None:
     p.add_argument("--flags", type=Path, default=None, help="the flags file: its weights drive the sample-ratio check")
     p.add_argument("--control", default=None, help="the control arm (default: the experiment's first variant)")
     p.add_argument("--since", default="0", help="unix seconds or an ISO date/time: logs from then on")
+    p.add_argument("--store", type=Path, default=None,
+                   help="the interaction store (the refresh's --store): each exposed user's clicks and purchases "
+                        "in the --pre-days before --since feed CUPED")
+    p.add_argument("--pre-days", type=float, default=14.0, help="CUPED's pre-period, in days before --since")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ab_report)
 
@@ -353,7 +357,7 @@ def _since_ms(value: str) -> int:
 
 
 def cmd_ab_report(args: argparse.Namespace) -> int:
-    from offline.ab_report import format_report, outcome_report
+    from offline.ab_report import format_report, outcome_report, pre_period_counts
     from offline.event_log import EventLog
 
     since = _since_ms(args.since)
@@ -374,8 +378,16 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
     try:
         events = [e for e, _ in log.events(since_ms=since) if e is not None]
         exposures = list(log.exposures(since_ms=since))  # bounded by users x days, not by requests
+        pre = None
+        if args.store is not None:
+            if not args.store.is_dir():
+                raise ConfigError("--store", f"not a directory: {args.store}")
+            if since <= 0:
+                raise ConfigError("--since", "CUPED's pre-period ends where the experiment starts: give --since")
+            pre = pre_period_counts(args.store, users={x.user_id for x in exposures}, until=since // 1000,
+                                    days=args.pre_days)
         report = outcome_report(log.impressions(since_ms=since), events, experiment=args.experiment,
-                                exposures=exposures or None, control=control, weights=weights)
+                                exposures=exposures or None, control=control, weights=weights, pre=pre)
     finally:
         log.close()
     print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
