@@ -160,6 +160,26 @@ class InteractionStore:
         """The days (``YYYY-MM-DD``, UTC) that hold at least one interaction, oldest first."""
         return [d.name[len(DAY_PREFIX):] for d in self._day_dirs() if self._files(d)]
 
+    def drop_before(self, cutoff: int) -> dict[str, int]:
+        """Retention: delete every day partition that ends at or before ``cutoff`` (unix seconds;
+        the day holding ``cutoff`` stays whole). Returns the days and rows removed. A day goes as
+        one directory rename then delete, so a reader never sees half a day."""
+        import shutil
+
+        import pyarrow.parquet as pq
+
+        keep_from = str(np.datetime64(cutoff // _SECONDS_PER_DAY, "D"))
+        days = rows = 0
+        for d in self._day_dirs():
+            if d.name[len(DAY_PREFIX):] >= keep_from:
+                continue
+            rows += sum(pq.ParquetFile(f).metadata.num_rows for f in self._files(d))
+            doomed = d.with_name(f".drop-{d.name}")
+            d.rename(doomed)
+            shutil.rmtree(doomed)
+            days += 1
+        return {"days": days, "rows": rows}
+
     def __len__(self) -> int:
         import pyarrow.parquet as pq
 

@@ -561,7 +561,7 @@ def test_twenty_nights_keep_the_registry_the_runs_and_redis_flat(setup: Setup, t
       - {{name: control, weight: 0.5, version: CURRENT}}
       - {{name: old, weight: 0.5, version: {base}}}
 """)
-    cfg = replace(s.cfg, keep_versions=2, flags=flags)
+    cfg = replace(s.cfg, keep_versions=2, flags=flags, store_retention_days=2)
 
     def size(root: Path) -> int:
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
@@ -574,7 +574,9 @@ def test_twenty_nights_keep_the_registry_the_runs_and_redis_flat(setup: Setup, t
         nights.append({"versions": registry_mod.versions(s.registry), "registry": size(s.registry),
                        "runs": [p.name for p in cfg.run_root.iterdir()], "reports": size(cfg.run_root),
                        "ready": len(list(s.r.scan_iter(match=f"{s.prefix}:v:*:ready"))),
-                       "keys": s.r.dbsize(), "stream": s.r.xlen(s.keys.events())})
+                       "keys": s.r.dbsize(), "stream": s.r.xlen(s.keys.events()),
+                       "store_days": InteractionStore(cfg.store_root).days(), "dropped": {st["name"]: st["result"]
+                       for st in report["steps"]}["gc"].get("store_dropped")})
     last = nights[-1]
     assert base in last["versions"] and len(last["versions"]) == 4  # CURRENT, two newest others, the paused arm's
     assert all(len(n["versions"]) <= 4 for n in nights)
@@ -584,6 +586,8 @@ def test_twenty_nights_keep_the_registry_the_runs_and_redis_flat(setup: Setup, t
     # Flat: the last night holds no more than the fourth (users gained from the events aside: 2%).
     assert last["registry"] <= nights[3]["registry"] * 1.02 and last["keys"] <= nights[3]["keys"] * 1.02
     assert last["reports"] < 20 * 64 * 1024  # reports only: a few KB a night
+    # The interaction store keeps two days before each night's newest event (whole days: <= 3).
+    assert all(len(n["store_days"]) <= 3 for n in nights) and nights[0]["dropped"]["rows"] > 0
 
 
 def test_max_events_takes_a_bounded_share_and_leaves_the_rest_for_the_next_run(setup: Setup) -> None:

@@ -58,6 +58,19 @@ def test_append_dedupes_against_the_store_and_within_the_batch(tmp_path: Path) -
     assert (rows.rating == 1.0).all()
 
 
+def test_retention_drops_whole_days_before_the_cutoff_and_keeps_the_rest(tmp_path: Path) -> None:
+    store = InteractionStore(tmp_path / "store")
+    events = [ev(f"u{d}", "i1", T0 + d * DAY + 60) for d in range(5)] + [ev("u9", "i2", T0 + 3 * DAY + 61)]
+    store.append(InteractionRows.from_events(events))
+    days = store.days()
+    # The cutoff falls inside the fourth day: the three days before it go, that day stays whole.
+    assert store.drop_before(T0 + 3 * DAY + 120) == {"days": 3, "rows": 3}
+    assert store.days() == days[3:] and len(store) == 3
+    assert {x[0] for x in store.read().identities()} == {"u3", "u4", "u9"}
+    assert store.drop_before(T0 + 3 * DAY + 120) == {"days": 0, "rows": 0}  # idempotent
+    assert not list(store.root.glob(".drop-*"))  # nothing half-deleted left behind
+
+
 def test_reading_some_users_and_counting_items_match_a_plain_reference(tmp_path: Path) -> None:
     """A refresh reads only the users with new events (``read(users=...)``) and counts items
     one column at a time (``item_counts``): the same as filtering and counting the whole."""

@@ -54,6 +54,8 @@ def register_refresh(sub: argparse._SubParsersAction) -> None:
                    help="an A/B flags file: versions a running or paused experiment pins keep their keys and files")
     p.add_argument("--max-events", type=int, default=5_000_000,
                    help="take at most N log entries this run (pending ones first); the rest wait for the next run")
+    p.add_argument("--store-retention-days", type=int, default=None,
+                   help="interaction store: keep this many days of history before the newest event (default 0: all)")
     p.add_argument("--keep-versions", type=int, default=2,
                    help="registry retention: keep the newest N versions beside CURRENT and pinned ones (rollbacks)")
     p.add_argument("--item-features", type=Path, default=None,
@@ -85,7 +87,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
                         max_events=args.max_events, train_fallback=not args.no_train_fallback,
                         **{k: v for k, v in (("train_blend", args.train_blend),
                                              ("train_min_targets", args.train_min_targets),
-                                             ("train_min_users", args.train_min_users)) if v is not None})
+                                             ("train_min_users", args.train_min_users),
+                                             ("store_retention_days", args.store_retention_days)) if v is not None})
     log = (lambda *_: None) if args.json else print
 
     def once() -> dict[str, Any]:

@@ -45,6 +45,9 @@ class RefreshConfig:
     grace_s: int = 3_600  # keep a retired version's Redis keys this long (servers still swapping)
     flags: Path | None = None  # versions a running or paused experiment pins keep their keys and directories
     keep_versions: int = 2  # registry: the newest this many versions beside CURRENT (and pinned) stay
+    # Interaction store retention: days of history kept before the newest event (0: all). A
+    # train-mode refresh trains on what is kept; embed mode re-embeds from it.
+    store_retention_days: int = 0
     # Entries one run takes from the log (pending first); the rest wait for the next run. Bounds
     # the run's memory: measured ~1 GB + ~0.7 KB per event taken (bench/refresh_backlog.py), so
     # 5M fits the CronJob's 8Gi; at 100 events/s (8.6M a day) schedule it twice a day.
@@ -72,6 +75,8 @@ class RefreshConfig:
             raise ConfigError("--max-events", f"{self.max_events}: must be >= 1")
         if self.keep_versions < 0:
             raise ConfigError("--keep-versions", f"{self.keep_versions}: must be >= 0")
+        if self.store_retention_days < 0:
+            raise ConfigError("--store-retention-days", f"{self.store_retention_days}: must be >= 0 (0: keep all)")
         if not 0 < self.train_blend <= 1:
             raise ConfigError("--train-blend", f"{self.train_blend}: must be in (0, 1]")
         if self.train_min_targets < 0:

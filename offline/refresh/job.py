@@ -437,7 +437,14 @@ class Job:
         return {"acked": n, "entries": entries, "trimmed": trimmed}
 
     def gc(self) -> dict[str, Any]:
-        return {"deleted": collect_garbage(registry=self.cfg.registry, redis_url=self.cfg.redis_url,
-                                           prefix=self.cfg.prefix, grace_s=self.cfg.grace_s, flags=self.cfg.flags),
-                "removed_versions": prune_registry(registry=self.cfg.registry, keep_last=self.cfg.keep_versions,
-                                                   flags=self.cfg.flags)}
+        out: dict[str, Any] = {
+            "deleted": collect_garbage(registry=self.cfg.registry, redis_url=self.cfg.redis_url,
+                                       prefix=self.cfg.prefix, grace_s=self.cfg.grace_s, flags=self.cfg.flags),
+            "removed_versions": prune_registry(registry=self.cfg.registry, keep_last=self.cfg.keep_versions,
+                                               flags=self.cfg.flags)}
+        if self.cfg.store_retention_days:
+            newest = self._new_events().timestamp
+            if len(newest):  # measured from the data's own clock (a replay's is not today's)
+                cutoff = int(newest.max()) - self.cfg.store_retention_days * 86_400
+                out["store_dropped"] = self.store.drop_before(cutoff)
+        return out
