@@ -21,6 +21,7 @@ metric: the difference against the control with its fixed-horizon and always-val
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,6 +55,17 @@ class ArmOutcome:
 
 
 @dataclass(frozen=True)
+class Guardrail:
+    """One arm's serving guardrails from the servers' metrics (since they started)."""
+
+    responses: int
+    degraded: Proportion  # responses below the full rung
+    p99_ms: float | None  # upper edge of the latency bucket holding the 99th percentile
+    degraded_lift: Lift | None = None  # vs control
+    harm: str = ""  # why this arm harms a guardrail ("" if it does not)
+
+
+@dataclass(frozen=True)
 class Report:
     experiment: str
     control: str
@@ -65,6 +77,7 @@ class Report:
     bh_rejected: dict[str, dict[str, bool]] | None = None  # arm -> metric -> BH at q = 0.05
     verdicts: dict[str, str] | None = None  # arm -> verdict line
     users_from: str = "impressions"  # exposures (complete) | impressions (a sample)
+    guardrails: dict[str, Guardrail] | None = None  # arm -> serving guardrails (from --metrics-url)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -75,7 +88,8 @@ class Report:
 def outcome_report(impressions: Iterable[Impression], events: Iterable[Event], *, experiment: str,
                    control: str, weights: Mapping[str, float] | None = None,
                    exposures: Iterable[Impression] | None = None,
-                   pre: Mapping[str, Mapping[str, float]] | None = None) -> Report:
+                   pre: Mapping[str, Mapping[str, float]] | None = None,
+                   guards: Mapping[str, Guardrail] | None = None) -> Report:
     """The join and the statistics; pure (the CLI reads the logs and passes them in).
     ``exposures`` (the exposure log, complete): users per arm, the sample-ratio check and the
     per-user effects come from it (clicks and purchases per exposed user over the window);
@@ -140,8 +154,12 @@ def outcome_report(impressions: Iterable[Impression], events: Iterable[Event], *
     else:
         mixed, effects, rejected, verdicts = _per_user(impressions_seen, clicked, converted, arms=arms,
                                                       control=control, srm=broken)
+    if guards is not None and not broken:  # a broken split: nothing else is read
+        for arm, g in guards.items():
+            if g.harm and arm in verdicts:
+                verdicts[arm] = f"harm on a guardrail ({g.harm})"
     return Report(experiment, control, out, srm, unjoined, mixed, effects, rejected, verdicts,
-                  "exposures" if exposed is not None else "impressions")
+                  "exposures" if exposed is not None else "impressions", dict(guards) if guards is not None else None)
 
 
 METRICS = ("clicks_per_impression", "purchases_per_impression")
@@ -257,6 +275,11 @@ def format_report(r: Report) -> str:
                  + (" (complete)" if r.users_from == "exposures" else " (a sample: no exposure log found)"))
     if r.mixed_users:
         lines.append(f"{r.mixed_users} users saw more than one arm: left out of the per-user effects")
+    for arm, g in (r.guardrails or {}).items():
+        p99 = "n/a" if g.p99_ms is None else f"{g.p99_ms:.1f} ms"
+        lines.append(f"{arm:14s} guardrails: {g.responses} responses, degraded {100 * g.degraded.rate:.2f}% "
+                     f"[{100 * g.degraded.low:.2f}, {100 * g.degraded.high:.2f}], p99 {p99}"
+                     + (f"  HARM: {g.harm}" if g.harm else ""))
     for arm, per in (r.effects or {}).items():
         for m, e in per.items():
             bh = "BH: significant" if (r.bh_rejected or {}).get(arm, {}).get(m) else "BH: not significant"
@@ -265,3 +288,55 @@ def format_report(r: Report) -> str:
                          f"always-valid [{e.seq_low:+.4f}, {e.seq_high:+.4f}]  p {e.p_value:.3g}  {bh}{cuped}")
         lines.append(f"{arm:14s} verdict: {(r.verdicts or {}).get(arm, 'not enough data')}")
     return "\n".join(lines)
+
+
+P99_TOLERANCE = 1.25  # a p99 more than this x the control's is harm (histogram buckets give no interval)
+LATENCY_METRIC = "twotower_request_latency_seconds"
+
+
+def guardrails(metrics_text: str, *, experiment: str, control: str) -> dict[str, Guardrail]:
+    """Per arm: the share of degraded responses (with its lift against the control: harm when
+    the 95% interval lies above 0) and the p99 latency (harm beyond ``P99_TOLERANCE`` x the
+    control's), from the request latency histogram of a ``/metrics`` page (labels rung,
+    variant, version; the variant label names the experiment's arm)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: dict[str, dict[float, float]] = {}
+    total: dict[str, float] = {}
+    degraded: dict[str, float] = {}
+    for fam in text_string_to_metric_families(metrics_text):
+        if fam.name != LATENCY_METRIC:
+            continue
+        for sm in fam.samples:
+            arm = arm_of(sm.labels.get("variant", ""), experiment)
+            if arm is None:
+                continue
+            if sm.name.endswith("_bucket"):
+                le = float(sm.labels["le"])
+                buckets.setdefault(arm, {})[le] = buckets.get(arm, {}).get(le, 0.0) + sm.value
+            elif sm.name.endswith("_count"):
+                total[arm] = total.get(arm, 0.0) + sm.value
+                if sm.labels.get("rung") != "full":
+                    degraded[arm] = degraded.get(arm, 0.0) + sm.value
+    out: dict[str, Guardrail] = {}
+    for arm, n in total.items():
+        cum = sorted(buckets.get(arm, {}).items())
+        p99 = next((le for le, c in cum if c >= 0.99 * n), None) if n else None
+        out[arm] = Guardrail(int(n), proportion(successes=int(degraded.get(arm, 0)), trials=int(n)),
+                             None if p99 is None or math.isinf(p99) else 1000 * p99)
+    ctl = out.get(control)
+    for arm, g in list(out.items()):
+        if arm == control or ctl is None:
+            continue
+        lift = relative_lift(control_successes=ctl.degraded.successes, control_trials=ctl.degraded.trials,
+                             treatment_successes=g.degraded.successes, treatment_trials=g.degraded.trials)
+        why = []
+        if lift is not None and lift.low > 0:
+            why.append(f"degraded responses {100 * g.degraded.rate:.2f}% vs {100 * ctl.degraded.rate:.2f}%")
+        elif lift is None and g.degraded.successes > 0 and ctl.degraded.successes == 0 and \
+                g.degraded.low > ctl.degraded.high:
+            why.append(f"degraded responses {100 * g.degraded.rate:.2f}% vs none")
+        if g.p99_ms is not None and ctl.p99_ms is not None and g.p99_ms > P99_TOLERANCE * ctl.p99_ms:
+            why.append(f"p99 {g.p99_ms:.1f} ms vs {ctl.p99_ms:.1f} ms")
+        out[arm] = replace(g, degraded_lift=lift, harm="; ".join(why))
+    return out

@@ -338,6 +338,9 @@ def register_ab_report(asub: argparse._SubParsersAction) -> None:
                    help="the interaction store (the refresh's --store): each exposed user's clicks and purchases "
                         "in the --pre-days before --since feed CUPED")
     p.add_argument("--pre-days", type=float, default=14.0, help="CUPED's pre-period, in days before --since")
+    p.add_argument("--metrics-url", default=None,
+                   help="a server's /metrics (or a federation of them): degraded share and p99 per arm as guardrails "
+                        "(counted since the servers started)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ab_report)
 
@@ -357,7 +360,7 @@ def _since_ms(value: str) -> int:
 
 
 def cmd_ab_report(args: argparse.Namespace) -> int:
-    from offline.ab_report import format_report, outcome_report, pre_period_counts
+    from offline.ab_report import format_report, guardrails, outcome_report, pre_period_counts
     from offline.event_log import EventLog
 
     since = _since_ms(args.since)
@@ -386,8 +389,19 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
                 raise ConfigError("--since", "CUPED's pre-period ends where the experiment starts: give --since")
             pre = pre_period_counts(args.store, users={x.user_id for x in exposures}, until=since // 1000,
                                     days=args.pre_days)
+        guards = None
+        if args.metrics_url:
+            import urllib.error
+            import urllib.request
+
+            try:
+                with urllib.request.urlopen(args.metrics_url, timeout=10) as resp:
+                    text = resp.read().decode()
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                raise ConfigError("--metrics-url", f"cannot read {args.metrics_url}: {e}") from e
+            guards = guardrails(text, experiment=args.experiment, control=control)
         report = outcome_report(log.impressions(since_ms=since), events, experiment=args.experiment,
-                                exposures=exposures or None, control=control, weights=weights, pre=pre)
+                                exposures=exposures or None, control=control, weights=weights, pre=pre, guards=guards)
     finally:
         log.close()
     print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))

@@ -224,3 +224,39 @@ def test_the_report_uses_each_users_pre_period_from_the_interaction_store_cuped(
     r, c = raw.effects["treat"]["clicks_per_user"], cuped.effects["treat"]["clicks_per_user"]
     assert c.variance_reduction > 0.5 and c.se < 0.75 * r.se  # Poisson noise on both sides: about 0.57
     assert c.low <= 0.8 <= c.high and r.low <= 0.8 <= r.high
+
+
+def test_guardrails_per_arm_from_the_latency_histogram_and_a_harmful_arm_is_named() -> None:
+    """Issue 21 item 2's guardrails: the share of degraded responses and the p99 per arm, from
+    the servers' request latency histogram; an arm that degrades more (interval above 0) or
+    whose p99 is over 1.25x the control's is harm, and the verdict says so."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from offline.ab_report import guardrails
+    from online.metrics import LATENCY_BUCKETS
+
+    reg = CollectorRegistry()
+    h = Histogram("twotower_request_latency_seconds", "latency", ["rung", "variant", "version"],
+                  buckets=LATENCY_BUCKETS, registry=reg)
+    for _ in range(2000):
+        h.labels("full", "rk=control,other=x", "v1").observe(0.004)
+        h.labels("full", "rk=slow", "v2").observe(0.004)
+        h.labels("full", "rk=flaky", "v3").observe(0.004)
+    for _ in range(10):
+        h.labels("no_session", "rk=control,other=x", "v1").observe(0.004)
+        h.labels("no_session", "rk=slow", "v2").observe(0.004)
+    for _ in range(200):
+        h.labels("no_session", "rk=flaky", "v3").observe(0.004)
+    for _ in range(100):
+        h.labels("full", "rk=slow", "v2").observe(0.09)  # 5% of slow's answers near 90 ms
+    h.labels("full", "default", "v1").observe(5.0)  # outside the experiment
+    g = guardrails(generate_latest(reg).decode(), experiment="rk", control="control")
+    assert g["control"].responses == 2010 and g["control"].p99_ms == 5.0 and g["control"].harm == ""
+    assert g["slow"].p99_ms == 100.0 and "p99 100.0 ms vs 5.0 ms" in g["slow"].harm
+    assert g["flaky"].degraded.rate == pytest.approx(200 / 2200) and "degraded responses" in g["flaky"].harm
+    exposures = [Impression(f"r{j}", f"u{j}", f"rk={('control', 'slow', 'flaky')[j % 3]}", "v", ()) for j in range(600)]
+    events = [Event(f"u{j}", "a", "click", 1, "") for j in range(0, 600, 2)]
+    rep = outcome_report([], events, experiment="rk", control="control", exposures=exposures, guards=g)
+    assert rep.verdicts is not None and rep.verdicts["slow"].startswith("harm on a guardrail (p99")
+    assert rep.verdicts["flaky"].startswith("harm on a guardrail (degraded")
+    assert "guardrails: 2010 responses" in format_report(rep)
