@@ -340,3 +340,54 @@ def guardrails(metrics_text: str, *, experiment: str, control: str) -> dict[str,
             why.append(f"p99 {g.p99_ms:.1f} ms vs {ctl.p99_ms:.1f} ms")
         out[arm] = replace(g, degraded_lift=lift, harm="; ".join(why))
     return out
+
+
+def lift_over_time(timed: list[tuple[int, Impression]], events: list[Event], *, experiment: str, control: str,
+                   metric: str = EXPOSED_METRICS[0], day_s: int = 86_400) -> list[dict[str, Any]]:
+    """The report as it would have read at the end of each day since the first exposure: per
+    arm the difference in ``metric`` per exposed user, its fixed-horizon and always-valid 95%
+    intervals (the always-valid one may be read every day; the fixed one may not)."""
+    if not timed:
+        return []
+    kind = {"clicks_per_user": "click", "purchases_per_user": "purchase"}[metric]
+    first = min(t for t, _ in timed)
+    last = max([t for t, _ in timed] + [e.timestamp for e in events if e.type == kind])
+    rows: list[dict[str, Any]] = []
+    for end in range(first + day_s, last + 2 * day_s, day_s):
+        exposed = [(x.request_id, x.user_id, a) for t, x in timed
+                   if t < end and (a := arm_of(x.variant, experiment)) is not None]
+        arms = sorted({a for *_, a in exposed}, key=lambda a: (a != control, a))
+        if control not in arms:
+            continue
+        seen = [e for e in events if e.timestamp < end]
+        _, effects, _, _ = _per_exposed_user(exposed, seen, arms=arms, control=control, srm=False)
+        rows.append({"day": (end - first) // day_s, "arms": {
+            a: {k: getattr(per[metric], k) for k in ("diff", "low", "high", "seq_low", "seq_high", "n_control",
+                                                     "n_treatment")} for a, per in effects.items() if metric in per}})
+        if end > last:
+            break
+    return rows
+
+
+def plot_lift(rows: list[dict[str, Any]], path: Path, *, metric: str = EXPOSED_METRICS[0]) -> None:
+    """The difference per exposed user by day, with the fixed-horizon and always-valid bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for arm in sorted({a for r in rows for a in r["arms"]}):
+        pts = [(r["day"], r["arms"][arm]) for r in rows if arm in r["arms"]]
+        days = [d for d, _ in pts]
+        ax.plot(days, [e["diff"] for _, e in pts], marker="o", label=f"{arm} - control")
+        ax.fill_between(days, [e["low"] for _, e in pts], [e["high"] for _, e in pts], alpha=0.25,
+                        label=f"{arm}: fixed-horizon 95% (read once)")
+        ax.fill_between(days, [e["seq_low"] for _, e in pts], [e["seq_high"] for _, e in pts], alpha=0.1,
+                        label=f"{arm}: always-valid 95% (read daily)")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xlabel="days since the first exposure", ylabel=f"{metric}: difference", title="lift over time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

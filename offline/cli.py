@@ -341,6 +341,8 @@ def register_ab_report(asub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-url", default=None,
                    help="a server's /metrics (or a federation of them): degraded share and p99 per arm as guardrails "
                         "(counted since the servers started)")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="write a PNG of the primary metric's difference by day with its intervals (exposure log)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ab_report)
 
@@ -380,7 +382,8 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
     log = EventLog(redis_url=args.redis_url, prefix=args.prefix)
     try:
         events = [e for e, _ in log.events(since_ms=since) if e is not None]
-        exposures = list(log.exposures(since_ms=since))  # bounded by users x days, not by requests
+        timed = list(log.timed_exposures(since_ms=since))  # bounded by users x days, not by requests
+        exposures = [x for _, x in timed]
         pre = None
         if args.store is not None:
             if not args.store.is_dir():
@@ -405,4 +408,9 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
     finally:
         log.close()
     print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
+    if args.plot is not None:
+        from offline.ab_report import lift_over_time, plot_lift
+
+        plot_lift(lift_over_time(timed, events, experiment=args.experiment, control=control), args.plot)
+        print(f"written: {args.plot}", file=sys.stderr)
     return 0

@@ -286,7 +286,12 @@ class EventLog:
     def exposures(self, *, since_ms: int = 0, chunk: int = 10_000) -> Iterator[Impression]:
         """Every exposure logged at or after ``since_ms`` (``online.exposures``: one per user,
         experiment label and day; the items are empty)."""
-        yield from (decode_impression(f) for _, f in self._range(self.keys.exposures(), since_ms, chunk))
+        yield from (x for _, x in self.timed_exposures(since_ms=since_ms, chunk=chunk))
+
+    def timed_exposures(self, *, since_ms: int = 0, chunk: int = 10_000) -> Iterator[tuple[int, Impression]]:
+        """(unix seconds logged, exposure): the entry id's clock."""
+        for entry_id, f in self._range(self.keys.exposures(), since_ms, chunk):
+            yield int(entry_id.split("-", 1)[0]) // 1000, decode_impression(f)
 
     def events(self, *, since_ms: int = 0, chunk: int = 10_000) -> Iterator[tuple[Event | None, str]]:
         """Every event logged at or after ``since_ms`` without a consumer group (reports):
