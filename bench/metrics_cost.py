@@ -98,9 +98,9 @@ def micro(batch_sizes: list[int], n_requests: int) -> dict[str, Any]:
 
 
 def e2e(rounds: int, duration: float, concurrency: int) -> dict[str, Any]:
+    from bench.catalogs import sample_ids
     from bench.loadgen import LoadSpec, run_load
     from bench.procs import cpu_seconds, free_port, server
-    from bench.run import sample_ids
     from offline.synth import make_synthetic_bundle
     from towers import registry as registry_mod
 
