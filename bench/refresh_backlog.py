@@ -8,6 +8,11 @@ process, whose peak RSS (``ru_maxrss`` of the child) and per-step times come fro
 report. With the per-run cap, a run's memory is bounded by M and the store's history of the
 users it touches, not by N: the rest of the backlog waits for the next run. Writes JSON and a
 PNG (peak RSS and step times per backlog).
+
+``--make-shop-bundle DIR --users N --items M`` first builds the scale bundle the sizes then
+run on: the synthetic shop log of ``bench/train_scale.py`` (every feature kind) with N users
+(3 interactions each, 3N in all) over M items, a history tower trained for ``--train-steps``
+steps (a scale run, not a quality one), an IVF index and top-100 per user; kept and reused.
 """
 
 from __future__ import annotations
@@ -45,6 +50,32 @@ def _send(url: str, prefix: str, users: list[str], items: list[str], n: int, see
     return time.perf_counter() - t0
 
 
+def make_shop_bundle(out: Path, *, users: int, items: int, train_steps: int, log: Any = print) -> Path:
+    """The trained scale bundle in ``out / "bundle"`` (built once; see the module docstring)."""
+    from bench.train_scale import BATCH, MODEL, generate
+    from offline.batch_score import batch_score_bundle
+    from offline.datasets import load_dataset
+    from offline.train import TrainConfig, train
+    from towers.model import ModelConfig
+
+    bundle = out / "bundle"
+    if (bundle / "manifest.json").is_file():
+        return bundle
+    t0 = time.perf_counter()
+    info = generate(out / "data", n_rows=3 * users, n_items=items, seed=7, per_user=3)
+    log(f"shop log: {info['interactions']:,} interactions, {info['users']:,} users, {items:,} items "
+        f"({time.perf_counter() - t0:.0f} s)")
+    spec = (out / "data" / "spec.yaml").resolve()
+    ds = load_dataset(str(spec), cache_dir=spec.parent)
+    train(dataset=ds, dataset_spec=str(spec), out=bundle, model_cfg=ModelConfig(**MODEL),  # type: ignore[arg-type]
+          train_cfg=TrainConfig(epochs=1, patience=1, batch_size=BATCH, validate=False, fused_adam=True,
+                                max_steps=train_steps), index_type="ivf")
+    log(f"trained + embedded + indexed ({time.perf_counter() - t0:.0f} s)")
+    batch_score_bundle(bundle, k=100)  # exclude_seen is off in the shop spec: nothing to exclude
+    log(f"batch-scored ({time.perf_counter() - t0:.0f} s)")
+    return bundle
+
+
 def one(bundle: Path, n: int, max_events: int, work: Path, data_dir: Path) -> dict[str, Any]:
     from bench.procs import RedisProcess
     from offline.publish import publish
@@ -69,7 +100,8 @@ def one(bundle: Path, n: int, max_events: int, work: Path, data_dir: Path) -> di
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         steps = {s["name"]: s for s in report["steps"]}
-        return {"backlog": n, "max_events": max_events, "send_s": round(send_s, 1), "refresh_wall_s": round(wall, 1),
+        return {"backlog": n, "max_events": max_events, "users": len(b.features.user_vocab), "items": len(b.item_ids),
+                "send_s": round(send_s, 1), "refresh_wall_s": round(wall, 1),
                 # ru_maxrss of children is the largest child so far: each size runs in its own
                 # bench process (see main), so it is this refresh's peak.
                 "peak_rss_mb": round(max(peak_kb, before) / 1024, 1),
@@ -107,13 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     from towers.cliargs import default_data_dir
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", type=Path, required=True, help="a trained bundle (history tower)")
+    p.add_argument("--bundle", type=Path, default=None, help="a trained bundle (history tower)")
+    p.add_argument("--make-shop-bundle", type=Path, default=None, metavar="DIR",
+                   help="build (or reuse) the synthetic scale bundle in DIR and run on it")
+    p.add_argument("--users", type=int, default=1_000_000, help="with --make-shop-bundle")
+    p.add_argument("--items", type=int, default=1_000_000, help="with --make-shop-bundle")
+    p.add_argument("--train-steps", type=int, default=100, help="with --make-shop-bundle")
     p.add_argument("--backlogs", default="100000,1000000")
     p.add_argument("--max-events", type=int, default=100_000)
     p.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
     p.add_argument("--out", type=Path, default=Path("bench/results/refresh_backlog.json"))
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one size, print JSON
     a = p.parse_args(argv)
+    if a.make_shop_bundle is not None:
+        a.bundle = make_shop_bundle(a.make_shop_bundle, users=a.users, items=a.items, train_steps=a.train_steps)
+    if a.bundle is None:
+        p.error("--bundle or --make-shop-bundle is required")
     if a.one is not None:
         with tempfile.TemporaryDirectory() as d:
             print(json.dumps(one(a.bundle, a.one, a.max_events, Path(d), a.data_dir)))
@@ -123,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         # One process per size: the children's ru_maxrss is a high-water mark across children.
         proc = subprocess.run([sys.executable, "-m", "bench.refresh_backlog", "--bundle", str(a.bundle), "--one",
                                str(n), "--max-events", str(a.max_events), "--data-dir", str(a.data_dir)],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"backlog {n:,} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)

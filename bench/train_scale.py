@@ -123,13 +123,13 @@ def write_items(out: Path, n_items: int, rng: np.random.Generator) -> dict[str, 
 
 
 def write_log(out: Path, n_rows: int, items: dict[str, np.ndarray], rng: np.random.Generator, *,
-              shard_users: int = 50_000) -> dict[str, int]:
+              shard_users: int = 50_000, per_user: int = PER_USER) -> dict[str, int]:
     """The users table and the interactions as Parquet shards (a shard per ``shard_users``
     users), generated chunk by chunk so the generator holds one chunk at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    n_users = max(1, n_rows // PER_USER)
+    n_users = max(1, n_rows // per_user)
     cat, pop = items["cat"], items["pop"]
     n_items = len(cat)
     order = np.argsort(cat, kind="stable")
@@ -181,8 +181,9 @@ def write_log(out: Path, n_rows: int, items: dict[str, np.ndarray], rng: np.rand
     return {"users": n_users, "repeat_rows": repeats}
 
 
-def generate(out: Path, *, n_rows: int, n_items: int, seed: int = 0) -> dict[str, Any]:
-    """Write the dataset for ``n_rows`` interactions into ``out`` (kept: a later run reuses it)."""
+def generate(out: Path, *, n_rows: int, n_items: int, seed: int = 0, per_user: int = PER_USER) -> dict[str, Any]:
+    """Write the dataset for ``n_rows`` interactions into ``out`` (kept: a later run reuses it);
+    ``n_rows // per_user`` users (each at least 3 interactions)."""
     done = out / "generated.json"
     if done.is_file():
         info: dict[str, Any] = json.loads(done.read_text())
@@ -191,7 +192,7 @@ def generate(out: Path, *, n_rows: int, n_items: int, seed: int = 0) -> dict[str
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     items = write_items(out, n_items, rng)
-    info = {"interactions": n_rows, "items": n_items, **write_log(out, n_rows, items, rng)}
+    info = {"interactions": n_rows, "items": n_items, **write_log(out, n_rows, items, rng, per_user=per_user)}
     (out / "spec.yaml").write_text(SPEC.format(name=f"shop-scale-{n_rows}"))
     info["generate_s"] = round(time.perf_counter() - t0, 1)
     info["bytes_on_disk"] = sum(p.stat().st_size for p in out.rglob("*.parquet"))

@@ -13,7 +13,6 @@ from offline.refresh.cli import register_refresh
 from towers.cliargs import add_redis_url, default_data_dir, existing_dir, positive_int
 from towers.errors import ConfigError
 from towers.index import INDEX_TYPES
-from towers.store_format import DEFAULT_PREFIX
 
 DATASET_HELP = ("ml-100k | a dataset spec (SPEC.yaml) | a directory of RecBole atomic files (NAME.inter, .item, "
                 ".user) | a GroupLens directory | synthetic:UxI[:SEED]")
@@ -321,96 +320,4 @@ def cmd_distill(args: argparse.Namespace) -> int:
                      baseline=args.baseline, report_dir=args.report_dir,
                      train_cfg=TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads), log=log)
     print(json.dumps(report) if args.json else format_report(report))
-    return 0
-
-
-def register_ab_report(asub: argparse._SubParsersAction) -> None:
-    """``twotower ab report`` (added to the ``ab`` group by the CLI front)."""
-    p = asub.add_parser("report", help="outcomes per variant: impressions joined with events (CTR, conversion, "
-                                       "lift, sample ratio)")
-    add_redis_url(p, required=True, help="the Redis the servers log to")
-    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="the serve config's redis.prefix")
-    p.add_argument("--experiment", required=True, help="the experiment's name in the flags file")
-    p.add_argument("--flags", type=Path, default=None, help="the flags file: its weights drive the sample-ratio check")
-    p.add_argument("--control", default=None, help="the control arm (default: the experiment's first variant)")
-    p.add_argument("--since", default="0", help="unix seconds or an ISO date/time: logs from then on")
-    p.add_argument("--store", type=Path, default=None,
-                   help="the interaction store (the refresh's --store): each exposed user's clicks and purchases "
-                        "in the --pre-days before --since feed CUPED")
-    p.add_argument("--pre-days", type=float, default=14.0, help="CUPED's pre-period, in days before --since")
-    p.add_argument("--metrics-url", default=None,
-                   help="a server's /metrics (or a federation of them): degraded share and p99 per arm as guardrails "
-                        "(counted since the servers started)")
-    p.add_argument("--plot", type=Path, default=None,
-                   help="write a PNG of the primary metric's difference by day with its intervals (exposure log)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_ab_report)
-
-
-def _since_ms(value: str) -> int:
-    import datetime as dt
-
-    if value.replace(".", "", 1).isdigit():
-        return int(float(value) * 1000)
-    try:
-        t = dt.datetime.fromisoformat(value)
-    except ValueError as e:
-        raise ConfigError("--since", f"{value!r} is neither unix seconds nor an ISO date/time") from e
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.timezone.utc)
-    return int(t.timestamp() * 1000)
-
-
-def cmd_ab_report(args: argparse.Namespace) -> int:
-    from offline.ab_report import format_report, guardrails, outcome_report, pre_period_counts
-    from offline.event_log import EventLog
-
-    since = _since_ms(args.since)
-    weights: dict[str, float] | None = None
-    control = args.control
-    if args.flags is not None:
-        from towers.flags import load_flags
-
-        exp = next((e for e in load_flags(args.flags).experiments if e.name == args.experiment), None)
-        if exp is None:
-            raise ConfigError("--experiment", f"no experiment {args.experiment!r} in {args.flags}")
-        arms = [v for v in exp.variants if not v.shadow]
-        weights = {v.name: float(v.weight or 0.0) for v in arms}
-        control = control or arms[0].name
-    if control is None:
-        raise ConfigError("--control", "name the control arm (or pass --flags)")
-    log = EventLog(redis_url=args.redis_url, prefix=args.prefix)
-    try:
-        events = [e for e, _ in log.events(since_ms=since) if e is not None]
-        timed = list(log.timed_exposures(since_ms=since))  # bounded by users x days, not by requests
-        exposures = [x for _, x in timed]
-        pre = None
-        if args.store is not None:
-            if not args.store.is_dir():
-                raise ConfigError("--store", f"not a directory: {args.store}")
-            if since <= 0:
-                raise ConfigError("--since", "CUPED's pre-period ends where the experiment starts: give --since")
-            pre = pre_period_counts(args.store, users={x.user_id for x in exposures}, until=since // 1000,
-                                    days=args.pre_days)
-        guards = None
-        if args.metrics_url:
-            import urllib.error
-            import urllib.request
-
-            try:
-                with urllib.request.urlopen(args.metrics_url, timeout=10) as resp:
-                    text = resp.read().decode()
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                raise ConfigError("--metrics-url", f"cannot read {args.metrics_url}: {e}") from e
-            guards = guardrails(text, experiment=args.experiment, control=control)
-        report = outcome_report(log.impressions(since_ms=since), events, experiment=args.experiment,
-                                exposures=exposures or None, control=control, weights=weights, pre=pre, guards=guards)
-    finally:
-        log.close()
-    print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
-    if args.plot is not None:
-        from offline.ab_report import lift_over_time, plot_lift
-
-        plot_lift(lift_over_time(timed, events, experiment=args.experiment, control=control), args.plot)
-        print(f"written: {args.plot}", file=sys.stderr)
     return 0

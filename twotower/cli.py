@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from bench import fuzz as bench_fuzz
 from bench import replay as bench_replay
 from bench import run as bench_run
+from offline import ab_cli as offline_ab_cli
 from offline import cli as offline_cli
 from online import ab_cli
 from online import admin as online_admin
@@ -26,7 +27,7 @@ from twotower import demo
 
 
 def _register_ab(sub: argparse._SubParsersAction) -> None:
-    offline_cli.register_ab_report(ab_cli.register(sub))  # online's ab group, offline's report
+    offline_ab_cli.register(ab_cli.register(sub))  # online's ab group, offline's report and export
 
 
 REGISTRARS = (offline_cli.register, online_cli.register, online_admin.register, _register_ab, bench_run.register,
