@@ -10,7 +10,9 @@ hits every mode alike):
   (assignment memo, grouping, labels) with one group per batch;
 - ``two``: a 50/50 experiment, control CURRENT vs a pinned version: the router's cost
   plus two half-size groups per batch (what serving two versions costs by nature);
-- ``two-cold``: ``two`` with the assignment memo off (every request hashes).
+- ``two-cold``: ``two`` with the assignment memo off (every request hashes);
+- ``interleave``: ``two`` as an interleave experiment: every request is answered by both
+  versions and the lists merged (team draft), so about twice ``none``'s work per call.
 
 Prints and writes JSON: QPS per mode (median of rounds) and each mode's ratio to ``none``.
 """
@@ -80,6 +82,8 @@ async def _main(root: Path, *, items: int, users: int, rounds: int, seconds: flo
     registry_mod.install(root / "b1", reg)
     (root / "two.yaml").write_text(FLAGS.format(treatment=ids[1]))
     (root / "same.yaml").write_text(FLAGS.format(treatment="CURRENT"))
+    (root / "il.yaml").write_text(FLAGS.format(treatment=ids[1]).replace("allocation: 1.0",
+                                                                         "allocation: 1.0\n    kind: interleave"))
 
     cfg = replace(load_config(), warmup=False)
     service = RecommendService(cfg, InMemoryFeatureStore())
@@ -88,7 +92,7 @@ async def _main(root: Path, *, items: int, users: int, rounds: int, seconds: flo
     service.lifecycle.install(model)
     routers = {}
     for mode, flags, cache in (("same", "same.yaml", 100_000), ("two", "two.yaml", 100_000),
-                               ("two-cold", "two.yaml", 0)):
+                               ("two-cold", "two.yaml", 0), ("interleave", "il.yaml", 100_000)):
         r = Router(service, registry=reg, flags_file=root / flags, poll_s=0, cache_size=cache)
         assert await r.reload(force=True), r.state.error
         routers[mode] = r

@@ -57,11 +57,13 @@ def _since_ms(value: str) -> int:
 
 
 def cmd_ab_report(args: argparse.Namespace) -> int:
+    from offline.ab_interleave import format_interleave, interleave_report, order_variants
     from offline.ab_report import format_report, guardrails, outcome_report, pre_period_counts
     from offline.event_log import EventLog
 
     since = _since_ms(args.since)
     weights: dict[str, float] | None = None
+    order: tuple[str, str] | None = None
     control = args.control
     if args.flags is not None:
         from towers.flags import load_flags
@@ -69,6 +71,7 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
         exp = next((e for e in load_flags(args.flags).experiments if e.name == args.experiment), None)
         if exp is None:
             raise ConfigError("--experiment", f"no experiment {args.experiment!r} in {args.flags}")
+        order = (exp.arms[0].name, exp.arms[1].name) if exp.kind == "interleave" else None
         arms = [v for v in exp.variants if not v.shadow]
         weights = {v.name: float(v.weight or 0.0) for v in arms}
         control = control or arms[0].name
@@ -98,11 +101,18 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
             except (urllib.error.URLError, OSError, ValueError) as e:
                 raise ConfigError("--metrics-url", f"cannot read {args.metrics_url}: {e}") from e
             guards = guardrails(text, experiment=args.experiment, control=control)
-        report = outcome_report(log.impressions(since_ms=since), events, experiment=args.experiment,
+        impressions = list(log.impressions(since_ms=since))
+        report = outcome_report(impressions, events, experiment=args.experiment,
                                 exposures=exposures or None, control=control, weights=weights, pre=pre, guards=guards)
+        il = interleave_report(impressions, events, experiment=args.experiment)
+        if il is not None and order is not None:
+            il = order_variants(il, order)
     finally:
         log.close()
-    print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
+    if args.json:
+        print(json.dumps({**report.to_dict(), "interleave": il.to_dict() if il is not None else None}, indent=1))
+    else:
+        print(format_report(report) + (f"\n{format_interleave(il)}" if il is not None else ""))
     if args.plot is not None:
         from offline.ab_report import lift_over_time, plot_lift
 

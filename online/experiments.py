@@ -44,17 +44,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from online.lifecycle import LoadedModel
 from online.polling import Poller
 from online.request import RecRequest, RecResult, budget_deadline
-from online.routing import Arm, RoutingTable, Shadow, UserRoute
+from online.routing import Arm, InterleaveRoute, RoutingTable, Shadow, UserRoute
 from online.service import RecommendService
 from towers import bundle as bundle_mod
 from towers.assign import shadow_sampled
 from towers.errors import ConfigError, TwoTowerError
 from towers.flags import CURRENT, Flags, parse_flags_text
 from towers.index import override_problem
+from towers.interleave import team_draft
 
 log = logging.getLogger("twotower.experiments")
 MB = 1 << 20
@@ -136,6 +138,26 @@ class TimeBudget:
 
     def spend(self, seconds: float) -> None:
         self._tokens -= seconds
+
+
+def interleaved(req: RecRequest, first: RecResult, second: RecResult | BaseException,
+                route: InterleaveRoute) -> RecResult:
+    """``first`` with its items replaced by the team-draft interleaving of both lists (scores
+    and titles follow their items), each item credited to its variant in ``teams``. If the
+    second list failed, the first alone, uncredited (no impression credits a team), and why."""
+    if not isinstance(second, RecResult):
+        first.reasons = [*first.reasons, f"interleave: the second list failed ({type(second).__name__})"]
+        return first
+    lists = (first, second)
+    merged = team_draft(first.item_ids, second.item_ids, k=req.k,
+                        key=req.request_id or f"{req.user_id}@{req.received!r}")
+    first.item_ids = merged.items
+    first.scores = [lists[t].scores[p] for t, p in zip(merged.teams, merged.positions, strict=True)]
+    if first.titles:
+        first.titles = [lists[t].titles[p] if p < len(lists[t].titles) else ""
+                        for t, p in zip(merged.teams, merged.positions, strict=True)]
+    first.teams = [route.names[t] for t in merged.teams]
+    return first
 
 
 class Router:
@@ -294,25 +316,36 @@ class Router:
                 groups[arm.key] = [i]
             else:
                 g.append(i)
+        # Interleaved users' second lists: their own groups, run beside the primaries.
+        seconds: dict[str, list[int]] = {}
+        for i, route in enumerate(routes):
+            if route.interleave is not None:
+                seconds.setdefault(route.interleave.other.key, []).append(i)
         results: list[RecResult | BaseException]
-        if len(groups) == 1:
+        second: dict[int, RecResult | BaseException] = {}
+        if len(groups) == 1 and not seconds:
             arm = routes[0].arm
             model = table.model_for(arm, current)
             results = list(await self.service.run_batch(model, reqs, queue_s, settings=table.settings(model, arm)))
         else:
-            order = list(groups.values())
+            jobs = [(routes[idx[0]].arm, idx) for idx in groups.values()]
+            jobs += [(routes[idx[0]].interleave.other, idx) for idx in seconds.values()]  # type: ignore[union-attr]
 
-            async def run(idx: list[int]) -> list[RecResult | BaseException]:
-                arm = routes[idx[0]].arm
+            async def run(arm: Arm, idx: list[int]) -> list[RecResult | BaseException]:
                 model = table.model_for(arm, current)
                 return await self.service.run_batch(model, [reqs[i] for i in idx], [queue_s[i] for i in idx],
                                                     settings=table.settings(model, arm))
 
-            parts = await asyncio.gather(*(run(idx) for idx in order), return_exceptions=True)
+            parts = await asyncio.gather(*(run(arm, idx) for arm, idx in jobs), return_exceptions=True)
             results = [RuntimeError("unanswered")] * len(reqs)
-            for idx, part in zip(order, parts, strict=True):
-                for j, i in enumerate(idx):
-                    results[i] = part if isinstance(part, BaseException) else part[j]
+            for j, ((_, idx), part) in enumerate(zip(jobs, parts, strict=True)):
+                into: Any = results if j < len(groups) else second
+                for m, i in enumerate(idx):
+                    into[i] = part if isinstance(part, BaseException) else part[m]
+        for i, other in second.items():
+            res = results[i]
+            if type(res) is RecResult:
+                results[i] = interleaved(reqs[i], res, other, routes[i].interleave)  # type: ignore[arg-type]
         for res, route in zip(results, routes, strict=True):
             if type(res) is RecResult:
                 res.variant = route.label

@@ -43,7 +43,10 @@ class ImpressionLog:
         self._task: asyncio.Task[None] | None = None
 
     def _keep(self, req: RecRequest, res: RecResult) -> bool:
-        """Whether this response is logged: a sample at ``rate``."""
+        """Whether this response is logged: a sample at ``rate``; every interleaved one (its
+        credits are the interleaving's only record: its volume is the experiment's traffic)."""
+        if res.teams:
+            return True
         return not (self.rate <= 0.0 or (self.rate < 1.0 and self._rng.random() >= self.rate))
 
     def offer(self, req: RecRequest, res: RecResult) -> None:
@@ -53,7 +56,8 @@ class ImpressionLog:
         if len(self._buffer) >= self._max:
             self.stats.dropped += 1
             return
-        self._buffer.append(Impression(res.request_id, req.user_id, res.variant, res.version, tuple(res.item_ids)))
+        self._buffer.append(Impression(res.request_id, req.user_id, res.variant, res.version, tuple(res.item_ids),
+                                       tuple(res.teams)))
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._flush())
 

@@ -71,6 +71,7 @@ class RecResult:
     batch_size: int
     titles: list[str] = field(default_factory=list)
     request_id: str = ""
+    teams: list[str] = field(default_factory=list)  # interleaving: the variant behind each item
 
 
 def _ids(values: Any, name: str, cfg: ServeConfig, limit: int, *, dedupe: bool) -> tuple[str, ...]:

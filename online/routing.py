@@ -40,6 +40,16 @@ class Shadow:
 
 
 @dataclass(frozen=True, kw_only=True)
+class InterleaveRoute:
+    """An interleave experiment's second list: ``other`` serves it (the user's arm with the
+    experiment's first variant's settings swapped for the second's); ``names`` credit the teams."""
+
+    experiment: str
+    names: tuple[str, str]
+    other: Arm
+
+
+@dataclass(frozen=True, kw_only=True)
 class UserRoute:
     """What one user gets under one table: the label for the response and metrics, the
     arm that serves them, and the shadow variants that may score their requests."""
@@ -47,6 +57,7 @@ class UserRoute:
     label: str
     arm: Arm
     shadows: tuple[Shadow, ...] = ()
+    interleave: InterleaveRoute | None = None
 
 
 def _arm_key(version: str, overrides: Overrides) -> str:
@@ -92,13 +103,26 @@ class RoutingTable:
         ikey = (a.label, arm.key, shadows)
         r = self._interned.get(ikey)
         if r is None:
+            il = next((x for x in a.experiments if x.interleave is not None), None)  # one at most (flags.sets)
             r = self._interned[ikey] = UserRoute(label=a.label, arm=arm,
-                                                 shadows=tuple(self.shadows[s] for s in shadows))
+                                                 shadows=tuple(self.shadows[s] for s in shadows),
+                                                 interleave=self._interleave(il.experiment, a.version, a.overrides)
+                                                 if il is not None else None)
         if len(self._routes) >= self._cache_size:
             self._routes.clear()
         if self._cache_size:
             self._routes[user_id] = r
         return r
+
+    def _interleave(self, name: str, version: str, overrides: Overrides) -> InterleaveRoute:
+        e = self.flags.experiment(name)
+        first, second = e.arms
+        # The user's settings with the first variant's replaced by the second's (other
+        # experiments' overrides stay: exclusivity keeps them off these keys).
+        cleared = overrides.model_copy(update=dict.fromkeys(first.overrides.set_keys()))
+        other_version = second.version if "version" in e.sets else version
+        return InterleaveRoute(experiment=name, names=(first.name, second.name),
+                               other=self.arm(other_version, cleared.merged(second.overrides)))
 
     def model_for(self, arm: Arm, current: LoadedModel) -> LoadedModel:
         return current if arm.version == CURRENT else self.models[arm.version]

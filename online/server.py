@@ -84,6 +84,7 @@ def to_proto(r: RecResult) -> pb.RecommendResponse:
         item_ids=r.item_ids, scores=r.scores, model_version=r.version, variant=r.variant,
         rung=int(r.rung),  # type: ignore[arg-type]  # Rung's values are the proto's
         reasons=r.reasons, source=r.source.label, batch_size=r.batch_size, titles=r.titles, request_id=r.request_id,
+        contributed_by=r.teams,
         timings=pb.StageTimings(queue_us=t.queue, fetch_us=t.fetch, combine_us=t.combine,
                                 search_us=t.search, filter_us=t.filter, total_us=t.total),
     )

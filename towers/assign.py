@@ -32,6 +32,9 @@ from towers.flags import CURRENT, N_BUCKETS, Experiment, Flags, Overrides
 
 Reason = Literal["forced", "allocated", "outside-allocation", "not-running", "excluded"]
 DEFAULT = "default"  # the label of a user in no variant: CURRENT, no overrides
+# The variant label of a user allocated to an interleave experiment: served both arms merged
+# (the first arm's version and overrides run the primary search; ``interleave`` names both).
+INTERLEAVED = "interleaved"
 _NO_OVERRIDES = Overrides()
 
 
@@ -79,12 +82,14 @@ class ExperimentAssignment:
     overrides: Overrides = field(default_factory=Overrides)
     shadows: tuple[str, ...] = ()  # shadow variants that may score this user's requests
     excluded_by: str | None = None
+    interleave: tuple[str, str] | None = None  # kind interleave, allocated: the two variants merged
 
     def to_json(self) -> dict[str, Any]:
         return {"experiment": self.experiment, "variant": self.variant, "reason": self.reason,
                 "allocation_bucket": self.allocation_bucket, "variant_bucket": self.variant_bucket,
                 "version": self.version, "overrides": self.overrides.model_dump(exclude_none=True),
-                "shadows": list(self.shadows), "excluded_by": self.excluded_by}
+                "shadows": list(self.shadows), "excluded_by": self.excluded_by,
+                "interleave": list(self.interleave) if self.interleave else None}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,9 +127,14 @@ def assign(flags: Flags, user_id: str) -> Assignment:
     taken: dict[str, str] = {}  # parameter -> the experiment that sets it for this user
 
     def place(e: Experiment, variant: str | None, reason: Reason, excluded_by: str | None = None) -> None:
+        # Interleaving: an allocated user gets both arms (a forced one, for QA, the arm forced).
+        both = e.kind == "interleave" and reason == "allocated"
+        if both:
+            variant = e.control.name
         v = e.variant(variant) if variant is not None else None
         answers[e.name] = ExperimentAssignment(
-            experiment=e.name, variant=variant, reason=reason, excluded_by=excluded_by,
+            experiment=e.name, variant=INTERLEAVED if both else variant, reason=reason, excluded_by=excluded_by,
+            interleave=(e.arms[0].name, e.arms[1].name) if both else None,
             allocation_bucket=allocation_bucket(e, user_id), variant_bucket=variant_bucket(e, user_id),
             version=v.version if v is not None else CURRENT,
             overrides=v.overrides if v is not None else _NO_OVERRIDES,

@@ -58,6 +58,7 @@ WEIGHT_TOLERANCE = 1e-6
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # names end up in metric labels
 RUNGS = ("full", "no_session", "batch", "popularity")
 Status = Literal["running", "paused", "stopped"]
+INTERLEAVE = "interleave"  # the pseudo-parameter interleave experiments share (mutual exclusion)
 Rung = Literal["full", "no_session", "batch", "popularity"]
 
 
@@ -153,6 +154,10 @@ class Experiment(_Model):
     name: str = Field(pattern=NAME_PATTERN)
     salt: str = Field(min_length=1, max_length=256)
     status: Status
+    # "ab": each user is served one arm. "interleave": each allocated user's requests are
+    # answered with a team-draft interleaving of the two arms' lists (``towers.interleave``);
+    # the weights must still sum to 1 but decide nothing (everyone allocated gets both).
+    kind: Literal["ab", "interleave"] = "ab"
     allocation: float = Field(ge=0, le=1)
     variants: list[Variant] = Field(min_length=1)
     force: dict[str, str] = Field(default_factory=dict)  # user id -> variant name, for QA
@@ -180,6 +185,11 @@ class Experiment(_Model):
                 raise _invalid(f"variants[{pair[0].name}].weight",
                                f"{names} exceed their ramp slot ({size / N_BUCKETS:g} of the buckets; "
                                f"{len(counts)} treatments share {n_slots} slots, see ramp_layout)")
+        if self.kind == "interleave":
+            if len(self.arms) != 2:
+                raise _invalid("variants", f"interleaving merges exactly two variants, not {len(self.arms)}")
+            if self.shadows:
+                raise _invalid(f"variants[{self.shadows[0].name}].shadow", "an interleave experiment has no shadows")
         for user, target in self.force.items():
             if target not in seen:
                 raise _invalid(f"force[{user}]", f"{target!r} is not a variant of {self.name}")
@@ -233,6 +243,8 @@ class Experiment(_Model):
             if v.version != CURRENT:
                 keys.add("version")
             keys |= v.overrides.set_keys()
+        if self.kind == "interleave":
+            keys.add(INTERLEAVE)  # a user is in one interleaving at most (a response merges two lists)
         return frozenset(keys)
 
 

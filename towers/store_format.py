@@ -255,6 +255,7 @@ class Impression:
     variant: str
     version: str
     item_ids: tuple[str, ...]
+    teams: tuple[str, ...] = ()  # interleaving: the variant that contributed each item (parallel)
 
 
 def event_fields(e: Event) -> dict[str, str]:
@@ -282,14 +283,19 @@ def decode_event_fields(fields: dict[Any, Any]) -> Event:
 
 
 def impression_fields(imp: Impression) -> dict[str, str]:
-    return {"rid": imp.request_id, "user": imp.user_id, "variant": imp.variant, "version": imp.version,
-            "items": "\t".join(imp.item_ids)}
+    f = {"rid": imp.request_id, "user": imp.user_id, "variant": imp.variant, "version": imp.version,
+         "items": "\t".join(imp.item_ids)}
+    if imp.teams:
+        f["teams"] = "\t".join(imp.teams)
+    return f
 
 
 def decode_impression(fields: dict[Any, Any]) -> Impression:
     items = _text(fields, "items")
+    teams = fields.get(b"teams", fields.get("teams", b""))
+    teams = teams.decode() if isinstance(teams, bytes) else str(teams)
     return Impression(_text(fields, "rid"), _text(fields, "user"), _text(fields, "variant"), _text(fields, "version"),
-                      tuple(items.split("\t")) if items else ())
+                      tuple(items.split("\t")) if items else (), tuple(teams.split("\t")) if teams else ())
 
 
 def encode_event(e: Event) -> bytes:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtwotower/v1/recommender.proto\x12\x0btwotower.v1\"9\n\x07Session\x12\x17\n\x0frecent_item_ids\x18\x01 \x03(\t\x12\x15\n\rcart_item_ids\x18\x02 \x03(\t\"\x8d\x01\n\x07\x43ontext\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\x12\x30\n\x06values\x18\x03 \x03(\x0b\x32 .twotower.v1.Context.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xee\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x01k\x18\x02 \x01(\rH\x00\x88\x01\x01\x12%\n\x07session\x18\x03 \x01(\x0b\x32\x14.twotower.v1.Session\x12%\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x14.twotower.v1.Context\x12\x18\n\x10\x65xclude_item_ids\x18\x05 \x03(\t\x12\x1f\n\x04mode\x18\x06 \x01(\x0e\x32\x11.twotower.v1.Mode\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x16\n\x0einclude_titles\x18\x08 \x01(\x08\x42\x04\n\x02_k\"~\n\x0cStageTimings\x12\x10\n\x08queue_us\x18\x01 \x01(\r\x12\x10\n\x08\x66\x65tch_us\x18\x02 \x01(\r\x12\x12\n\ncombine_us\x18\x03 \x01(\r\x12\x11\n\tsearch_us\x18\x04 \x01(\r\x12\x11\n\tfilter_us\x18\x05 \x01(\r\x12\x10\n\x08total_us\x18\x06 \x01(\r\"\x83\x02\n\x11RecommendResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x1f\n\x04rung\x18\x05 \x01(\x0e\x32\x11.twotower.v1.Rung\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12*\n\x07timings\x18\x07 \x01(\x0b\x32\x19.twotower.v1.StageTimings\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0e\n\x06titles\x18\t \x03(\t\x12\x0e\n\x06source\x18\n \x01(\t\x12\x12\n\nbatch_size\x18\x0b \x01(\r\"v\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12$\n\x04type\x18\x03 \x01(\x0e\x32\x16.twotower.v1.EventType\x12\x11\n\ttimestamp\x18\x04 \x01(\x03\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"9\n\x13RecordEventsRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.twotower.v1.Event\"(\n\x14RecordEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\x0f\n\rStatusRequest\"\x0f\n\rReloadRequest\"\xb0\x03\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nlast_error\x18\x03 \x01(\t\x12\x11\n\tcandidate\x18\x04 \x01(\t\x12\x10\n\x08registry\x18\x05 \x01(\t\x12\r\n\x05swaps\x18\x06 \x01(\r\x12\x10\n\x08rejected\x18\x07 \x01(\r\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x0b\n\x03pid\x18\t \x01(\x05\x12\x12\n\nflags_file\x18\n \x01(\t\x12\x14\n\x0c\x66lags_sha256\x18\x0b \x01(\t\x12\x13\n\x0b\x66lags_error\x18\x0c \x01(\t\x12\x15\n\rflags_reloads\x18\r \x01(\r\x12\x16\n\x0e\x66lags_rejected\x18\x0e \x01(\r\x12\x19\n\x11resident_versions\x18\x0f \x03(\t\x12\x16\n\x0eresident_bytes\x18\x10 \x01(\x04\x12*\n\x07shadows\x18\x11 \x03(\x0b\x32\x19.twotower.v1.ShadowStatus\x12\x31\n\nsupervisor\x18\x12 \x01(\x0b\x32\x1d.twotower.v1.SupervisorStatus\"{\n\x10SupervisorStatus\x12\x0f\n\x07workers\x18\x01 \x01(\r\x12\x10\n\x08restarts\x18\x02 \x01(\r\x12\x15\n\rfailed_starts\x18\x03 \x01(\r\x12\x12\n\ncrash_loop\x18\x04 \x01(\x08\x12\x19\n\x11restart_backoff_s\x18\x05 \x01(\x01\"\xcd\x01\n\x0cShadowStatus\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07sampled\x18\x04 \x01(\x04\x12\x0e\n\x06scored\x18\x05 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x06 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x07 \x01(\x04\x12\x14\n\x0cmean_overlap\x18\x08 \x01(\x01\x12\x17\n\x0fmean_latency_ms\x18\t \x01(\x01\x12\x16\n\x0emax_latency_ms\x18\n \x01(\x01*6\n\x04Mode\x12\r\n\tMODE_AUTO\x10\x00\x12\x0f\n\x0bMODE_ONLINE\x10\x01\x12\x0e\n\nMODE_BATCH\x10\x02*e\n\x04Rung\x12\x14\n\x10RUNG_UNSPECIFIED\x10\x00\x12\r\n\tRUNG_FULL\x10\x01\x12\x13\n\x0fRUNG_NO_SESSION\x10\x02\x12\x0e\n\nRUNG_BATCH\x10\x03\x12\x13\n\x0fRUNG_POPULARITY\x10\x04*\x80\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45VENT_TYPE_VIEW\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x13\n\x0f\x45VENT_TYPE_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x32\xae\x01\n\x0bRecommender\x12J\n\tRecommend\x12\x1d.twotower.v1.RecommendRequest\x1a\x1e.twotower.v1.RecommendResponse\x12S\n\x0cRecordEvents\x12 .twotower.v1.RecordEventsRequest\x1a!.twotower.v1.RecordEventsResponse2\x8d\x01\n\x05\x41\x64min\x12\x41\n\x06Status\x12\x1a.twotower.v1.StatusRequest\x1a\x1b.twotower.v1.StatusResponse\x12\x41\n\x06Reload\x12\x1a.twotower.v1.ReloadRequest\x1a\x1b.twotower.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtwotower/v1/recommender.proto\x12\x0btwotower.v1\"9\n\x07Session\x12\x17\n\x0frecent_item_ids\x18\x01 \x03(\t\x12\x15\n\rcart_item_ids\x18\x02 \x03(\t\"\x8d\x01\n\x07\x43ontext\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\x12\x30\n\x06values\x18\x03 \x03(\x0b\x32 .twotower.v1.Context.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xee\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x01k\x18\x02 \x01(\rH\x00\x88\x01\x01\x12%\n\x07session\x18\x03 \x01(\x0b\x32\x14.twotower.v1.Session\x12%\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x14.twotower.v1.Context\x12\x18\n\x10\x65xclude_item_ids\x18\x05 \x03(\t\x12\x1f\n\x04mode\x18\x06 \x01(\x0e\x32\x11.twotower.v1.Mode\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x16\n\x0einclude_titles\x18\x08 \x01(\x08\x42\x04\n\x02_k\"~\n\x0cStageTimings\x12\x10\n\x08queue_us\x18\x01 \x01(\r\x12\x10\n\x08\x66\x65tch_us\x18\x02 \x01(\r\x12\x12\n\ncombine_us\x18\x03 \x01(\r\x12\x11\n\tsearch_us\x18\x04 \x01(\r\x12\x11\n\tfilter_us\x18\x05 \x01(\r\x12\x10\n\x08total_us\x18\x06 \x01(\r\"\x9b\x02\n\x11RecommendResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x1f\n\x04rung\x18\x05 \x01(\x0e\x32\x11.twotower.v1.Rung\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12*\n\x07timings\x18\x07 \x01(\x0b\x32\x19.twotower.v1.StageTimings\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0e\n\x06titles\x18\t \x03(\t\x12\x0e\n\x06source\x18\n \x01(\t\x12\x12\n\nbatch_size\x18\x0b \x01(\r\x12\x16\n\x0e\x63ontributed_by\x18\x0c \x03(\t\"v\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12$\n\x04type\x18\x03 \x01(\x0e\x32\x16.twotower.v1.EventType\x12\x11\n\ttimestamp\x18\x04 \x01(\x03\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"9\n\x13RecordEventsRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.twotower.v1.Event\"(\n\x14RecordEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\x0f\n\rStatusRequest\"\x0f\n\rReloadRequest\"\xb0\x03\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nlast_error\x18\x03 \x01(\t\x12\x11\n\tcandidate\x18\x04 \x01(\t\x12\x10\n\x08registry\x18\x05 \x01(\t\x12\r\n\x05swaps\x18\x06 \x01(\r\x12\x10\n\x08rejected\x18\x07 \x01(\r\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x0b\n\x03pid\x18\t \x01(\x05\x12\x12\n\nflags_file\x18\n \x01(\t\x12\x14\n\x0c\x66lags_sha256\x18\x0b \x01(\t\x12\x13\n\x0b\x66lags_error\x18\x0c \x01(\t\x12\x15\n\rflags_reloads\x18\r \x01(\r\x12\x16\n\x0e\x66lags_rejected\x18\x0e \x01(\r\x12\x19\n\x11resident_versions\x18\x0f \x03(\t\x12\x16\n\x0eresident_bytes\x18\x10 \x01(\x04\x12*\n\x07shadows\x18\x11 \x03(\x0b\x32\x19.twotower.v1.ShadowStatus\x12\x31\n\nsupervisor\x18\x12 \x01(\x0b\x32\x1d.twotower.v1.SupervisorStatus\"{\n\x10SupervisorStatus\x12\x0f\n\x07workers\x18\x01 \x01(\r\x12\x10\n\x08restarts\x18\x02 \x01(\r\x12\x15\n\rfailed_starts\x18\x03 \x01(\r\x12\x12\n\ncrash_loop\x18\x04 \x01(\x08\x12\x19\n\x11restart_backoff_s\x18\x05 \x01(\x01\"\xcd\x01\n\x0cShadowStatus\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07sampled\x18\x04 \x01(\x04\x12\x0e\n\x06scored\x18\x05 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x06 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x07 \x01(\x04\x12\x14\n\x0cmean_overlap\x18\x08 \x01(\x01\x12\x17\n\x0fmean_latency_ms\x18\t \x01(\x01\x12\x16\n\x0emax_latency_ms\x18\n \x01(\x01*6\n\x04Mode\x12\r\n\tMODE_AUTO\x10\x00\x12\x0f\n\x0bMODE_ONLINE\x10\x01\x12\x0e\n\nMODE_BATCH\x10\x02*e\n\x04Rung\x12\x14\n\x10RUNG_UNSPECIFIED\x10\x00\x12\r\n\tRUNG_FULL\x10\x01\x12\x13\n\x0fRUNG_NO_SESSION\x10\x02\x12\x0e\n\nRUNG_BATCH\x10\x03\x12\x13\n\x0fRUNG_POPULARITY\x10\x04*\x80\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45VENT_TYPE_VIEW\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x13\n\x0f\x45VENT_TYPE_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x32\xae\x01\n\x0bRecommender\x12J\n\tRecommend\x12\x1d.twotower.v1.RecommendRequest\x1a\x1e.twotower.v1.RecommendResponse\x12S\n\x0cRecordEvents\x12 .twotower.v1.RecordEventsRequest\x1a!.twotower.v1.RecordEventsResponse2\x8d\x01\n\x05\x41\x64min\x12\x41\n\x06Status\x12\x1a.twotower.v1.StatusRequest\x1a\x1b.twotower.v1.StatusResponse\x12\x41\n\x06Reload\x12\x1a.twotower.v1.ReloadRequest\x1a\x1b.twotower.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONTEXT_VALUESENTRY']._loaded_options = None
   _globals['_CONTEXT_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_MODE']._serialized_start=1903
-  _globals['_MODE']._serialized_end=1957
-  _globals['_RUNG']._serialized_start=1959
-  _globals['_RUNG']._serialized_end=2060
-  _globals['_EVENTTYPE']._serialized_start=2063
-  _globals['_EVENTTYPE']._serialized_end=2191
+  _globals['_MODE']._serialized_start=1927
+  _globals['_MODE']._serialized_end=1981
+  _globals['_RUNG']._serialized_start=1983
+  _globals['_RUNG']._serialized_end=2084
+  _globals['_EVENTTYPE']._serialized_start=2087
+  _globals['_EVENTTYPE']._serialized_end=2215
   _globals['_SESSION']._serialized_start=46
   _globals['_SESSION']._serialized_end=103
   _globals['_CONTEXT']._serialized_start=106
@@ -50,25 +50,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGETIMINGS']._serialized_start=490
   _globals['_STAGETIMINGS']._serialized_end=616
   _globals['_RECOMMENDRESPONSE']._serialized_start=619
-  _globals['_RECOMMENDRESPONSE']._serialized_end=878
-  _globals['_EVENT']._serialized_start=880
-  _globals['_EVENT']._serialized_end=998
-  _globals['_RECORDEVENTSREQUEST']._serialized_start=1000
-  _globals['_RECORDEVENTSREQUEST']._serialized_end=1057
-  _globals['_RECORDEVENTSRESPONSE']._serialized_start=1059
-  _globals['_RECORDEVENTSRESPONSE']._serialized_end=1099
-  _globals['_STATUSREQUEST']._serialized_start=1101
-  _globals['_STATUSREQUEST']._serialized_end=1116
-  _globals['_RELOADREQUEST']._serialized_start=1118
-  _globals['_RELOADREQUEST']._serialized_end=1133
-  _globals['_STATUSRESPONSE']._serialized_start=1136
-  _globals['_STATUSRESPONSE']._serialized_end=1568
-  _globals['_SUPERVISORSTATUS']._serialized_start=1570
-  _globals['_SUPERVISORSTATUS']._serialized_end=1693
-  _globals['_SHADOWSTATUS']._serialized_start=1696
-  _globals['_SHADOWSTATUS']._serialized_end=1901
-  _globals['_RECOMMENDER']._serialized_start=2194
-  _globals['_RECOMMENDER']._serialized_end=2368
-  _globals['_ADMIN']._serialized_start=2371
-  _globals['_ADMIN']._serialized_end=2512
+  _globals['_RECOMMENDRESPONSE']._serialized_end=902
+  _globals['_EVENT']._serialized_start=904
+  _globals['_EVENT']._serialized_end=1022
+  _globals['_RECORDEVENTSREQUEST']._serialized_start=1024
+  _globals['_RECORDEVENTSREQUEST']._serialized_end=1081
+  _globals['_RECORDEVENTSRESPONSE']._serialized_start=1083
+  _globals['_RECORDEVENTSRESPONSE']._serialized_end=1123
+  _globals['_STATUSREQUEST']._serialized_start=1125
+  _globals['_STATUSREQUEST']._serialized_end=1140
+  _globals['_RELOADREQUEST']._serialized_start=1142
+  _globals['_RELOADREQUEST']._serialized_end=1157
+  _globals['_STATUSRESPONSE']._serialized_start=1160
+  _globals['_STATUSRESPONSE']._serialized_end=1592
+  _globals['_SUPERVISORSTATUS']._serialized_start=1594
+  _globals['_SUPERVISORSTATUS']._serialized_end=1717
+  _globals['_SHADOWSTATUS']._serialized_start=1720
+  _globals['_SHADOWSTATUS']._serialized_end=1925
+  _globals['_RECOMMENDER']._serialized_start=2218
+  _globals['_RECOMMENDER']._serialized_end=2392
+  _globals['_ADMIN']._serialized_start=2395
+  _globals['_ADMIN']._serialized_end=2536
 # @@protoc_insertion_point(module_scope)

@@ -104,7 +104,7 @@ class StageTimings(_message.Message):
     def __init__(self, queue_us: _Optional[int] = ..., fetch_us: _Optional[int] = ..., combine_us: _Optional[int] = ..., search_us: _Optional[int] = ..., filter_us: _Optional[int] = ..., total_us: _Optional[int] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("item_ids", "scores", "model_version", "variant", "rung", "reasons", "timings", "request_id", "titles", "source", "batch_size")
+    __slots__ = ("item_ids", "scores", "model_version", "variant", "rung", "reasons", "timings", "request_id", "titles", "source", "batch_size", "contributed_by")
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class RecommendResponse(_message.Message):
     TITLES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTED_BY_FIELD_NUMBER: _ClassVar[int]
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     scores: _containers.RepeatedScalarFieldContainer[float]
     model_version: str
@@ -127,7 +128,8 @@ class RecommendResponse(_message.Message):
     titles: _containers.RepeatedScalarFieldContainer[str]
     source: str
     batch_size: int
-    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., variant: _Optional[str] = ..., rung: _Optional[_Union[Rung, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., request_id: _Optional[str] = ..., titles: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    contributed_by: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., variant: _Optional[str] = ..., rung: _Optional[_Union[Rung, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., request_id: _Optional[str] = ..., titles: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., batch_size: _Optional[int] = ..., contributed_by: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("user_id", "item_id", "type", "timestamp", "request_id")
