@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_ab_serving import Expected, Version, registry, serve, versions, write_flags  # noqa: F401
 
@@ -139,3 +140,18 @@ def test_sign_test_matches_the_hand_computed_binomial() -> None:
     assert sign_test(1, 10) == pytest.approx(2 * (1 + 10) / 1024)
     assert sign_test(5, 10) == 1.0 and sign_test(0, 0) == 1.0
     assert sign_test(4000, 10_000) < 1e-80
+
+
+def test_power_curves_rise_with_users_and_count_only_the_true_direction() -> None:
+    from bench.interleave_power import GRID, power_curves, users_needed
+
+    rng = np.random.default_rng(0)
+    a = rng.poisson(0.30, 2000).astype(float)
+    b = rng.poisson(0.36, 2000).astype(float)
+    pref = rng.choice([1, -1, 0], size=2000, p=[0.2, 0.1, 0.7])
+    curves = power_curves(a, b, pref, draws=40, seed=0)
+    for method in ("ab", "interleave"):
+        assert curves[method][-1] > 0.9 and curves[method][0] < 0.5
+    assert users_needed(curves["interleave"]) in GRID
+    wrong = power_curves(b, a, -pref, draws=40, seed=0)  # b is worse now: never "significant"
+    assert max(wrong["ab"]) < 0.1 and max(wrong["interleave"]) < 0.1
