@@ -34,6 +34,7 @@ import numpy as np
 
 K = 10
 GRID = [2 ** j for j in range(4, 17)]  # 16 .. 65,536 users
+MERGES = 64  # team-draft coins simulated per user
 
 
 def served_lists(bundle: Path, users: list[str], seen: dict[str, set[str]]) -> list[list[str]]:
@@ -71,11 +72,14 @@ def _welch_p(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def power_curves(clicks_a: np.ndarray, clicks_b: np.ndarray, pref: np.ndarray, *, draws: int,
                  seed: int) -> dict[str, list[float]]:
     """``clicks_x``: per user, clicks on model x's list; ``pref``: per user, +1 prefers b, -1 a,
-    0 none (under interleaving). Power of each method at each grid size, b the truly better."""
+    0 none (under interleaving), one column per merge (the coin differs per request: a draw
+    takes a random column for each user drawn). Power of each method at each grid size, b the
+    truly better."""
     from offline.ab_interleave import sign_test
 
     rng = np.random.default_rng(seed)
-    n_pop = len(pref)
+    pref = pref.reshape(len(pref), -1)
+    n_pop, n_merges = pref.shape
     ab, il = [], []
     for n in GRID:
         hits_ab = hits_il = 0
@@ -83,7 +87,7 @@ def power_curves(clicks_a: np.ndarray, clicks_b: np.ndarray, pref: np.ndarray, *
             half = max(n // 2, 2)
             d, p = _welch_p(clicks_a[rng.integers(0, n_pop, half)], clicks_b[rng.integers(0, n_pop, half)])
             hits_ab += p < 0.05 and d > 0
-            s = pref[rng.integers(0, n_pop, n)]
+            s = pref[rng.integers(0, n_pop, n), rng.integers(0, n_merges, n)]
             wins, m = int((s > 0).sum()), int((s != 0).sum())
             hits_il += m > 0 and sign_test(wins, m) < 0.05 and wins * 2 > m
         ab.append(hits_ab / draws)
@@ -123,23 +127,25 @@ def run(*, frozen_until: str, fresh_until: str, days: int, draws: int, data_dir:
         f"frozen {clicks['frozen'].mean():.3f}, fresh {clicks['fresh'].mean():.3f}")
     orders: dict[str, Any] = {}
     for first, second in (("frozen", "fresh"), ("fresh", "frozen")):
-        pref = []
+        fresh_team = 1 if second == "fresh" else 0
+        pref_a = np.zeros((len(users), MERGES), dtype=np.int64)
         for j, u in enumerate(users):
-            m = team_draft(lists[first][j], lists[second][j], k=K, key=f"{u}|{first}")
-            credit = [0, 0]
-            for it, t in zip(m.items, m.teams, strict=True):
-                credit[t] += it in future[u]
-            # +1: the user prefers the fresh model, wherever it sat in the draft.
-            fresh_team = 1 if second == "fresh" else 0
-            pref.append(0 if credit[0] == credit[1] else (1 if credit.index(max(credit)) == fresh_team else -1))
-        pref_a = np.array(pref)
+            for r in range(MERGES):  # the same user's requests are merged with other coins
+                m = team_draft(lists[first][j], lists[second][j], k=K, key=f"{u}|{first}|{r}")
+                credit = [0, 0]
+                for it, t in zip(m.items, m.teams, strict=True):
+                    credit[t] += it in future[u]
+                # +1: the user prefers the fresh model, wherever it sat in the draft.
+                pref_a[j, r] = 0 if credit[0] == credit[1] else (1 if credit[fresh_team] > credit[1 - fresh_team]
+                                                                 else -1)
         curves = power_curves(clicks["frozen"], clicks["fresh"], pref_a, draws=draws,
                               seed=len(orders))
         need = {k: users_needed(v) for k, v in curves.items()}
         ratio = need["ab"] / need["interleave"] if need["ab"] and need["interleave"] else None
         orders[f"{first}-first"] = {"power": curves, "users_needed_80": need, "ab_over_interleave": ratio,
-                                    "prefer_fresh": int((pref_a > 0).sum()), "prefer_frozen": int((pref_a < 0).sum()),
-                                    "no_preference": int((pref_a == 0).sum())}
+                                    "prefer_fresh_share": round(float((pref_a > 0).mean()), 4),
+                                    "prefer_frozen_share": round(float((pref_a < 0).mean()), 4),
+                                    "no_preference_share": round(float((pref_a == 0).mean()), 4)}
         log(f"{first} first: users for 80% power: A/B {need['ab']}, interleaving {need['interleave']}")
     return {"frozen_until": frozen_until, "fresh_until": fresh_until, "days": days, "k": K, "draws": draws,
             "active_users": len(users), "clicks_per_user": {m: round(float(c.mean()), 4) for m, c in clicks.items()},
