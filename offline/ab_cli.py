@@ -73,7 +73,8 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
             raise ConfigError("--experiment", f"no experiment {args.experiment!r} in {args.flags}")
         order = (exp.arms[0].name, exp.arms[1].name) if exp.kind == "interleave" else None
         arms = [v for v in exp.variants if not v.shadow]
-        weights = {v.name: float(v.weight or 0.0) for v in arms}
+        # An interleave experiment serves everyone both arms: its weights split nobody.
+        weights = {v.name: float(v.weight or 0.0) for v in arms} if exp.kind == "ab" else None
         control = control or arms[0].name
     if control is None:
         raise ConfigError("--control", "name the control arm (or pass --flags)")

@@ -31,6 +31,7 @@ import numpy as np
 
 from offline.ab_effects import Effect, benjamini_hochberg, effect, verdict
 from offline.ab_stats import Lift, Proportion, SampleRatio, proportion, relative_lift, sample_ratio_mismatch
+from towers.assign import INTERLEAVED
 from towers.store_format import Event, Impression
 
 
@@ -102,7 +103,7 @@ def outcome_report(impressions: Iterable[Impression], events: Iterable[Event], *
     impressions_seen: list[tuple[str, str, str]] = []  # (request id, user, arm)
     for imp in impressions:
         arm = arm_of(imp.variant, experiment)
-        if arm is None:
+        if arm is None or arm == INTERLEAVED:  # interleaved responses: offline.ab_interleave's
             continue
         impressions_seen.append((imp.request_id, imp.user_id, arm))
         users.setdefault(arm, set()).add(imp.user_id)
@@ -124,8 +125,9 @@ def outcome_report(impressions: Iterable[Impression], events: Iterable[Event], *
     exposed: list[tuple[str, str, str]] | None = None
     if exposures is not None:
         exposed = [(x.request_id, x.user_id, xa) for x in exposures
-                   if (xa := arm_of(x.variant, experiment)) is not None]
-    arms = sorted(set(counts) | set(weights or ()) | {x[2] for x in exposed or ()},
+                   if (xa := arm_of(x.variant, experiment)) is not None and xa != INTERLEAVED]
+    # The control is an arm even before anyone is in it (its effects then need data).
+    arms = sorted(set(counts) | set(weights or ()) | {x[2] for x in exposed or ()} | {control},
                   key=lambda a: (a != control, a))
     clicks = {a: sum(1 for r in clicked if shown[r] == a) for a in arms}
     convs = {a: sum(1 for r in converted if shown[r] == a) for a in arms}
@@ -145,7 +147,7 @@ def outcome_report(impressions: Iterable[Impression], events: Iterable[Event], *
             users.setdefault(exposed_arm, set()).add(exposed_user)
         out = [replace(o, users=len(users.get(o.arm, ()))) for o in out]
     srm = None
-    if weights:
+    if weights and any(users.get(a) for a in weights):  # no users in any arm: nothing to test
         srm = sample_ratio_mismatch(counts={a: len(users.get(a, ())) for a in weights}, weights=weights)
     broken = srm is not None and srm.mismatch
     if exposed is not None:

@@ -51,6 +51,7 @@ from online.polling import Poller
 from online.request import RecRequest, RecResult, budget_deadline
 from online.routing import Arm, InterleaveRoute, RoutingTable, Shadow, UserRoute
 from online.service import RecommendService
+from online.shared_fetch import SharedFetch
 from towers import bundle as bundle_mod
 from towers.assign import shadow_sampled
 from towers.errors import ConfigError, TwoTowerError
@@ -331,10 +332,13 @@ class Router:
             jobs = [(routes[idx[0]].arm, idx) for idx in groups.values()]
             jobs += [(routes[idx[0]].interleave.other, idx) for idx in seconds.values()]  # type: ignore[union-attr]
 
+            # Interleaving's two lists of one version read one feature fetch (online.shared_fetch).
+            share = SharedFetch() if seconds else None
+
             async def run(arm: Arm, idx: list[int]) -> list[RecResult | BaseException]:
                 model = table.model_for(arm, current)
                 return await self.service.run_batch(model, [reqs[i] for i in idx], [queue_s[i] for i in idx],
-                                                    settings=table.settings(model, arm))
+                                                    settings=table.settings(model, arm), share=share)
 
             parts = await asyncio.gather(*(run(arm, idx) for arm, idx in jobs), return_exceptions=True)
             results = [RuntimeError("unanswered")] * len(reqs)

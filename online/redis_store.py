@@ -90,13 +90,13 @@ end
 return trimmed
 """
 # KEYS[1]: the impression stream. ARGV[1]: its entry cap, ARGV[2]: its byte cap (0: none); then
-# 5 fields per impression (rid, user, variant, version, items). A sample for the outcome join:
-# what the caps trim is old, and not counted.
+# 6 fields per impression (rid, user, variant, version, items, teams: "" unless interleaved). A
+# sample for the outcome join: what the caps trim is old, and not counted.
 IMPRESSIONS_LUA = """
 local maxlen, maxbytes = tonumber(ARGV[1]), tonumber(ARGV[2])
-for a = 3, #ARGV, 5 do
+for a = 3, #ARGV, 6 do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'rid', ARGV[a], 'user', ARGV[a + 1],
-             'variant', ARGV[a + 2], 'version', ARGV[a + 3], 'items', ARGV[a + 4])
+             'variant', ARGV[a + 2], 'version', ARGV[a + 3], 'items', ARGV[a + 4], 'teams', ARGV[a + 5])
 end
 """ + _BYTE_CAP_LUA + """
 return trimmed
@@ -230,7 +230,7 @@ class RedisFeatureStore:
         args: list[bytes | str | int] = [self._stream_maxlen, self._impressions_max_bytes]
         for imp in impressions:
             f = impression_fields(imp)
-            args += [f["rid"], f["user"], f["variant"], f["version"], f["items"]]
+            args += [f["rid"], f["user"], f["variant"], f["version"], f["items"], f.get("teams", "")]
 
         async def go() -> list[object]:
             return [await self._impressions_script(keys=[key], args=args)]

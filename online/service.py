@@ -31,6 +31,7 @@ from online.lifecycle import Lifecycle, LoadedModel
 from online.metrics import ServingMetrics
 from online.request import RecRequest, RecResult, StageTimings
 from online.settings import DEFAULT_SETTINGS, BatchSettings
+from online.shared_fetch import SharedFetch
 from towers.context import request_term
 from towers.errors import FeatureStoreError, NotReady, Overloaded, Unsupported
 from towers.labels import Mode, Rung, Source
@@ -145,14 +146,17 @@ class RecommendService:
         return results
 
     async def run_batch(self, model: LoadedModel, reqs: Sequence[RecRequest], queue_s: Sequence[float], *,
-                        settings: BatchSettings = DEFAULT_SETTINGS) -> list[RecResult | BaseException]:
+                        settings: BatchSettings = DEFAULT_SETTINGS,
+                        share: SharedFetch | None = None) -> list[RecResult | BaseException]:
         """Answer a batch with ``model`` (installed or not: warmup runs candidates through here),
-        with an experiment's ``settings`` (search parameters, session length, allowed rungs)."""
+        with an experiment's ``settings`` (search parameters, session length, allowed rungs);
+        ``share``: the feature fetch shared with the batch's other groups (interleaving)."""
         with self.lifecycle.running(model):
-            return await self._stages(model, reqs, queue_s, settings)
+            return await self._stages(model, reqs, queue_s, settings, share)
 
     async def _stages(self, model: LoadedModel, reqs: Sequence[RecRequest], queue_s: Sequence[float],
-                      settings: BatchSettings = DEFAULT_SETTINGS) -> list[RecResult | BaseException]:
+                      settings: BatchSettings = DEFAULT_SETTINGS,
+                      share: SharedFetch | None = None) -> list[RecResult | BaseException]:
         t0 = time.monotonic()
         budget = self.cfg.budget
         n = len(reqs)
@@ -171,10 +175,11 @@ class RecommendService:
             latest = max(reqs[i].deadline for i in online.tolist())
             left = latest - time.monotonic() - (budget.inference_ms + budget.post_ms) / 1000.0
             timeout = min(budget.fetch_ms / 1000.0, max(left, 0.0))
+            fetch = partial(self.store.fetch, model.version, dim=model.bundle.dim,
+                            n_recent=model.bundle.combiner.max_session, timeout=timeout)
+            users = [reqs[i].user_id for i in online.tolist()]
             try:
-                feats = await self.store.fetch(model.version, [reqs[i].user_id for i in online.tolist()],
-                                               dim=model.bundle.dim, n_recent=model.bundle.combiner.max_session,
-                                               timeout=timeout)
+                feats = await (share.fetch(model.version, users, fetch) if share is not None else fetch(users))
             except FeatureStoreError as e:
                 self.metrics.store_failed("fetch", e)
                 ladder.feature_store_failed(online, str(e))

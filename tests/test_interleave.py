@@ -4,6 +4,8 @@ with both variants' lists merged and credited (real gRPC), and the report's pref
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +157,104 @@ def test_power_curves_rise_with_users_and_count_only_the_true_direction() -> Non
     assert users_needed(curves["interleave"]) in GRID
     wrong = power_curves(b, a, -pref, draws=40, seed=0)  # b is worse now: never "significant"
     assert max(wrong["ab"]) < 0.1 and max(wrong["interleave"]) < 0.1
+
+
+def test_shared_fetch_asks_the_store_once_per_version_and_shares_failures() -> None:
+    import asyncio
+
+    from online.feature_store import UserFeatures
+    from online.shared_fetch import SharedFetch
+    from towers.errors import FeatureStoreError
+
+    calls: list[list[str]] = []
+
+    async def fetch(users: Sequence[str]) -> list[UserFeatures]:
+        calls.append(list(users))
+        await asyncio.sleep(0)
+        return [UserFeatures(None, []) for _ in users]
+
+    async def failing(users: Sequence[str]) -> list[UserFeatures]:
+        raise FeatureStoreError("down")
+
+    async def scenario() -> None:
+        share = SharedFetch()
+        a, b = await asyncio.gather(share.fetch("v1", ["u1", "u2"], fetch), share.fetch("v1", ["u2"], fetch))
+        assert len(a) == 2 and len(b) == 1 and calls == [["u1", "u2"]]
+        await share.fetch("v1", ["u2", "u3"], fetch)  # only the user not fetched yet
+        await share.fetch("v2", ["u1"], fetch)  # another version: its own embeddings
+        assert calls[1:] == [["u3"], ["u1"]] and share.fetches == 3
+        broken = SharedFetch()
+        results = await asyncio.gather(broken.fetch("v1", ["u1"], failing), broken.fetch("v1", ["u1"], fetch),
+                                       return_exceptions=True)
+        assert all(isinstance(r, FeatureStoreError) for r in results) and calls[3:] == []
+
+    asyncio.run(scenario())
+
+
+def test_interleaving_two_overrides_of_one_version_fetches_features_once(tmp_path: Path, registry: Path,  # noqa: F811
+                                                                         versions: list[Version]) -> None:  # noqa: F811
+    flags = tmp_path / "flags.yaml"
+    write_flags(flags, "experiments:\n  - {name: sess, salt: il-2, status: running, allocation: 1.0, "
+                       "kind: interleave,\n     variants: [{name: with, weight: 0.5}, "
+                       "{name: without, weight: 0.5, overrides: {max_session: 0}}]}\n")
+    srv = serve(registry, flags)
+    try:
+        store = srv.running.service.store
+        real = store.fetch
+        calls: list[int] = []
+
+        async def counting(*a: object, **kw: object) -> object:
+            calls.append(1)
+            return await real(*a, **kw)  # type: ignore[arg-type]
+
+        store.fetch = counting  # type: ignore[method-assign]
+        v0 = versions[0]
+        with RecommenderClient(srv.target) as c:
+            r = c.recommend("u4", k=10, recent=[f"{v0.prefix}{j}" for j in (3, 9, 27)])
+    finally:
+        srv.stop()
+    assert r.variant == f"sess={INTERLEAVED}" and set(r.contributed_by) == {"with", "without"}
+    assert len(calls) == 1  # one feature fetch, two searches
+
+
+def test_report_cli_reads_interleaved_impressions_from_a_real_redis(tmp_path: Path,
+                                                                    redis_proc) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import json
+    import subprocess
+
+    from cli_entry import twotower_argv
+
+    from offline.event_log import EventLog
+    from online.redis_store import RedisFeatureStore
+
+    imps, events = _simulate(60, 0.9, seed=3)
+    imps = [Impression(i.request_id, i.user_id, "il=interleaved", i.version, i.item_ids, i.teams) for i in imps]
+    plain = Impression("r-plain", "u-x", "default", "v", ("a0",))
+
+    async def log() -> None:
+        store = RedisFeatureStore(url=redis_proc.url, prefix="tt-il")
+        await store.log_impressions([*imps, plain], timeout=5.0)
+        await store.record([replace(e, timestamp=1_700_000_000 + j) for j, e in enumerate(events)], timeout=5.0)
+        await store.close()
+
+    asyncio.run(log())
+    read = EventLog(redis_url=redis_proc.url, prefix="tt-il")
+    try:
+        back = list(read.impressions())
+    finally:
+        read.close()
+    assert back == [*imps, plain]  # the credits survive the stream, and plain impressions have none
+    flags = tmp_path / "flags.yaml"
+    write_flags(flags, "experiments:\n  - {name: il, salt: s, status: running, allocation: 1.0, kind: interleave,\n"
+                       "     variants: [{name: trt, weight: 0.5}, {name: ctl, weight: 0.5}]}\n")
+    out = subprocess.run([*twotower_argv(), "ab", "report", "--redis-url", redis_proc.url, "--prefix", "tt-il",
+                          "--experiment", "il", "--flags", str(flags), "--json"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    il = json.loads(out.stdout)["interleave"]
+    assert il["variants"] == ["trt", "ctl"]  # the flags' order
+    assert il["wins"]["trt"] > il["wins"]["ctl"] and il["share_second"]["rate"] < 0.5
+    text = subprocess.run([*twotower_argv(), "ab", "report", "--redis-url", redis_proc.url, "--prefix", "tt-il",
+                           "--experiment", "il", "--control", "trt"], capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0 and "interleaving il:" in text.stdout and "verdict: users prefer trt" in text.stdout
