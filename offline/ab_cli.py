@@ -60,6 +60,7 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
     from offline.ab_interleave import format_interleave, interleave_report, order_variants
     from offline.ab_report import format_report, guardrails, outcome_report, pre_period_counts
     from offline.event_log import EventLog
+    from offline.exposure_store import ExposureStore
 
     since = _since_ms(args.since)
     weights: dict[str, float] | None = None
@@ -81,12 +82,16 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
     log = EventLog(redis_url=args.redis_url, prefix=args.prefix)
     try:
         events = [e for e, _ in log.events(since_ms=since) if e is not None]
-        timed = list(log.timed_exposures(since_ms=since))  # bounded by users x days, not by requests
+        if args.store is not None and not args.store.is_dir():
+            raise ConfigError("--store", f"not a directory: {args.store}")
+        # Exposures are bounded by users x days, not by requests: what the refresh copied into
+        # the store (kept past the stream's caps), then the stream after the copy's watermark.
+        stored = ExposureStore(args.store) if args.store is not None else None
+        timed = [*(stored.read(since_s=since // 1000) if stored else ()),
+                 *log.timed_exposures(since_ms=since, after=stored.watermark() if stored else None)]
         exposures = [x for _, x in timed]
         pre = None
         if args.store is not None:
-            if not args.store.is_dir():
-                raise ConfigError("--store", f"not a directory: {args.store}")
             if since <= 0:
                 raise ConfigError("--since", "CUPED's pre-period ends where the experiment starts: give --since")
             pre = pre_period_counts(args.store, users={x.user_id for x in exposures}, until=since // 1000,

@@ -288,10 +288,35 @@ class EventLog:
         experiment label and day; the items are empty)."""
         yield from (x for _, x in self.timed_exposures(since_ms=since_ms, chunk=chunk))
 
-    def timed_exposures(self, *, since_ms: int = 0, chunk: int = 10_000) -> Iterator[tuple[int, Impression]]:
-        """(unix seconds logged, exposure): the entry id's clock."""
-        for entry_id, f in self._range(self.keys.exposures(), since_ms, chunk):
-            yield int(entry_id.split("-", 1)[0]) // 1000, decode_impression(f)
+    def timed_exposures(self, *, since_ms: int = 0, chunk: int = 10_000,
+                        after: str | None = None) -> Iterator[tuple[int, Impression]]:
+        """(unix seconds logged, exposure): the entry id's clock. ``after``: only entries
+        newer than this stream id (what an ``ExposureStore`` has not copied)."""
+        for _, t, x in self.exposure_entries(since_ms=since_ms, chunk=chunk, after=after):
+            yield t, x
+
+    def exposure_entries(self, *, since_ms: int = 0, chunk: int = 10_000, after: str | None = None,
+                         until: str | None = None) -> Iterator[tuple[str, int, Impression]]:
+        """(stream id, unix seconds logged, exposure) of every exposure from ``since_ms`` on
+        (after stream id ``after``, up to and with ``until``), oldest first."""
+        for entry_id, f in self._range(self.keys.exposures(), since_ms, chunk, after=after, until=until):
+            yield entry_id, int(entry_id.split("-", 1)[0]) // 1000, decode_impression(f)
+
+    def exposure_counts(self) -> tuple[int | None, str | None]:
+        """(entries ever added, the last id generated) of the exposure stream: a copy takes the
+        entries up to that id, and what was added but neither copied nor there any more was
+        trimmed (Redis 7's ``entries-added``; None on older servers). (0, None): no stream yet."""
+        import redis
+
+        try:
+            info = self._redis.xinfo_stream(self.keys.exposures())
+        except redis.ResponseError:
+            return 0, None
+        except self._errors as e:
+            raise FeatureStoreError(f"redis xinfo failed: {type(e).__name__}: {e}") from e
+        added = info.get("entries-added", info.get(b"entries-added"))
+        last = info.get("last-generated-id", info.get(b"last-generated-id"))
+        return (None if added is None else int(added)), (None if last is None else _text(last))
 
     def events(self, *, since_ms: int = 0, chunk: int = 10_000) -> Iterator[tuple[Event | None, str]]:
         """Every event logged at or after ``since_ms`` without a consumer group (reports):
@@ -303,10 +328,13 @@ class EventLog:
             except ValueError as err:
                 yield None, str(err)
 
-    def _range(self, key: str, since_ms: int, chunk: int) -> Iterator[tuple[str, dict[Any, Any]]]:
+    def _range(self, key: str, since_ms: int, chunk: int, after: str | None = None,
+               until: str | None = None) -> Iterator[tuple[str, dict[Any, Any]]]:
         start = f"{since_ms}-0"
+        if after is not None and _id(after) >= _id(start):
+            start = "(" + after  # exclusive
         while True:
-            entries = self._call("xrange", self._redis.xrange, key, min=start, count=chunk)
+            entries = self._call("xrange", self._redis.xrange, key, min=start, max=until or "+", count=chunk)
             if not entries:
                 return
             for raw_id, fields in entries:

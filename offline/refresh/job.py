@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from offline.event_log import EventLog, ReadBatch
+from offline.exposure_store import copy_exposures
 from offline.interactions import InteractionRows, InteractionStore
 from offline.loading import read_item_feed, take_rows
 from offline.refresh.config import RefreshConfig
@@ -29,8 +30,6 @@ from towers.spec import DatasetSpec
 
 
 class Job:
-    """The steps of one run; each returns a JSON-able dict (its checkpoint)."""
-
     def __init__(self, cfg: RefreshConfig, run: RunDir, parent: str, lock: RefreshLock,
                  log: Callable[[str], None]) -> None:
         self.cfg, self.run, self.parent, self.lock, self.log = cfg, run, parent, lock, log
@@ -151,8 +150,9 @@ class Job:
             write_json_atomic(marker, {"dataset": str(man["dataset"]), "version": self.parent, "rows": seeded})
         events = self._new_events()
         new = self.store.append(events)
+        exposures = copy_exposures(self._events_log(), self.cfg.store_root, log=self.log)  # beside the events
         return {"seeded": seeded, "stored": new, "store_rows": len(self.store),
-                "not_interactions": len(self._read_events()) - len(events)}
+                "not_interactions": len(self._read_events()) - len(events), "exposures": exposures}
 
     # -- 3-5: the candidate bundle --------------------------------------------------------------
 
