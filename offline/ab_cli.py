@@ -19,16 +19,21 @@ def register(asub: argparse._SubParsersAction) -> None:
     register_export(asub)
 
 
+def _log_source(p: argparse.ArgumentParser) -> None:
+    """The flags every reader of an experiment's logs takes."""
+    add_redis_url(p, required=True, help="the Redis the servers log to")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="the serve config's redis.prefix")
+    p.add_argument("--experiment", required=True, help="the experiment's name in the flags file")
+    p.add_argument("--since", default="0", help="unix seconds or an ISO date/time: logs from then on")
+
+
 def register_report(asub: argparse._SubParsersAction) -> None:
     """``twotower ab report`` (added to the ``ab`` group by the CLI front)."""
     p = asub.add_parser("report", help="outcomes per variant: impressions joined with events (CTR, conversion, "
                                        "lift, sample ratio)")
-    add_redis_url(p, required=True, help="the Redis the servers log to")
-    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="the serve config's redis.prefix")
-    p.add_argument("--experiment", required=True, help="the experiment's name in the flags file")
+    _log_source(p)
     p.add_argument("--flags", type=Path, default=None, help="the flags file: its weights drive the sample-ratio check")
     p.add_argument("--control", default=None, help="the control arm (default: the experiment's first variant)")
-    p.add_argument("--since", default="0", help="unix seconds or an ISO date/time: logs from then on")
     p.add_argument("--store", type=Path, default=None,
                    help="the interaction store (the refresh's --store): each exposed user's clicks and purchases "
                         "in the --pre-days before --since feed CUPED")
@@ -130,10 +135,7 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
 def register_export(asub: argparse._SubParsersAction) -> None:
     p = asub.add_parser("export", help="an experiment's exposures and outcomes as Parquet (GrowthBook / Statsig "
                                        "warehouse-native sources)")
-    add_redis_url(p, required=True, help="the Redis the servers log to")
-    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="the serve config's redis.prefix")
-    p.add_argument("--experiment", required=True, help="the experiment's name in the flags file")
-    p.add_argument("--since", default="0", help="unix seconds or an ISO date/time: logs from then on")
+    _log_source(p)
     p.add_argument("--out", type=Path, required=True,
                    help="a directory: exposures.parquet and outcomes.parquet are written into it")
     p.set_defaults(func=cmd_ab_export)
