@@ -101,6 +101,10 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
                 raise ConfigError("--since", "CUPED's pre-period ends where the experiment starts: give --since")
             pre = pre_period_counts(args.store, users={x.user_id for x in exposures}, until=since // 1000,
                                     days=args.pre_days)
+            if not any(pre.values()):
+                print(f"ab report: CUPED off: the exposed users have no clicks or purchases in the {args.pre_days:g} "
+                      "days before --since in the store (the effects are unadjusted)", file=sys.stderr)
+                pre = None
         guards = None
         if args.metrics_url:
             import urllib.error

@@ -89,3 +89,24 @@ def test_cli_exports_from_a_real_redis(tmp_path: Path, redis_proc) -> None:  # t
     bad = subprocess.run([*base, "--experiment", "rk", "--out", str(a_file)], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "--out: not a directory" in bad.stderr
+
+
+def test_report_with_an_empty_pre_period_says_so_and_runs_without_cuped(tmp_path: Path,
+                                                                        redis_proc) -> None:  # type: ignore[no-untyped-def]
+    from cli_entry import twotower_argv
+
+    from online.redis_store import RedisFeatureStore
+
+    async def log() -> None:
+        store = RedisFeatureStore(url=redis_proc.url, prefix="tt-pre")
+        await store.log_impressions([Impression(f"r{j}", f"u{j}", f"rk={'treat' if j % 2 else 'control'}", "v1", ())
+                                     for j in range(6)], timeout=5.0, log="exposures")
+        await store.close()
+
+    asyncio.run(log())
+    (tmp_path / "store").mkdir()
+    out = subprocess.run([*twotower_argv(), "ab", "report", "--redis-url", redis_proc.url, "--prefix", "tt-pre",
+                          "--experiment", "rk", "--control", "control", "--since", "1", "--store",
+                          str(tmp_path / "store")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "CUPED off" in out.stderr and "no clicks or purchases in the 14 days" in out.stderr
