@@ -57,3 +57,20 @@ def test_corrupt_bundle_refused_at_publish(synth_bundle: Path, tmp_path: Path) -
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "refusing to publish" in proc.stderr and "popularity.npy" in proc.stderr
+
+
+def test_refresh_flags_take_their_defaults_from_refresh_config() -> None:
+    """One source of truth: every unset refresh flag is None (RefreshConfig's default applies)
+    and the help states RefreshConfig's value."""
+    from offline.refresh.config import RefreshConfig
+    from twotower.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["refresh", "--registry", "R", "--redis-url", "redis://h:1/0"])
+    for flag in ("mode", "engine", "max_drop", "epochs", "holdout_hours", "grace_s", "keep_versions", "max_events",
+                 "train_blend", "train_min_targets", "train_min_users", "store_retention_days"):
+        assert getattr(args, flag) is None, flag
+    sub = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["refresh"]  # type: ignore[union-attr,index]
+    text = " ".join(sub.format_help().split())
+    assert f"(default {RefreshConfig.max_events:,})" in text and f"default {RefreshConfig.keep_versions})" in text
+    assert f"(default {RefreshConfig.holdout_s / 3600:g})" in text and f"default {RefreshConfig.mode}" in text
