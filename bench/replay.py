@@ -153,7 +153,7 @@ def run_arm(arm: str, *, bundle: Path, days: list[list[tuple[str, str, int]]], r
     prefix = f"replay-{arm}"
     publish(bundle, registry=registry, redis_url=redis_url, redis_prefix=prefix)
     cfg = RefreshConfig(registry=registry, redis_url=redis_url, run_root=root / "runs", store_root=root / "store",
-                        data_dir=data_dir, prefix=prefix, mode=arm if arm != "never" else "embed",
+                        data_dir=data_dir, prefix=prefix, mode="train" if arm == "train" else "embed",
                         train_epochs=train_epochs, holdout_s=86_400, grace_s=86_400, **(refresh_overrides or {}))
     config = {"feature_store": "redis", "redis": {"url": redis_url, "prefix": prefix}, "registry_poll_s": 0.2}
     from towers.bundle import load
