@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from towers.errors import ConfigError
-from towers.store_format import DEFAULT_PREFIX
+from towers.store_format import DEFAULT_PREFIX, IMPRESSIONS_MAX_BYTES, STREAM_MAX_BYTES, STREAM_MAXLEN
 
 # Each setting is declared once, with its type and bounds (``Annotated[..., Field(...)]``);
 # pydantic checks a whole config against them (``ServeConfig.validate``, ``load_config``): strict
@@ -57,18 +57,20 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
+    """The Redis feature store (``online.redis_store``): every store is built from one of these."""
+
     __pydantic_config__ = _PYDANTIC
-    url: str = "redis://127.0.0.1:6379/0"
-    prefix: str = DEFAULT_PREFIX
-    max_connections: int = 32
-    socket_timeout_ms: float = 200.0  # hard ceiling; each call also gets the remaining budget
-    session_ttl_s: int = 7 * 24 * 3600
-    session_cap: int = 100  # events kept per user
-    stream_maxlen: Pos = 10_000_000  # the impression log: XADD MAXLEN ~ (towers.store_format)
+    url: str = "redis://127.0.0.1:6379/0"  # redis://, rediss://, unix://; redis+cluster://h:p,... for a cluster
+    prefix: str = DEFAULT_PREFIX  # every key starts with this (publish and refresh use the same)
+    max_connections: Pos = 32
+    socket_timeout_ms: PosF = 200.0  # hard ceiling; each call also gets the remaining budget
+    session_ttl_s: Pos = 7 * 24 * 3600
+    session_cap: Pos = 100  # events kept per user
+    stream_maxlen: Pos = STREAM_MAXLEN  # the impression log: XADD MAXLEN ~ (towers.store_format)
     # The event log's safety cap per stream, in bytes (0: none). Consumers trim what they have
     # acknowledged; past this the oldest entries go unread, counted (towers.store_format).
-    events_max_bytes: NonNeg = 1 << 30  # 0, or at least 64 KiB (checked in ServeConfig.validate)
-    impressions_max_bytes: NonNeg = 256 << 20  # the impression log's byte cap (0: none), beside stream_maxlen
+    events_max_bytes: NonNeg = STREAM_MAX_BYTES  # 0, or at least 64 KiB (checked in ServeConfig.validate)
+    impressions_max_bytes: NonNeg = IMPRESSIONS_MAX_BYTES  # the impression log's byte cap (0: none)
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,11 @@ from towers.store_format import (
     event_scores,
 )
 
-__all__ = ["EVENT_TYPES", "Event", "FeatureStore", "InMemoryFeatureStore", "LogStatus", "StoreCapabilities",
-           "UserFeatures"]
+__all__ = ["EVENT_TYPES", "BatchFeatures", "BatchRecs", "Event", "FeatureStore", "InMemoryFeatureStore", "LogStatus",
+           "StoreCapabilities"]
+
+_TYPE_CODE = {t: i for i, t in enumerate(EVENT_TYPES)}
+CART = _TYPE_CODE["cart"]
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,108 @@ class LogStatus:
     refresh: dict[str, str]  # the refresh's last run (RedisKeys.refresh_status): last_run, outcome, ...
 
 
-@dataclass(frozen=True)
-class UserFeatures:
-    embedding: np.ndarray | None  # (d,) float32; None when the store has none for this user
-    session: list[Event]  # newest first
+@dataclass(frozen=True, slots=True)
+class BatchFeatures:
+    """One fetch's answer for a batch of users, columnar (row i: the i-th user asked for):
+    no object per user or per event, so the request path reads it with array operations."""
+
+    embedding: np.ndarray  # (B, d) float32; zero rows where ``has_user`` is False
+    has_user: np.ndarray  # (B,) bool: the store holds this version's embedding of the user
+    offsets: np.ndarray  # (B + 1,) int64: user i's session events are [offsets[i], offsets[i + 1])
+    items: list[str]  # (E,) session item ids, each user's newest first
+    types: np.ndarray  # (E,) int8 positions in EVENT_TYPES
+    timestamps: np.ndarray  # (E,) int64 unix seconds
+
+    def __len__(self) -> int:
+        return len(self.has_user)
+
+    @property
+    def owner(self) -> np.ndarray:
+        """(E,) the row each session event belongs to (non-decreasing)."""
+        return np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.offsets))
+
+    @classmethod
+    def empty(cls, n: int, dim: int) -> BatchFeatures:
+        return cls(np.zeros((n, dim), np.float32), np.zeros(n, bool), np.zeros(n + 1, np.int64), [],
+                   np.zeros(0, np.int8), np.zeros(0, np.int64))
+
+    @classmethod
+    def from_rows(cls, embeddings: Sequence[np.ndarray | None], sessions: Sequence[Sequence[bytes]], *,
+                  dim: int) -> BatchFeatures:
+        """From per-user decoded embeddings (None: absent) and raw session members
+        (``towers.store_format.encode_event``: ``item\ttype\tts``, newest first). The members
+        are decoded as one string (one decode, one split for the batch, not one per event)."""
+        n = len(embeddings)
+        emb = np.zeros((n, dim), np.float32)
+        has = np.zeros(n, bool)
+        for i, e in enumerate(embeddings):
+            if e is not None:
+                emb[i], has[i] = e, True
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum([len(s) for s in sessions], out=offsets[1:])
+        members = [m for s in sessions for m in s]
+        if not members:
+            return cls(emb, has, offsets, [], np.zeros(0, np.int8), np.zeros(0, np.int64))
+        parts = b"\t".join(members).decode().split("\t")
+        types = np.fromiter((_TYPE_CODE.get(t, -1) for t in parts[1::3]), np.int8, count=len(members))
+        return cls(emb, has, offsets, parts[0::3], types, np.array(parts[2::3], dtype=np.int64))
+
+    def take(self, rows: np.ndarray) -> BatchFeatures:
+        """Rows ``rows`` (any order, repeats allowed), as a batch of their own."""
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        lengths = ends - starts
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # Each kept event's position: its row's start plus its rank inside the row.
+        events = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        items = self.items
+        return BatchFeatures(self.embedding[rows], self.has_user[rows], offsets, [items[j] for j in events.tolist()],
+                             self.types[events], self.timestamps[events])
+
+    @staticmethod
+    def concat(a: BatchFeatures, b: BatchFeatures) -> BatchFeatures:
+        return BatchFeatures(np.concatenate([a.embedding, b.embedding]), np.concatenate([a.has_user, b.has_user]),
+                             np.concatenate([a.offsets, b.offsets[1:] + a.offsets[-1]]), [*a.items, *b.items],
+                             np.concatenate([a.types, b.types]), np.concatenate([a.timestamps, b.timestamps]))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecs:
+    """Precomputed lists for a batch of users, as one padded matrix (row i: the i-th user)."""
+
+    rows: np.ndarray  # (B, K) int64 item rows, best first, -1 padded
+    scores: np.ndarray  # (B, K) float32
+    found: np.ndarray  # (B,) bool: the user has a precomputed list
+
+    @classmethod
+    def gather(cls, user_rows: np.ndarray, items: np.ndarray | None, scores: np.ndarray | None) -> BatchRecs:
+        """From a version's (U, K) arrays (-1 padded), for users at ``user_rows`` (-1: none)."""
+        n = len(user_rows)
+        if items is None or scores is None:
+            return cls(np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32), np.zeros(n, bool))
+        found = user_rows >= 0
+        at = np.where(found, user_rows, 0)
+        # One gather for the batch, as plain ndarrays (a memmap's fancy indexing returns one).
+        rows = np.asarray(items[at], dtype=np.int64)
+        rows[~found] = -1
+        return cls(rows, np.where(found[:, None], np.asarray(scores[at], np.float32), 0.0).astype(np.float32),
+                   found)
+
+    @classmethod
+    def from_raw(cls, raws: Sequence[bytes | None]) -> BatchRecs:
+        """From stored values (``towers.store_format``: n int32 rows, then n float32 scores)."""
+        n = len(raws)
+        width = max((len(r) // 8 for r in raws if r is not None), default=0)
+        rows = np.full((n, width), -1, np.int64)
+        scores = np.zeros((n, width), np.float32)
+        found = np.zeros(n, bool)
+        for i, raw in enumerate(raws):
+            if raw is not None:
+                m = len(raw) // 8
+                rows[i, :m] = np.frombuffer(raw, "<i4", count=m)
+                scores[i, :m] = np.frombuffer(raw, "<f4", count=m, offset=4 * m)
+                found[i] = True
+        return cls(rows, scores, found)
 
 
 class FeatureStore(Protocol):
@@ -69,13 +170,12 @@ class FeatureStore(Protocol):
         ...
 
     async def fetch(self, version: str, user_ids: Sequence[str], *, dim: int, n_recent: int,
-                    timeout: float) -> list[UserFeatures]:
+                    timeout: float) -> BatchFeatures:
         """User embeddings (of ``version``) and recent session events, for a batch, in one round trip."""
         ...
 
-    async def batch_recs(self, version: str, user_ids: Sequence[str], *,
-                         timeout: float) -> list[tuple[np.ndarray, np.ndarray] | None]:
-        """Precomputed (item rows, scores) of ``version`` per user; None where absent."""
+    async def batch_recs(self, version: str, user_ids: Sequence[str], *, timeout: float) -> BatchRecs:
+        """Precomputed lists of ``version`` for a batch of users, in one round trip."""
         ...
 
     async def record(self, events: Sequence[Event], *, timeout: float) -> int:
@@ -104,8 +204,8 @@ class InMemoryFeatureStore:
 
     def __init__(self, *, session_cap: int = 100) -> None:
         self._versions: dict[str, tuple[dict[str, int], np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
-        # Per user: encoded event -> (score, event), like the Redis sorted set's members.
-        self._sessions: dict[str, dict[bytes, tuple[float, Event]]] = {}
+        # Per user: encoded event -> score, like the Redis sorted set's members.
+        self._sessions: dict[str, dict[bytes, float]] = {}
         self._cap = session_cap
         # The embedded default keeps its logs in memory (bounded): enough for the demo and for
         # tests to see what a Redis store would have logged; not durable.
@@ -133,39 +233,26 @@ class InMemoryFeatureStore:
         return dropped
 
     async def fetch(self, version: str, user_ids: Sequence[str], *, dim: int, n_recent: int,
-                    timeout: float) -> list[UserFeatures]:
+                    timeout: float) -> BatchFeatures:
         index, emb, _, _ = self._versions.get(version, ({}, np.zeros((0, dim), np.float32), None, None))
-        rows = [index.get(u) for u in user_ids]
-        # One gather for the batch, as a plain ndarray: indexing a memmap row by row builds a
-        # memmap view per user, which cost more than the rest of the fetch together.
-        known = [r for r in rows if r is not None]
-        vecs = np.asarray(emb[known], dtype=np.float32) if known else np.zeros((0, dim), np.float32)
-        out, j = [], 0
-        for u, row in zip(user_ids, rows, strict=True):
-            sess = self._sessions.get(u)
-            events: list[Event] = []
-            if sess:
-                # Newest first, ties by member descending: the order of Redis's ZREVRANGE.
-                newest = sorted(sess.items(), key=lambda kv: (kv[1][0], kv[0]), reverse=True)[:n_recent]
-                events = [ev for _, (_, ev) in newest]
-            vec = None
-            if row is not None:
-                vec, j = vecs[j], j + 1
-            out.append(UserFeatures(vec, events))
-        return out
-
-    async def batch_recs(self, version: str, user_ids: Sequence[str], *,
-                         timeout: float) -> list[tuple[np.ndarray, np.ndarray] | None]:
-        index, _, items, scores = self._versions.get(version, ({}, None, None, None))
-        out: list[tuple[np.ndarray, np.ndarray] | None] = []
+        rows = np.fromiter((index.get(u, -1) for u in user_ids), np.int64, count=len(user_ids))
+        has = rows >= 0
+        vecs = np.zeros((len(user_ids), dim), np.float32)
+        if has.any():  # one gather for the batch
+            vecs[has] = emb[rows[has]]
+        sessions: list[list[bytes]] = []
         for u in user_ids:
-            row = index.get(u)
-            if row is None or items is None or scores is None:
-                out.append(None)
-            else:
-                keep = items[row] >= 0
-                out.append((items[row][keep].astype(np.int64), scores[row][keep].astype(np.float32)))
-        return out
+            sess = self._sessions.get(u)
+            # Newest first, ties by member descending: the order of Redis's ZREVRANGE.
+            sessions.append([m for m, _ in sorted(sess.items(), key=lambda kv: (kv[1], kv[0]),
+                                                  reverse=True)[:n_recent]] if sess else [])
+        feats = BatchFeatures.from_rows([None] * len(user_ids), sessions, dim=dim)
+        return BatchFeatures(vecs, has, feats.offsets, feats.items, feats.types, feats.timestamps)
+
+    async def batch_recs(self, version: str, user_ids: Sequence[str], *, timeout: float) -> BatchRecs:
+        index, _, items, scores = self._versions.get(version, ({}, None, None, None))
+        return BatchRecs.gather(np.fromiter((index.get(u, -1) for u in user_ids), np.int64, count=len(user_ids)),
+                                items, scores)
 
     async def record(self, events: Sequence[Event], *, timeout: float) -> int:
         dropped = 0
@@ -175,9 +262,9 @@ class InMemoryFeatureStore:
             if member not in sess:  # logged once, however often it is retried (as Redis's RECORD_LUA)
                 dropped += len(self.event_log) == self.event_log.maxlen
                 self.event_log.append(e)
-            sess[member] = (score, e)
+            sess[member] = score
             if len(sess) > self._cap:  # keep the newest session_cap, as ZREMRANGEBYRANK does
-                oldest = min(sess.items(), key=lambda kv: (kv[1][0], kv[0]))[0]
+                oldest = min(sess.items(), key=lambda kv: (kv[1], kv[0]))[0]
                 del sess[oldest]
         return dropped
 

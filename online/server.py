@@ -175,12 +175,7 @@ def add_recommender(servicer: pb_grpc.RecommenderServicer, server: Any) -> None:
 
 def make_store(cfg: ServeConfig) -> FeatureStore:
     if cfg.feature_store == "redis":
-        r = cfg.redis
-        return open_redis_store(url=r.url, prefix=r.prefix, max_connections=r.max_connections,
-                                 socket_timeout_s=r.socket_timeout_ms / 1000.0, session_ttl_s=r.session_ttl_s,
-                                 session_cap=r.session_cap, stream_maxlen=r.stream_maxlen,
-                                 events_max_bytes=r.events_max_bytes,
-                                 impressions_max_bytes=r.impressions_max_bytes)
+        return open_redis_store(cfg.redis)
     return InMemoryFeatureStore(session_cap=cfg.redis.session_cap)
 
 

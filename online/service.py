@@ -25,7 +25,7 @@ from online.batcher import Batcher
 from online.config import ServeConfig
 from online.degradation import EMBEDDING_FROM_BUNDLE, Ladder
 from online.exposures import ExposureLog
-from online.feature_store import Event, FeatureStore, UserFeatures
+from online.feature_store import CART, BatchFeatures, BatchRecs, Event, FeatureStore
 from online.impressions import ImpressionLog
 from online.lifecycle import Lifecycle, LoadedModel
 from online.metrics import ServingMetrics
@@ -165,7 +165,7 @@ class RecommendService:
         online = np.flatnonzero(~batch_mode)
 
         # fetch: one pipeline for the whole batch
-        feats: list[UserFeatures] | None = None
+        feats: BatchFeatures | None = None
         if len(online) and not settings.allow_full:  # no session in the query: the user embedding alone
             ladder.not_allowed(online, Rung.FULL, Rung.NO_SESSION)
         elif len(online):
@@ -277,7 +277,7 @@ class RecommendService:
         return res
 
     def _query_batch(self, model: LoadedModel, reqs: Sequence[RecRequest], online: np.ndarray,
-                     feats: list[UserFeatures] | None, ladder: Ladder, max_session: int | None = None) -> QueryBatch:
+                     feats: BatchFeatures | None, ladder: Ladder, max_session: int | None = None) -> QueryBatch:
         """Every request's user vector, session (request first, then the store's; deduplicated,
         most recent first) and exclusions (session, cart, exclude), as one QueryBatch with one
         vocabulary pass over the batch's item ids. Batch-mode requests get no query, only
@@ -286,43 +286,42 @@ class RecommendService:
         user_rows = bundle.features.user_vocab.positions([r.user_id for r in reqs])
         user = np.zeros((n, bundle.dim), dtype=np.float32)
         has_user = np.zeros(n, dtype=bool)
+        in_query = np.zeros(n, dtype=bool)  # the request's recent items feed its query
+        if feats is not None:
+            in_query[online] = True
+            user[online], has_user[online] = feats.embedding, feats.has_user
+        # No embedding from the store (or no fetch): the same version's from the bundle itself.
         from_bundle = np.zeros(n, dtype=bool)
+        from_bundle[online] = (user_rows[online] >= 0) & ~has_user[online]
         s_ids: list[str] = []
         s_owner: list[int] = []
         x_ids: list[str] = []
         x_owner: list[int] = []
-        if feats is None:  # batch mode, or the fetch failed: no session in any query
-            from_bundle[online] = user_rows[online] >= 0
-        for j, i in enumerate(online.tolist() if feats is not None else ()):
-            r, f = reqs[i], feats[j]  # type: ignore[index]
-            if f.embedding is not None:
-                user[i], has_user[i] = f.embedding, True
-            elif user_rows[i] >= 0:
-                from_bundle[i] = True
-            recent: Sequence[str] = r.recent
-            if f.session:
-                recent = list(dict.fromkeys([*r.recent, *(e.item_id for e in f.session)]))
-                cart = [e.item_id for e in f.session if e.type == "cart"]
-                x_ids.extend(cart)
-                x_owner.extend([i] * len(cart))
-            s_ids.extend(recent)
-            s_owner.extend([i] * len(recent))
-        in_query = set(online.tolist()) if feats is not None else set()
         for i, r in enumerate(reqs):
-            if i not in in_query:  # listed items are still excluded, but feed no query
-                x_ids.extend(r.recent)
-                x_owner.extend([i] * len(r.recent))
+            ids, owner = (s_ids, s_owner) if in_query[i] else (x_ids, x_owner)  # listed items are still excluded
+            ids.extend(r.recent)
+            owner.extend([i] * len(r.recent))
             x_ids.extend(r.cart)
             x_ids.extend(r.exclude)
             x_owner.extend([i] * (len(r.cart) + len(r.exclude)))
+        session_owner = np.asarray(s_owner, dtype=np.int64)
+        exclude_owner = np.asarray(x_owner, dtype=np.int64)
+        if feats is not None and feats.items:
+            # The store's sessions after the requests' own recent items; its carts are excluded.
+            event_owner = online[feats.owner]
+            cart = np.flatnonzero(feats.types == CART)
+            s_ids += feats.items
+            x_ids += [feats.items[j] for j in cart.tolist()]
+            session_owner = np.concatenate([session_owner, event_owner])
+            exclude_owner = np.concatenate([exclude_owner, event_owner[cart]])
         if feats is not None:
-            # Same version's embedding from the bundle itself: no skew, just not refreshed online.
             ladder.note(np.flatnonzero(from_bundle), EMBEDDING_FROM_BUNDLE)
         idx = np.flatnonzero(from_bundle)
         if len(idx):
             user[idx] = bundle.user_emb[user_rows[idx]]
             has_user[idx] = True
         item_rows = bundle.features.item_vocab.positions([*s_ids, *x_ids])
+        session_owner, session_rows = _first_per_request(session_owner, item_rows[: len(s_ids)], model.ranker.n_items)
         context = None
         if bundle.features.context_encoders:  # the spec declares context: what each request adds to its query
             now = int(time.time())
@@ -330,8 +329,8 @@ class RecommendService:
                                    np.fromiter((r.timestamp or now for r in reqs), dtype=np.int64, count=n),
                                    [r.device for r in reqs])
         return QueryBatch.build(model.ranker, user=user, has_user=has_user,
-                                session_owner=np.asarray(s_owner, dtype=np.int64), session_rows=item_rows[: len(s_ids)],
-                                exclude_owner=np.asarray(x_owner, dtype=np.int64), exclude_rows=item_rows[len(s_ids):],
+                                session_owner=session_owner, session_rows=session_rows,
+                                exclude_owner=exclude_owner, exclude_rows=item_rows[len(s_ids):],
                                 k=np.fromiter((r.k for r in reqs), dtype=np.int64, count=n), max_session=max_session,
                                 context=context)
 
@@ -342,7 +341,7 @@ class RecommendService:
         not ``from_store``), filtered like any other list. Returns the requests it answered."""
         users = [reqs[i].user_id for i in idx.tolist()]
         error: str | None = None
-        recs: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None
+        recs: BatchRecs | None = None
         if from_store:
             try:
                 left = min(self.cfg.budget.fetch_ms / 1000.0,
@@ -353,18 +352,9 @@ class RecommendService:
                 error = str(e)
         if recs is None:
             b = model.bundle
-            recs = [None if r < 0 or b.recs_items is None or b.recs_scores is None
-                    else (np.asarray(b.recs_items[r], np.int64), np.asarray(b.recs_scores[r], np.float32))
-                    for r in b.features.user_vocab.positions(users).tolist()]
-        found = np.fromiter((rec is not None for rec in recs), dtype=bool, count=len(recs))
-        width = max((len(rec[0]) for rec in recs if rec is not None), default=0)
-        cand_rows = np.full((len(idx), width), -1, dtype=np.int64)
-        cand_scores = np.zeros((len(idx), width), dtype=np.float32)
-        for j, rec in enumerate(recs):
-            if rec is not None:
-                cand_rows[j, : len(rec[0])], cand_scores[j, : len(rec[1])] = rec
-        r, s, c = take_eligible(batch, idx, cand_rows, cand_scores)
-        served = ladder.batch_recs(idx, found, c >= batch.k[idx], batch_mode[idx], error)
+            recs = BatchRecs.gather(b.features.user_vocab.positions(users), b.recs_items, b.recs_scores)
+        r, s, c = take_eligible(batch, idx, recs.rows, recs.scores)
+        served = ladder.batch_recs(idx, recs.found, c >= batch.k[idx], batch_mode[idx], error)
         answered = idx[served]
         rows[answered, : r.shape[1]], scores[answered, : s.shape[1]] = r[served], s[served]
         counts[answered] = c[served]
@@ -385,3 +375,16 @@ class RecommendService:
                                  titles=[titles.get(x, "") for x in ids] if r.include_titles else [],
                                  request_id=r.request_id))
         return out
+
+
+def _first_per_request(owner: np.ndarray, rows: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Session items grouped by request in their order (a stable sort: the request's own
+    first), each request's repeats and unknown items (-1) dropped: ``dict.fromkeys`` per
+    request, as the offline evaluation builds its sessions, for the whole batch at once."""
+    keep = rows >= 0
+    owner, rows = owner[keep], rows[keep]
+    order = np.argsort(owner, kind="stable")
+    owner, rows = owner[order], rows[order]
+    _, first = np.unique(owner * n_items + rows, return_index=True)
+    first.sort()
+    return owner[first], rows[first]

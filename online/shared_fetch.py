@@ -16,30 +16,34 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
-from online.feature_store import UserFeatures
+import numpy as np
 
-Fetch = Callable[[Sequence[str]], Awaitable[list[UserFeatures]]]
+from online.feature_store import BatchFeatures
+
+Fetch = Callable[[Sequence[str]], Awaitable[BatchFeatures]]
 
 
 class SharedFetch:
-    """Per version: a future of ``user id -> features``, set by the first group that fetches."""
+    """Per version: a future of (user id -> row, features), set by the first group that fetches."""
 
     def __init__(self) -> None:
-        self._rows: dict[str, asyncio.Future[dict[str, UserFeatures]]] = {}
+        self._rows: dict[str, asyncio.Future[tuple[dict[str, int], BatchFeatures]]] = {}
         self.fetches = 0  # store round trips made through this object (a test reads it)
 
-    async def fetch(self, version: str, users: Sequence[str], fetch: Fetch) -> list[UserFeatures]:
+    async def fetch(self, version: str, users: Sequence[str], fetch: Fetch) -> BatchFeatures:
         """``users``' features of ``version``: from an earlier group's fetch where it covered
         them, else by ``fetch`` (which this then publishes for later groups)."""
         published = self._rows.get(version)
         if published is not None:
-            rows = await asyncio.shield(published)  # the first group's failure is ours too
-            missing = [u for u in dict.fromkeys(users) if u not in rows]
+            index, feats = await asyncio.shield(published)  # the first group's failure is ours too
+            missing = [u for u in dict.fromkeys(users) if u not in index]
             if missing:
                 self.fetches += 1
-                rows = {**rows, **dict(zip(missing, await fetch(missing), strict=True))}
-            return [rows[u] for u in users]
-        fut: asyncio.Future[dict[str, UserFeatures]] = asyncio.get_running_loop().create_future()
+                more = await fetch(missing)
+                index = {**index, **{u: len(feats) + j for j, u in enumerate(missing)}}
+                feats = BatchFeatures.concat(feats, more)
+            return feats.take(np.fromiter((index[u] for u in users), np.int64, count=len(users)))
+        fut: asyncio.Future[tuple[dict[str, int], BatchFeatures]] = asyncio.get_running_loop().create_future()
         self._rows[version] = fut
         self.fetches += 1
         try:
@@ -48,5 +52,5 @@ class SharedFetch:
             fut.set_exception(e if isinstance(e, Exception) else RuntimeError("the first fetch was cancelled"))
             fut.exception()  # retrieved: no "never retrieved" warning when no group waits on it
             raise
-        fut.set_result(dict(zip(users, feats, strict=True)))
+        fut.set_result(({u: i for i, u in enumerate(users)}, feats))
         return feats

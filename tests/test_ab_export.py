@@ -60,12 +60,13 @@ def test_an_unwritable_destination_names_the_flag(tmp_path: Path) -> None:
 def test_cli_exports_from_a_real_redis(tmp_path: Path, redis_proc) -> None:  # type: ignore[no-untyped-def]
     from cli_entry import twotower_argv
 
+    from online.config import RedisConfig
     from online.redis_store import RedisFeatureStore
 
     users = [f"u{j}" for j in range(10)]
 
     async def log() -> None:
-        store = RedisFeatureStore(url=redis_proc.url, prefix="tt-exp")
+        store = RedisFeatureStore(RedisConfig(url=redis_proc.url, prefix="tt-exp"))
         await store.log_impressions([Impression(f"r-{u}", u, f"rk={'treat' if j % 2 else 'control'}", "v1", ())
                                      for j, u in enumerate(users)], timeout=5.0, log="exposures")
         await store.record([Event(u, "a", "click", T0 + j, f"r-{u}") for j, u in enumerate(users[:4])], timeout=5.0)
@@ -95,10 +96,11 @@ def test_report_with_an_empty_pre_period_says_so_and_runs_without_cuped(tmp_path
                                                                         redis_proc) -> None:  # type: ignore[no-untyped-def]
     from cli_entry import twotower_argv
 
+    from online.config import RedisConfig
     from online.redis_store import RedisFeatureStore
 
     async def log() -> None:
-        store = RedisFeatureStore(url=redis_proc.url, prefix="tt-pre")
+        store = RedisFeatureStore(RedisConfig(url=redis_proc.url, prefix="tt-pre"))
         await store.log_impressions([Impression(f"r{j}", f"u{j}", f"rk={'treat' if j % 2 else 'control'}", "v1", ())
                                      for j in range(6)], timeout=5.0, log="exposures")
         await store.close()

@@ -166,7 +166,7 @@ def test_exposures_are_logged_once_per_user_label_and_day_and_the_report_counts_
         return req, RecResult([], [], "v1", label, Rung.FULL, [], Source.ONLINE, StageTimings(), 1, request_id=rid)
 
     async def main() -> None:
-        store = RedisFeatureStore(url=redis_proc.url, prefix="tt-exp")
+        store = RedisFeatureStore(RedisConfig(url=redis_proc.url, prefix="tt-exp"))
         log = ExposureLog(store, clock=lambda: now[0])
         for rid, user, label in [("r1", "u1", "rk=control"), ("r2", "u1", "rk=control"),  # same day: once
                                  ("r3", "u2", "rk=treat"), ("r4", "u3", "default"),  # not in an experiment
@@ -303,7 +303,7 @@ def test_ab_report_cli_reads_exposures_the_store_and_metrics_and_draws_the_lift(
     arm = {u: "treat" if j % 2 else "control" for j, u in enumerate(users)}
 
     async def log() -> None:
-        store = RedisFeatureStore(url=redis_proc.url, prefix="tt-cli")
+        store = RedisFeatureStore(RedisConfig(url=redis_proc.url, prefix="tt-cli"))
         await store.log_impressions([Impression(f"r-{u}", u, f"rk={arm[u]}", "v1", ()) for u in users], timeout=5.0,
                                     log="exposures")
         await store.record([Event(u, "a", "click", t0 + 100 + j, "") for j, u in enumerate(users)], timeout=5.0)

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from offline.event_log import EventLog
+from online.config import RedisConfig
 from online.redis_store import RedisFeatureStore
 from towers.store_format import Event, RedisKeys
 
@@ -23,7 +24,8 @@ def _events(lo: int, hi: int) -> list[Event]:
 
 def _record(url: str, events: list[Event], *, max_bytes: int) -> int:
     async def go() -> int:
-        store = RedisFeatureStore(url=url, prefix=PREFIX, events_max_bytes=max_bytes, socket_timeout_s=5.0)
+        store = RedisFeatureStore(RedisConfig(url=url, prefix=PREFIX, events_max_bytes=max_bytes,
+                                              socket_timeout_ms=5000))
         try:
             trimmed = 0
             for lo in range(0, len(events), 250):  # calls of 250, as clients would send them
@@ -105,7 +107,7 @@ def test_the_logs_state_and_the_refreshs_last_run_become_metrics(redis_proc, log
     metrics = ServingMetrics(enabled=True)
 
     async def check() -> None:
-        store = RedisFeatureStore(url=redis_proc.url, prefix=PREFIX)
+        store = RedisFeatureStore(RedisConfig(url=redis_proc.url, prefix=PREFIX))
         try:
             await LogSignals(store, metrics, every_s=0).check()
         finally:
@@ -136,7 +138,7 @@ def test_the_impression_log_is_held_under_its_byte_cap(redis_proc) -> None:  # t
     cap = 100_000
 
     async def go() -> None:
-        store = RedisFeatureStore(url=redis_proc.url, prefix=PREFIX, impressions_max_bytes=cap)
+        store = RedisFeatureStore(RedisConfig(url=redis_proc.url, prefix=PREFIX, impressions_max_bytes=cap))
         try:
             for lo in range(0, 5000, 100):
                 await store.log_impressions([Impression(f"r{j}", f"u{j % 7}", "control", "v1",

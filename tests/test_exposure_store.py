@@ -11,6 +11,7 @@ import redis
 
 from offline.event_log import EventLog
 from offline.exposure_store import ExposureStore, copy_exposures
+from online.config import RedisConfig
 from online.redis_store import RedisFeatureStore
 from towers.store_format import Impression, RedisKeys
 
@@ -19,7 +20,7 @@ PREFIX = "tt-xs"
 
 def _expose(url: str, users: list[str]) -> None:
     async def go() -> None:
-        store = RedisFeatureStore(url=url, prefix=PREFIX)
+        store = RedisFeatureStore(RedisConfig(url=url, prefix=PREFIX))
         await store.log_impressions([Impression(f"r-{u}", u, "rk=treat", "v1", ()) for u in users], timeout=5.0,
                                     log="exposures")
         await store.close()

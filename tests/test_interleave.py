@@ -162,25 +162,32 @@ def test_power_curves_rise_with_users_and_count_only_the_true_direction() -> Non
 def test_shared_fetch_asks_the_store_once_per_version_and_shares_failures() -> None:
     import asyncio
 
-    from online.feature_store import UserFeatures
+    from online.feature_store import BatchFeatures
     from online.shared_fetch import SharedFetch
     from towers.errors import FeatureStoreError
 
     calls: list[list[str]] = []
 
-    async def fetch(users: Sequence[str]) -> list[UserFeatures]:
+    async def fetch(users: Sequence[str]) -> BatchFeatures:
+        # User "uN" has embedding [N, N] and a session of N events, items "uN-0", "uN-1", ...
         calls.append(list(users))
         await asyncio.sleep(0)
-        return [UserFeatures(None, []) for _ in users]
+        n = [int(u[1:]) for u in users]
+        sessions = [[f"{u}-{j}\tview\t{100 + j}".encode() for j in range(k)] for u, k in zip(users, n, strict=True)]
+        return BatchFeatures.from_rows([np.full(2, k, np.float32) for k in n], sessions, dim=2)
 
-    async def failing(users: Sequence[str]) -> list[UserFeatures]:
+    async def failing(users: Sequence[str]) -> BatchFeatures:
         raise FeatureStoreError("down")
 
     async def scenario() -> None:
         share = SharedFetch()
         a, b = await asyncio.gather(share.fetch("v1", ["u1", "u2"], fetch), share.fetch("v1", ["u2"], fetch))
         assert len(a) == 2 and len(b) == 1 and calls == [["u1", "u2"]]
-        await share.fetch("v1", ["u2", "u3"], fetch)  # only the user not fetched yet
+        assert b.embedding.tolist() == [[2.0, 2.0]] and b.items == ["u2-0", "u2-1"] and b.offsets.tolist() == [0, 2]
+        c = await share.fetch("v1", ["u3", "u2", "u1", "u3"], fetch)  # only the user not fetched yet
+        assert c.embedding[:, 0].tolist() == [3, 2, 1, 3] and c.offsets.tolist() == [0, 3, 5, 6, 9]
+        assert c.items == ["u3-0", "u3-1", "u3-2", "u2-0", "u2-1", "u1-0", "u3-0", "u3-1", "u3-2"]
+        assert c.timestamps.tolist() == [100, 101, 102, 100, 101, 100, 100, 101, 102]
         await share.fetch("v2", ["u1"], fetch)  # another version: its own embeddings
         assert calls[1:] == [["u3"], ["u1"]] and share.fetches == 3
         broken = SharedFetch()
@@ -226,6 +233,7 @@ def test_report_cli_reads_interleaved_impressions_from_a_real_redis(tmp_path: Pa
     from cli_entry import twotower_argv
 
     from offline.event_log import EventLog
+    from online.config import RedisConfig
     from online.redis_store import RedisFeatureStore
 
     imps, events = _simulate(60, 0.9, seed=3)
@@ -233,7 +241,7 @@ def test_report_cli_reads_interleaved_impressions_from_a_real_redis(tmp_path: Pa
     plain = Impression("r-plain", "u-x", "default", "v", ("a0",))
 
     async def log() -> None:
-        store = RedisFeatureStore(url=redis_proc.url, prefix="tt-il")
+        store = RedisFeatureStore(RedisConfig(url=redis_proc.url, prefix="tt-il"))
         await store.log_impressions([*imps, plain], timeout=5.0)
         await store.record([replace(e, timestamp=1_700_000_000 + j) for j, e in enumerate(events)], timeout=5.0)
         await store.close()

@@ -314,7 +314,7 @@ def test_one_tight_deadline_does_not_cost_the_batch_its_features(synth_bundle: P
 def test_sessions_are_newest_first_and_idempotent_in_the_memory_store() -> None:
     import asyncio
 
-    from online.feature_store import Event, InMemoryFeatureStore
+    from online.feature_store import EVENT_TYPES, Event, InMemoryFeatureStore
 
     async def main() -> None:
         store = InMemoryFeatureStore(session_cap=3)
@@ -322,11 +322,12 @@ def test_sessions_are_newest_first_and_idempotent_in_the_memory_store() -> None:
         await store.record(same_second, timeout=1.0)
         await store.record(same_second, timeout=1.0)  # a retried call
         await store.record([Event("u", "7", "view", 99)], timeout=1.0)
-        (f,) = await store.fetch("none", ["u"], dim=4, n_recent=10, timeout=1.0)
-        assert [e.item_id for e in f.session] == ["181", "50", "7"]
+        f = await store.fetch("none", ["u"], dim=4, n_recent=10, timeout=1.0)
+        assert f.items == ["181", "50", "7"] and f.timestamps.tolist() == [100, 100, 99]
+        assert [EVENT_TYPES[t] for t in f.types] == ["cart", "click", "view"] and f.offsets.tolist() == [0, 3]
         await store.record([Event("u", "9", "view", 101)], timeout=1.0)  # over the cap: the oldest goes
-        (f,) = await store.fetch("none", ["u"], dim=4, n_recent=10, timeout=1.0)
-        assert [e.item_id for e in f.session] == ["9", "181", "50"]
+        f = await store.fetch("none", ["u"], dim=4, n_recent=10, timeout=1.0)
+        assert f.items == ["9", "181", "50"] and not f.has_user.any()
 
     asyncio.run(main())
 

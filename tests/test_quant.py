@@ -175,17 +175,19 @@ def test_int8_user_embeddings_round_trip_through_redis(synth_bundle: Path, redis
     # The online Redis feature store reads them unchanged (one pipeline; decode by the tag).
     import asyncio
 
+    from online.config import RedisConfig
     from online.redis_store import RedisFeatureStore
 
-    async def fetch() -> list[np.ndarray | None]:
-        store = RedisFeatureStore(url=redis_proc.url, socket_timeout_s=2.0)
+    async def fetch() -> np.ndarray:
+        store = RedisFeatureStore(RedisConfig(url=redis_proc.url, socket_timeout_ms=2000.0))
         try:
             feats = await store.fetch(b.version, users[:20], dim=b.dim, n_recent=5, timeout=2.0)
         finally:
             await store.close()
-        return [f.embedding for f in feats]
+        assert feats.has_user.all()
+        return feats.embedding
 
-    assert np.array_equal(np.stack(asyncio.run(fetch())), got[:20])  # type: ignore[arg-type]
+    assert np.array_equal(asyncio.run(fetch()), got[:20])
     # float16 into the same Redis: half the bytes of float32, decoded by length.
     load_bundle_into_redis(synth_bundle, redis_url=redis_proc.url, dtype="float16", progress=False)
     assert len(r.get(keys.user_embedding(b.version, users[0]))) == 2 * b.dim

@@ -149,7 +149,7 @@ def test_a_timed_out_call_does_not_wait_for_the_client_library_to_clean_up() -> 
     from towers.errors import FeatureStoreError
 
     async def main() -> None:
-        store = RedisFeatureStore(url="redis://127.0.0.1:1/0")  # never connected: the call is a stand-in
+        store = RedisFeatureStore(RedisConfig(url="redis://127.0.0.1:1/0"))  # never connected: the call is a stand-in
         cleanup = asyncio.Event()  # never set while the store is expected to have answered
         cancelled = asyncio.Event()
 

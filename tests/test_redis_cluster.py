@@ -22,7 +22,7 @@ from waiting import wait_until
 
 from bench.procs import free_port
 from online.client import RecommenderClient
-from online.config import load_config
+from online.config import RedisConfig, load_config
 from online.proto import recommender_pb2 as pb
 from online.redis_store import RedisClusterFeatureStore, RedisFeatureStore, open_redis_store
 from online.server import ServerThread
@@ -125,8 +125,8 @@ def test_cluster_urls() -> None:
                 "redis+cluster://h:1/?ssl=true"):
         with pytest.raises(FeatureStoreError):
             parse_cluster_url(bad)
-    assert isinstance(open_redis_store(url="redis+cluster://127.0.0.1:1/"), RedisClusterFeatureStore)
-    store = open_redis_store(url="redis://127.0.0.1:1/0")
+    assert isinstance(open_redis_store(RedisConfig(url="redis+cluster://127.0.0.1:1/")), RedisClusterFeatureStore)
+    store = open_redis_store(RedisConfig(url="redis://127.0.0.1:1/0"))
     assert type(store) is RedisFeatureStore
 
 
@@ -150,7 +150,7 @@ def test_a_users_keys_share_one_slot_and_standalone_names_are_unchanged() -> Non
 def served(cluster: RedisClusterProcs, bundle: Path) -> Iterator[tuple[ServerThread, RedisClusterProcs]]:
     load_bundle_into_redis(bundle, redis_url=cluster.url, prefix=PREFIX, progress=False)
     cfg = load_config(port=0)
-    store = open_redis_store(url=cluster.url, prefix=PREFIX, socket_timeout_s=0.1)
+    store = open_redis_store(RedisConfig(url=cluster.url, prefix=PREFIX, socket_timeout_ms=100))
     srv = ServerThread(cfg, bundle_path=bundle, store=store)
     yield srv, cluster
     srv.stop()

@@ -302,11 +302,6 @@ def encode_event(e: Event) -> bytes:
     return f"{e.item_id}\t{e.type}\t{e.timestamp}".encode()
 
 
-def decode_event(user_id: str, raw: bytes) -> Event:
-    item, typ, ts = raw.decode().split("\t")
-    return Event(user_id, item, typ, int(ts))
-
-
 # Scales of the int8 versions this process has loaded, by tag. Tags are content hashes, so
 # versions never overwrite each other's entry; a few hundred bytes per version ever loaded.
 _INT8_SCALES: dict[bytes, np.ndarray] = {}
@@ -367,11 +362,3 @@ def decode_embedding(raw: bytes | None, dim: int, *,
 def encode_recs(rows: np.ndarray, scores: np.ndarray) -> bytes:
     keep = rows >= 0
     return rows[keep].astype("<i4").tobytes() + scores[keep].astype("<f4").tobytes()
-
-
-def decode_recs(raw: bytes | None) -> tuple[np.ndarray, np.ndarray] | None:
-    if raw is None:
-        return None
-    n = len(raw) // 8
-    return (np.frombuffer(raw[: 4 * n], dtype="<i4").astype(np.int64),
-            np.frombuffer(raw[4 * n:], dtype="<f4").astype(np.float32))
