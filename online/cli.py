@@ -6,8 +6,23 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from online.config import ServeConfig
 from online.tls import add_client_tls_flags
-from towers.cliargs import secret_file
+from towers.cliargs import add_config_flags, config_overrides, flag_of, secret_file
+from towers.errors import ConfigError
+
+# Flags that set one ServeConfig field each: type, choices, help and default come from the field.
+SERVE_FLAGS = {
+    "--host": "host", "--port": "port", "--max-batch-size": "batching.max_batch_size",
+    "--max-wait-ms": "batching.max_wait_ms", "--max-pending": "batching.max_pending",
+    "--shed-answer": "batching.shed_answer", "--default-deadline-ms": "default_deadline_ms",
+    "--workers": "workers.workers", "--max-age-s": "workers.max_age_s", "--max-requests": "workers.max_requests",
+    "--max-rss-mb": "workers.max_rss_mb", "--drain-grace-s": "workers.drain_grace_s", "--transport": "transport",
+    "--flags": "flags_file", "--max-resident-mb": "max_resident_mb", "--tls-cert": "tls.cert",
+    "--tls-key": "tls.key", "--tls-client-ca": "tls.client_ca", "--metrics-port": "metrics_port",
+    "--admin-host": "admin_host", "--admin-port": "admin_port", "--admin-token-file": "admin_token_file",
+    "--log-format": "log_format",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,34 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     store.add_argument("--redis-url", default=None, help="use Redis as the feature store (or --redis-url-file)")
     store.add_argument("--redis-url-file", dest="redis_url", type=secret_file, default=None, metavar="FILE",
                        help="--redis-url's URL from the first line of FILE (keeps a password off the command line)")
-    store.add_argument("--feature-store", choices=["memory", "redis"], default=None)
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--config", type=Path, default=None, help="JSON file of ServeConfig settings")
-    p.add_argument("--max-batch-size", type=int, default=None)
-    p.add_argument("--max-wait-ms", type=float, default=None)
-    p.add_argument("--workers", type=int, default=None, help="server processes sharing the port (SO_REUSEPORT)")
-    p.add_argument("--max-age-s", type=float, default=None, help="recycle a worker older than this (0: never)")
-    p.add_argument("--max-requests", type=int, default=None,
-                   help="recycle a worker after this many Recommend calls (0: never)")
-    p.add_argument("--max-rss-mb", type=float, default=None,
-                   help="recycle a worker whose resident memory exceeds this (0: never)")
-    p.add_argument("--drain-grace-s", type=float, default=None, help="time in-flight RPCs get on shutdown")
-    p.add_argument("--transport", choices=["aio", "sync"], default=None,
-                   help="gRPC server: grpc.aio, or the sync server with a thread pool")
-    p.add_argument("--flags", type=Path, default=None,
-                   help="A/B flags file (YAML; see `twotower ab validate`): re-read every registry poll")
-    p.add_argument("--max-resident-mb", type=float, default=None,
-                   help="refuse flags whose resident versions (CURRENT + pinned) exceed this (0: no limit)")
-    p.add_argument("--tls-cert", default=None, help="PEM server certificate (chain): serve TLS")
-    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (unencrypted)")
-    p.add_argument("--tls-client-ca", default=None,
-                   help="PEM CA bundle: mutual TLS, clients must present a certificate it signed")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port); with --workers, "
-                        "one endpoint for all workers")
-    p.add_argument("--log-format", choices=["text", "json"], default=None,
-                   help="json: one JSON object per line (time, level, logger, message, request fields)")
+    add_config_flags(store, ServeConfig, {"--feature-store": "feature_store"})
+    p.add_argument("--config", type=Path, default=None, help="JSON file of ServeConfig settings (flags win over it)")
+    add_config_flags(p, ServeConfig, SERVE_FLAGS)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("recommend", help="ask a running server for recommendations")
@@ -71,18 +61,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from online.config import load_config
     from online.logs import configure_logging
     from online.server import start_server
-    from towers.errors import ConfigError
 
-    cfg = load_config(args.config, host=args.host, port=args.port,
-                      feature_store="redis" if args.redis_url else args.feature_store,
-                      batching__max_batch_size=args.max_batch_size, batching__max_wait_ms=args.max_wait_ms,
-                      workers__workers=args.workers, workers__max_age_s=args.max_age_s,
-                      workers__max_requests=args.max_requests, workers__max_rss_mb=args.max_rss_mb,
-                      workers__drain_grace_s=args.drain_grace_s, transport=args.transport, tls__cert=args.tls_cert,
-                      tls__key=args.tls_key, tls__client_ca=args.tls_client_ca,
-                      flags_file=str(args.flags) if args.flags is not None else None,
-                      max_resident_mb=args.max_resident_mb, metrics_port=args.metrics_port,
-                      log_format=args.log_format)
+    flags = {**SERVE_FLAGS, "--feature-store": "feature_store"}
+    if args.redis_url:
+        args.feature_store = "redis"
+    try:
+        cfg = load_config(args.config, **config_overrides(args, flags))
+    except ConfigError as e:
+        raise flag_of(args, flags, e) from None
     configure_logging(level=logging.INFO, fmt=cfg.log_format)
     if args.redis_url:
         from dataclasses import replace
@@ -93,10 +79,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     load_server_tls(cfg.tls)  # bad TLS files or an exposed admin port: one clear error, before any worker starts
     check_admin_exposure(cfg)
-    if args.flags is not None:
+    if cfg.flags_file:
         from towers.flags import load_flags
 
-        load_flags(args.flags)  # an invalid file: one clear error, before any worker starts
+        load_flags(Path(cfg.flags_file))  # an invalid file: one clear error, before any worker starts
     w = cfg.workers
     if w.workers > 1 or w.max_age_s or w.max_requests or w.max_rss_mb:
         if args.bundle is not None:

@@ -25,6 +25,11 @@ PosF = Annotated[float, Field(gt=0)]
 Share = Annotated[float, Field(ge=0, le=1)]
 
 
+def Doc(text: str) -> Any:
+    """A setting's description: the help of its ``twotower serve`` flag (towers.cliargs)."""
+    return Field(description=text)
+
+
 @dataclass(frozen=True)
 class BudgetConfig:
     """Latency budget in milliseconds (DESIGN §4), capped by the client's deadline."""
@@ -41,18 +46,20 @@ class BudgetConfig:
 @dataclass(frozen=True)
 class BatchingConfig:
     __pydantic_config__ = _PYDANTIC
-    max_batch_size: Pos = 64  # 1 turns batching off
-    max_wait_ms: NonNegF = 2.0  # only while another batch is in flight; idle requests go at once
+    max_batch_size: Annotated[Pos, Doc("requests answered together (1 turns batching off)")] = 64
+    max_wait_ms: Annotated[NonNegF, Doc("how long a batch waits to fill, only while another is in flight")] = 2.0
     gap_ms: PosF = 1.0  # under load, a batch closes early once no request arrived for this long
     max_inflight_batches: Pos = 2  # a batch's feature fetch overlaps the previous batch's search
     # Admission control: requests a worker holds (queued + in flight) before it refuses more
     # with RESOURCE_EXHAUSTED (0: no bound). A request whose deadline the queue ahead of it
     # would miss (measured batch durations) is refused at once as well.
-    max_pending: NonNeg = 512  # 0: no bound
+    max_pending: Annotated[NonNeg, Doc("requests a worker holds (queued + in flight) before it sheds "
+                                       "(0: no bound)")] = 512
     # What a refused request gets: "degrade" (answered at once from memory: the bundle's
     # precomputed list for the user, else popularity, labelled with the reason) or "refuse"
     # (RESOURCE_EXHAUSTED with retry pushback, for clients that would rather retry elsewhere).
-    shed_answer: Literal["degrade", "refuse"] = "degrade"
+    shed_answer: Annotated[Literal["degrade", "refuse"],
+                           Doc("what a shed request gets: an answer from memory, or RESOURCE_EXHAUSTED")] = "degrade"
 
 
 @dataclass(frozen=True)
@@ -79,11 +86,11 @@ class WorkersConfig:
     A threshold of 0 disables that trigger."""
 
     __pydantic_config__ = _PYDANTIC
-    workers: Pos = 1
-    max_age_s: NonNegF = 0.0  # recycle a worker older than this
-    max_requests: NonNeg = 0  # ... or that has served this many Recommend calls
-    max_rss_mb: NonNegF = 0.0  # ... or whose resident memory exceeds this
-    drain_grace_s: NonNegF = 5.0  # in-flight work gets this long to finish on shutdown
+    workers: Annotated[Pos, Doc("server processes sharing the port (SO_REUSEPORT)")] = 1
+    max_age_s: Annotated[NonNegF, Doc("recycle a worker older than this (0: never)")] = 0.0
+    max_requests: Annotated[NonNeg, Doc("recycle a worker after this many Recommend calls (0: never)")] = 0
+    max_rss_mb: Annotated[NonNegF, Doc("recycle a worker whose resident memory exceeds this (0: never)")] = 0.0
+    drain_grace_s: Annotated[NonNegF, Doc("time in-flight RPCs get to finish on shutdown")] = 5.0
     check_interval_s: PosF = 1.0  # how often the supervisor looks at its workers
     # Workers load a new version one at a time (a swap holds two bundles in memory: N workers
     # swapping together would need N extra copies at once). False: each as soon as it sees it.
@@ -97,9 +104,9 @@ class TLSConfig:
     Checked at start by ``online.tls.load_server_tls`` (errors name the flag and file)."""
 
     __pydantic_config__ = _PYDANTIC
-    cert: str = ""  # server certificate chain (--tls-cert)
-    key: str = ""  # its unencrypted private key (--tls-key)
-    client_ca: str = ""  # CA bundle for client certificates (--tls-client-ca)
+    cert: Annotated[str, Doc("PEM server certificate (chain): serve TLS")] = ""
+    key: Annotated[str, Doc("PEM private key of the certificate (unencrypted)")] = ""
+    client_ca: Annotated[str, Doc("PEM CA bundle: mutual TLS, clients must present a certificate it signed")] = ""
 
     @property
     def enabled(self) -> bool:
@@ -109,9 +116,9 @@ class TLSConfig:
 @dataclass(frozen=True)
 class ServeConfig:
     __pydantic_config__ = _PYDANTIC
-    host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=0, le=65535)] = 50051
-    feature_store: Literal["memory", "redis"] = "memory"
+    host: Annotated[str, Doc("address the gRPC (and metrics) server binds")] = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535), Doc("gRPC port (0: a free one)")] = 50051
+    feature_store: Annotated[Literal["memory", "redis"], Doc("where user embeddings and sessions live")] = "memory"
     redis: RedisConfig = field(default_factory=RedisConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -135,19 +142,23 @@ class ServeConfig:
     registry_poll_s: float = 1.0  # how often CURRENT is checked for a new version (0: never)
     # The deadline of a Recommend call that carries none (0: none): without one, an overloaded
     # worker could hold it forever.
-    default_deadline_ms: NonNegF = 1000.0
+    default_deadline_ms: Annotated[NonNegF, Doc("deadline of a Recommend call that carries none (0: none)")] = 1000.0
     # How often a Redis-backed server reads the event log's state and the refresh's last run
     # into its metrics (online/log_signals.py; 0: never).
     log_signals_s: NonNegF = 15.0
-    admin_host: str = "127.0.0.1"  # the admin surface stays on localhost unless told otherwise
-    admin_port: int = -1  # -1: no admin service; 0: a free port
+    admin_host: Annotated[str, Doc("address of the admin service (localhost unless told otherwise)")] = "127.0.0.1"
+    admin_port: Annotated[int, Field(ge=-1, le=65535),
+                          Doc("admin gRPC port (-1: no admin service; 0: a free one)")] = -1
     # A file holding the admin bearer token (a mounted secret; env TWOTOWER_ADMIN_TOKEN also works).
     # Required when admin_host is not loopback (online.admin_auth); never put the token itself here.
-    admin_token_file: str = ""
+    admin_token_file: Annotated[str, Doc("file holding the admin bearer token (a mounted secret)")] = ""
     # Prometheus /metrics over plain HTTP on ``host``: -1 none (and no metrics collected), 0 a free
     # port. With workers, the supervisor serves every worker's values on it (online.metrics).
-    metrics_port: Annotated[int, Field(ge=-1, le=65535)] = -1
-    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line (online.logs)
+    metrics_port: Annotated[int, Field(ge=-1, le=65535),
+                            Doc("Prometheus /metrics over HTTP (-1: none; 0: a free port); with workers, one "
+                                "endpoint for all")] = -1
+    log_format: Annotated[Literal["text", "json"],
+                          Doc("json: one JSON object per line (time, level, logger, message, request fields)")] = "text"
     search_threads: Pos = 2
     # FAISS uses BLAS for exact search only from this many queries at once. The wheel's
     # default (128000) means never; batches of >= 20 queries are much faster with BLAS,
@@ -160,14 +171,16 @@ class ServeConfig:
     # gRPC transport: "aio" (grpc.aio, handlers on the event loop) or "sync" (grpc.server with
     # ``sync_threads`` pool threads, each waiting for the service on the event loop). Measured
     # with the real handler in the benchmark's ``paths`` scenario; the default is the faster.
-    transport: Literal["aio", "sync"] = "aio"
+    transport: Annotated[Literal["aio", "sync"],
+                         Doc("gRPC server: grpc.aio, or the sync server with a thread pool")] = "aio"
     sync_threads: Pos = 256  # at least the concurrency that should batch: a waiting call holds a thread
     # A/B flags (towers.flags): a YAML file of experiments, re-read every registry_poll_s
     # (online.experiments). "": no experiments, every request gets CURRENT and ``variant``.
-    flags_file: str = ""
+    flags_file: Annotated[str, Doc("A/B flags file (YAML; `twotower ab validate`): re-read every registry poll")] = ""
     # Bound on the bundles kept resident for the flags (CURRENT plus every pinned version,
     # counted by their files' bytes in the manifest); a flags file over it is refused. 0: none.
-    max_resident_mb: NonNegF = 0.0
+    max_resident_mb: Annotated[NonNegF, Doc("refuse flags whose resident versions (CURRENT + pinned) exceed this "
+                                            "(0: no limit)")] = 0.0
     max_shadow_inflight: NonNeg = 1  # shadow batches running at once; more are dropped (and counted)
     shadow_time_share: Share = 0.1  # shadow batches may take at most this share of wall time
     assignment_cache: NonNeg = 100_000  # users whose assignment is remembered (per flags file)

@@ -74,3 +74,37 @@ def test_refresh_flags_take_their_defaults_from_refresh_config() -> None:
     text = " ".join(sub.format_help().split())
     assert f"(default {RefreshConfig.max_events:,})" in text and f"default {RefreshConfig.keep_versions})" in text
     assert f"(default {RefreshConfig.holdout_s / 3600:g})" in text and f"default {RefreshConfig.mode}" in text
+
+
+def test_serve_flags_are_derived_from_serve_config() -> None:
+    """Each serve flag that sets a config field takes its type, choices, help and default from
+    the field's declaration; unset flags are None (the config file's or default value stays)."""
+    from online.cli import SERVE_FLAGS
+    from online.config import ServeConfig, load_config
+    from towers.cliargs import OneLineParser, add_config_flags, config_field, config_overrides
+
+    assert config_field(ServeConfig, "batching.max_batch_size")[1:] == (64, "requests answered together "
+                                                                             "(1 turns batching off)")
+    p = OneLineParser(prog="serve")
+    add_config_flags(p, ServeConfig, SERVE_FLAGS)
+    assert config_overrides(p.parse_args([]), SERVE_FLAGS) == {}
+    args = p.parse_args(["--max-batch-size", "8", "--transport", "sync", "--tls-cert", "c.pem"])
+    overrides = config_overrides(args, SERVE_FLAGS)
+    assert overrides == {"batching__max_batch_size": 8, "transport": "sync", "tls__cert": "c.pem"}
+    cfg = load_config(None, **overrides)
+    assert (cfg.batching.max_batch_size, cfg.transport, cfg.tls.cert) == (8, "sync", "c.pem")
+    assert cfg.batching.max_wait_ms == ServeConfig().batching.max_wait_ms  # untouched: the default
+    help_text = p.format_help()
+    assert "(default: 2.0)" in help_text and "{aio,sync}" in help_text and "--shed-answer {degrade,refuse}" in help_text
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--max-batch-size", "0"], "--max-batch-size: Input should be greater than or equal to 1"),
+    (["--port", "70000"], "--port: Input should be less than or equal to 65535"),
+    (["--workers", "two"], "--workers: invalid int value: 'two'"),
+    (["--log-format", "xml"], "--log-format: invalid choice: 'xml'"),
+])
+def test_bad_serve_flags_name_the_flag(tmp_path: Path, args: list[str], needle: str) -> None:
+    proc = run("serve", "--bundle", str(tmp_path), *args)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

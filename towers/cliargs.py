@@ -5,9 +5,14 @@ the environment here, at the edge, and passed down as a parameter)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from towers.errors import ConfigError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -64,3 +69,53 @@ def add_redis_url(p: argparse.ArgumentParser, *, flag: str = "--redis-url",
                    help=f"{help} (or --redis-url-file" + (f", or ${REDIS_URL_ENV})" if required else ")"))
     g.add_argument("--redis-url-file", dest="redis_url", type=secret_file, default=env, metavar="FILE",
                    help=f"read {flag}'s URL from the first line of FILE")
+
+
+def config_field(config: type, path: str) -> tuple[Any, Any, str]:
+    """The (type, default, description) of the field at dotted ``path`` of a dataclass config,
+    read from its declaration: ``Annotated[T, Field(..., description=...)]`` gives the
+    description, nested dataclass fields are walked by their names."""
+    *outer, name = path.split(".")
+    cls = config
+    for part in outer:
+        cls = typing.get_type_hints(cls, include_extras=True)[part]
+    hint = typing.get_type_hints(cls, include_extras=True)[name]
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[operator]
+    description = ""
+    while typing.get_origin(hint) is typing.Annotated:
+        description = next((m.description for m in reversed(hint.__metadata__)
+                            if getattr(m, "description", None)), description)
+        hint = typing.get_args(hint)[0]
+    return hint, default, description
+
+
+def add_config_flags(p: argparse.ArgumentParser, config: type, flags: Mapping[str, str]) -> None:
+    """One flag per config field (``flags``: flag -> dotted field path), typed, described and
+    defaulted by the field's declaration, so the config class stays the one source of truth.
+    A flag left unset is None (the field keeps its default or the config file's value); its
+    value lands in ``args`` under the path with ``__`` for dots (``config_overrides``)."""
+    for flag, path in flags.items():
+        hint, default, description = config_field(config, path)
+        kwargs: dict[str, Any] = {"dest": path.replace(".", "__"), "default": None}
+        if typing.get_origin(hint) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(hint))
+        elif hint in (int, float):
+            kwargs.update(type=hint, metavar="N")
+        else:
+            kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+        shown = f" (default: {default})" if default != "" else ""
+        p.add_argument(flag, help=f"{description}{shown}", **kwargs)
+
+
+def config_overrides(args: argparse.Namespace, flags: Mapping[str, str]) -> dict[str, Any]:
+    """The flags of ``add_config_flags`` that were given, as ``field__path=value`` overrides."""
+    return {path.replace(".", "__"): v for path in flags.values()
+            if (v := getattr(args, path.replace(".", "__"))) is not None}
+
+
+def flag_of(args: argparse.Namespace, flags: Mapping[str, str], error: ConfigError) -> ConfigError:
+    """A config error about a field a given flag set, renamed to the flag the user typed (one
+    about a value from elsewhere, a config file say, keeps its field's name)."""
+    by_path = {path: flag for flag, path in flags.items() if getattr(args, path.replace(".", "__")) is not None}
+    return ConfigError(by_path[error.field], str(error).split(": ", 1)[1]) if error.field in by_path else error
