@@ -25,6 +25,7 @@ from online.feature_store import FeatureStore, InMemoryFeatureStore
 from online.hotswap import RegistryWatcher
 from online.lifecycle import LoadedModel
 from online.log_signals import LogSignals
+from online.loop_health import LoopHealth
 from online.metrics import error_fields
 from online.proto import recommender_pb2 as pb
 from online.proto import recommender_pb2_grpc as pb_grpc
@@ -211,6 +212,7 @@ class RunningServer:
     watcher: RegistryWatcher | None = None
     router: Router | None = None  # A/B flags (cfg.flags_file)
     signals: LogSignals | None = None  # the event log's state into metrics (Redis stores)
+    loop_health: LoopHealth | None = None  # event-loop lag and GC pauses into metrics
     admin: grpc.aio.Server | None = None
     admin_port: int = -1
     restore: list[Callable[[], None]] = field(default_factory=list)  # process-wide settings to put back
@@ -228,6 +230,8 @@ class RunningServer:
             await self.router.stop()
         if self.signals is not None:
             await self.signals.stop()
+        if self.loop_health is not None:
+            await self.loop_health.stop()
         self.service.metrics.set_serving(False)
         await _maybe_await(self.health.enter_graceful_shutdown())
         stopped = self.server.stop(grace)
@@ -355,6 +359,9 @@ async def start_server(cfg: ServeConfig, *, bundle_path: Path | None = None, reg
         if isinstance(service.store, RedisFeatureStore) and service.metrics.enabled and cfg.log_signals_s > 0:
             running.signals = LogSignals(service.store, service.metrics, every_s=cfg.log_signals_s)
             running.signals.start()
+        if service.metrics.enabled:
+            running.loop_health = LoopHealth(service.metrics.registry)
+            running.loop_health.start()
     except BaseException:
         await running.stop(grace=0)
         raise

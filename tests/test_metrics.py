@@ -156,6 +156,42 @@ def test_a_routed_batch_keeps_each_groups_stage_times() -> None:
     assert get("twotower_batch_size_sum") == 3
 
 
+def test_loop_health_sees_a_blocked_loop_and_each_collection() -> None:
+    import asyncio
+    import gc
+
+    from online.loop_health import LoopHealth
+
+    reg = CollectorRegistry()
+
+    def value(name: str, **labels: str) -> float:
+        return reg.get_sample_value(name, labels) or 0.0
+
+    async def main() -> None:
+        health = LoopHealth(reg, interval_s=0.001)
+        health.start()
+        try:
+            await asyncio.sleep(0)  # the probe's first timer is armed
+            before = value("twotower_gc_pause_seconds_count", generation="2")
+            gc.collect(2)
+            assert value("twotower_gc_pause_seconds_count", generation="2") == before + 1
+            block_until = time.perf_counter() + 0.03
+            while time.perf_counter() < block_until:  # the loop is busy: the probe's timer fires late
+                pass
+            for _ in range(1000):  # until the late timer has run (a few loop iterations)
+                if value("twotower_event_loop_lag_seconds_count") >= 1:
+                    break
+                await asyncio.sleep(0)
+            late = value("twotower_event_loop_lag_seconds_count") - value("twotower_event_loop_lag_seconds_bucket",
+                                                                          le="0.02")
+            assert late >= 1  # at least one sample over 20 ms: the 30 ms block
+        finally:
+            await health.stop()
+        assert health._on_gc not in gc.callbacks
+
+    asyncio.run(main())
+
+
 def test_disabled_metrics_still_count_what_the_process_needs() -> None:
     m = ServingMetrics(enabled=False)
     m.observe_batch([result(), result("popularity", reasons=("cold start: x",))])
@@ -224,6 +260,9 @@ def test_a_server_exports_its_traffic(metered: tuple[ServerThread, str], registr
     assert total(after, "twotower_rpc_errors_total", code="INVALID_ARGUMENT") == 1
     assert total(after, "twotower_batcher_queue_depth") == 0 and total(after, "twotower_batches_inflight") == 0
     assert srv.running.service.requests_served == 11
+    # Where slow requests wait: the loop's lag probe runs (its first sample within ~50 ms).
+    lagged = scrape_until(url, lambda m: total(m, "twotower_event_loop_lag_seconds_count") >= 1)
+    assert total(lagged, "twotower_event_loop_lag_seconds_count") >= 1 and "twotower_gc_pause_seconds_count" in lagged
 
     # A CURRENT naming a version that is not there: rejected, the old version serves on.
     (registry / "CURRENT").write_text("v20200101T000000-0000\n")
