@@ -115,22 +115,43 @@ def server(registry: Path, *, batch_size: int, redis_url: str | None = None, con
             cfg_file.unlink(missing_ok=True)
 
 
-def trivial_main(port: int) -> None:
-    """A Recommender whose handler returns a fixed 10-item response: the gRPC ceiling."""
+TRIVIAL_KINDS = ("plain", "batched", "batched+thread")
+
+
+def trivial_main(port: int, kind: str = "plain") -> None:
+    """A Recommender whose handler returns a fixed 10-item response: the gRPC ceiling.
+    ``batched``: each call waits for its answer from the server's own ``Batcher`` (a future per
+    call, a batch task, the same settings), whose handler does nothing; ``batched+thread``:
+    each batch also hops to a worker thread and back, as the search does. The steps between
+    ``plain`` and the real server, so a gap can be split into what batching costs and what the
+    stages cost."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+    from online.batcher import Batcher
+    from online.config import BatchingConfig
     from online.proto import recommender_pb2 as pb
     from online.proto import recommender_pb2_grpc as pb_grpc
 
     fixed = pb.RecommendResponse(item_ids=[str(i) for i in range(10)], scores=[0.5] * 10, model_version="trivial",
                                  rung=pb.RUNG_FULL, source="trivial")
+    pool = ThreadPoolExecutor(max_workers=2)
+
+    async def answer(reqs: Any, _queue_s: Any) -> list[Any]:
+        if kind == "batched+thread":
+            await asyncio.get_running_loop().run_in_executor(pool, len, reqs)
+        return [fixed] * len(reqs)
+
+    b = BatchingConfig()
+    batcher: Batcher[Any, Any] = Batcher(answer, max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms,
+                                         gap_ms=b.gap_ms, max_inflight=b.max_inflight_batches, max_pending=0)
 
     class Trivial(pb_grpc.RecommenderServicer):
         async def Recommend(self, request: Any, context: Any) -> Any:
-            return fixed
+            return fixed if kind == "plain" else await batcher.submit(request)
 
     async def main() -> None:
         srv = grpc.aio.server()
@@ -146,12 +167,12 @@ def trivial_main(port: int) -> None:
 
 
 @contextmanager
-def trivial_server() -> Iterator[ServerProc]:
+def trivial_server(kind: str = "plain") -> Iterator[ServerProc]:
     port = free_port()
     # -c, not -m bench.procs: the package's __init__ imports this module first, and runpy then
     # warns that it runs a second copy of it.
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from bench.procs import trivial_main; "
-                             "trivial_main(int(sys.argv[1]))", str(port)])
+                             "trivial_main(int(sys.argv[1]), sys.argv[2])", str(port), kind])
     try:
         ready = wait_serving(f"127.0.0.1:{port}", 60, proc)
         yield ServerProc(f"127.0.0.1:{port}", ready, proc.pid)
