@@ -15,11 +15,15 @@ _EXPORTS = {
     "LoadedModel": "online.lifecycle", "start_server": "online.server", "ServerThread": "online.server",
     "RunningServer": "online.server", "RecommenderClient": "online.client", "FeatureStore": "online.feature_store",
     "InMemoryFeatureStore": "online.feature_store", "RedisFeatureStore": "online.redis_store",
-    "StoreCapabilities": "online.feature_store", "Batcher": "online.batcher", "Ladder": "online.degradation",
+    "StoreCapabilities": "online.feature_store", "BatchFeatures": "online.feature_store",
+    "BatchRecs": "online.feature_store", "RedisConfig": "online.config", "Batcher": "online.batcher",
+    "Ladder": "online.degradation",
     "RecRequest": "online.request", "RecResult": "online.request", "StageTimings": "online.request",
     "Supervisor": "online.supervisor", "RegistryWatcher": "online.hotswap",
 }
 __all__ = [
+    "BatchFeatures",
+    "BatchRecs",
     "Batcher",
     "FeatureStore",
     "InMemoryFeatureStore",
@@ -29,6 +33,7 @@ __all__ = [
     "RecResult",
     "RecommendService",
     "RecommenderClient",
+    "RedisConfig",
     "RedisFeatureStore",
     "RegistryWatcher",
     "RunningServer",
@@ -44,9 +49,9 @@ __all__ = [
 if TYPE_CHECKING:
     from online.batcher import Batcher
     from online.client import RecommenderClient
-    from online.config import ServeConfig, load_config
+    from online.config import RedisConfig, ServeConfig, load_config
     from online.degradation import Ladder
-    from online.feature_store import FeatureStore, InMemoryFeatureStore, StoreCapabilities
+    from online.feature_store import BatchFeatures, BatchRecs, FeatureStore, InMemoryFeatureStore, StoreCapabilities
     from online.hotswap import RegistryWatcher
     from online.lifecycle import LoadedModel
     from online.redis_store import RedisFeatureStore

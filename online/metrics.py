@@ -20,7 +20,9 @@ What is exported (every name starts with ``twotower_``; seconds, not microsecond
 - gauges ``serving`` (1 per worker that is SERVING), ``model_info{version,variant}`` (1 per
   worker serving that version: the Info-metric convention as a gauge, because
   ``prometheus_client.Info`` has no multiprocess mode), ``batcher_queue_depth``,
-  ``batches_inflight``; ``worker_resident_memory_bytes{slot}`` (read from /proc at scrape).
+  ``batches_inflight``; ``worker_resident_memory_bytes{slot}`` (read from /proc at scrape);
+- ``event_loop_lag_seconds`` and ``gc_pause_seconds{generation}`` histograms: where slow
+  requests wait outside the stages (``online.loop_health``, registered in this registry).
 
 Cost is what shapes this module: the request path serves 1-2k requests per second on about
 one core, so all of this has a budget of a few microseconds per request. Observation happens
