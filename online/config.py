@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
+from towers.cliargs import Doc
 from towers.errors import ConfigError
 from towers.store_format import DEFAULT_PREFIX, IMPRESSIONS_MAX_BYTES, STREAM_MAX_BYTES, STREAM_MAXLEN
 
@@ -23,11 +24,6 @@ Pos = Annotated[int, Field(ge=1)]
 NonNegF = Annotated[float, Field(ge=0)]
 PosF = Annotated[float, Field(gt=0)]
 Share = Annotated[float, Field(ge=0, le=1)]
-
-
-def Doc(text: str) -> Any:
-    """A setting's description: the help of its ``twotower serve`` flag (towers.cliargs)."""
-    return Field(description=text)
 
 
 @dataclass(frozen=True)

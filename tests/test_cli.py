@@ -67,13 +67,16 @@ def test_refresh_flags_take_their_defaults_from_refresh_config() -> None:
 
     parser = build_parser()
     args = parser.parse_args(["refresh", "--registry", "R", "--redis-url", "redis://h:1/0"])
-    for flag in ("mode", "engine", "max_drop", "epochs", "holdout_hours", "grace_s", "keep_versions", "max_events",
-                 "train_blend", "train_min_targets", "train_min_users", "store_retention_days"):
+    for flag in ("mode", "engine", "max_drop", "train_epochs", "holdout_hours", "grace_s", "keep_versions",
+                 "max_events", "train_blend", "train_min_targets", "train_min_users", "store_retention_days"):
         assert getattr(args, flag) is None, flag
     sub = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["refresh"]  # type: ignore[union-attr,index]
     text = " ".join(sub.format_help().split())
-    assert f"(default {RefreshConfig.max_events:,})" in text and f"default {RefreshConfig.keep_versions})" in text
-    assert f"(default {RefreshConfig.holdout_s / 3600:g})" in text and f"default {RefreshConfig.mode}" in text
+    assert f"(default: {RefreshConfig.max_events})" in text and f"(default: {RefreshConfig.keep_versions})" in text
+    assert f"(default {RefreshConfig.holdout_s / 3600:g})" in text and f"(default: {RefreshConfig.mode})" in text
+    assert "measurably (95%) lower" in text  # a description's % survives argparse's formatting
+    args = parser.parse_args(["refresh", "--registry", "R", "--redis-url", "redis://h:1/0", "--epochs", "2"])
+    assert args.train_epochs == 2
 
 
 def test_serve_flags_are_derived_from_serve_config() -> None:

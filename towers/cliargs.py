@@ -71,6 +71,14 @@ def add_redis_url(p: argparse.ArgumentParser, *, flag: str = "--redis-url",
                    help=f"read {flag}'s URL from the first line of FILE")
 
 
+def Doc(text: str) -> Any:
+    """A config field's description, as ``Annotated`` metadata (pydantic's ``Field``): the
+    help of the flag ``add_config_flags`` derives from the field."""
+    from pydantic import Field
+
+    return Field(description=text)
+
+
 def config_field(config: type, path: str) -> tuple[Any, Any, str]:
     """The (type, default, description) of the field at dotted ``path`` of a dataclass config,
     read from its declaration: ``Annotated[T, Field(..., description=...)]`` gives the
@@ -105,7 +113,7 @@ def add_config_flags(p: argparse.ArgumentParser, config: type, flags: Mapping[st
         else:
             kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
         shown = f" (default: {default})" if default != "" else ""
-        p.add_argument(flag, help=f"{description}{shown}", **kwargs)
+        p.add_argument(flag, help=f"{description}{shown}".replace("%", "%%"), **kwargs)  # argparse %-formats help
 
 
 def config_overrides(args: argparse.Namespace, flags: Mapping[str, str]) -> dict[str, Any]:

@@ -9,11 +9,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from offline.refresh.config import ENGINES, MODES
-from offline.refresh.config import RefreshConfig as D  # the defaults the help shows
-from towers.cliargs import add_redis_url, default_data_dir, existing_dir, positive_int
+from offline.refresh.config import RefreshConfig
+from towers.cliargs import add_config_flags, add_redis_url, config_overrides, default_data_dir, existing_dir
 from towers.errors import ConfigError
 from towers.store_format import DEFAULT_PREFIX
+
+# Flags that set one RefreshConfig field each: type, choices, help and default come from the field
+# (a flag left unset is not passed, so the dataclass is the one source of truth).
+REFRESH_FLAGS = {
+    "--mode": "mode", "--engine": "engine", "--max-drop": "max_drop", "--epochs": "train_epochs",
+    "--train-blend": "train_blend", "--train-min-targets": "train_min_targets",
+    "--train-min-users": "train_min_users", "--max-events": "max_events",
+    "--store-retention-days": "store_retention_days", "--keep-versions": "keep_versions",
+}
 
 # refresh ran, but the event log had lost entries before it read them (its byte cap trimmed them)
 EXIT_EVENTS_LOST = 3
@@ -25,49 +33,22 @@ def register_refresh(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry", required=True, type=Path)
     add_redis_url(p, required=True, help="the Redis the servers write events to (and serve from)")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="the serve config's redis.prefix")
-    # Every default below is RefreshConfig's (``D``): flags left unset (None) are not passed,
-    # so the dataclass is the one source of truth and the help shows its values.
-    p.add_argument("--mode", default=None, choices=list(MODES), help=f"default {D.mode}")
-    p.add_argument("--engine", default=None, choices=list(ENGINES),
-                   help=f"ray: the embedding and batch-scoring steps on a local Ray (the [ray] extra); "
-                        f"default {D.engine}")
+    add_config_flags(p, RefreshConfig, REFRESH_FLAGS)
     p.add_argument("--run-dir", type=Path, default=None, help="where run directories go (default: REGISTRY/../runs)")
     p.add_argument("--resume", type=existing_dir, default=None, help="continue a crashed run (its directory)")
     p.add_argument("--store", type=Path, default=None,
                    help="the interaction store (Parquet by day; default: DATA_DIR/interactions)")
     p.add_argument("--holdout-hours", type=float, default=None,
-                   help=f"the gate's window: the newest events (default {D.holdout_s / 3600:g})")
-    p.add_argument("--max-drop", type=float, default=None,
-                   help="gate: refuse a candidate whose Recall@20 is measurably (95%%) lower than CURRENT's "
-                        f"by more than this fraction (default {D.max_drop:g})")
+                   help=f"the gate's window: the newest events (default {RefreshConfig.holdout_s / 3600:g})")
     p.add_argument("--no-gate", action="store_true",
                    help="publish even a candidate the holdout says is worse (still measured and reported)")
-    p.add_argument("--epochs", type=positive_int, default=None,
-                   help=f"train mode: warm-start epochs (default {D.train_epochs})")
-    p.add_argument("--train-blend", type=float, default=None,
-                   help="train mode: publish this share of the warm start's weights averaged with CURRENT's "
-                        f"(default {D.train_blend:g}: the warm start's alone)")
-    p.add_argument("--train-min-targets", type=int, default=None,
-                   help="train mode: holdout events a retrained model must be scored on to be published "
-                        f"(default {D.train_min_targets})")
-    p.add_argument("--train-min-users", type=int, default=None,
-                   help=f"train mode: ... and the distinct users they come from (default {D.train_min_users})")
     p.add_argument("--no-train-fallback", action="store_true",
                    help="train mode: when the gate refuses the retrained model, publish nothing tonight "
                         "(default: an embed run follows, fresh user vectors from CURRENT's towers)")
     p.add_argument("--grace-s", type=float, default=None,
-                   help=f"keep retired versions' Redis keys this long (default {D.grace_s})")
+                   help=f"keep retired versions' Redis keys this long (default {RefreshConfig.grace_s})")
     p.add_argument("--flags", type=Path, default=None,
                    help="an A/B flags file: versions a running or paused experiment pins keep their keys and files")
-    p.add_argument("--max-events", type=int, default=None,
-                   help="take at most N log entries this run (pending ones first); the rest wait for the next run "
-                        f"(default {D.max_events:,})")
-    p.add_argument("--store-retention-days", type=int, default=None,
-                   help="interaction store: keep this many days of history before the newest event "
-                        f"(default {D.store_retention_days}: all)")
-    p.add_argument("--keep-versions", type=int, default=None,
-                   help="registry retention: keep the newest N versions beside CURRENT and pinned ones (rollbacks; "
-                        f"default {D.keep_versions})")
     p.add_argument("--item-features", type=Path, default=None,
                    help="catalog feed in the dataset spec's item schema (the items table's id, feature and "
                         "title columns; CSV, Parquet, JSON lines): new items join with these features")
@@ -78,7 +59,7 @@ def register_refresh(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    from offline.refresh import RefreshConfig, refresh
+    from offline.refresh import refresh
 
     if args.holdout_hours is not None and args.holdout_hours <= 0:
         raise ConfigError("--holdout-hours", "must be positive")
@@ -88,12 +69,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         raise ConfigError("--item-features", f"file not found: {args.item_features}")
     if args.resume is not None and args.schedule is not None:
         raise ConfigError("--resume", "resumes one run; it cannot be combined with --schedule")
-    given = {"mode": args.mode, "engine": args.engine, "max_drop": args.max_drop, "train_epochs": args.epochs,
-             "holdout_s": None if args.holdout_hours is None else int(args.holdout_hours * 3600),
-             "grace_s": None if args.grace_s is None else int(args.grace_s), "keep_versions": args.keep_versions,
-             "max_events": args.max_events, "train_blend": args.train_blend,
-             "train_min_targets": args.train_min_targets, "train_min_users": args.train_min_users,
-             "store_retention_days": args.store_retention_days}
+    given = {"holdout_s": None if args.holdout_hours is None else int(args.holdout_hours * 3600),
+             "grace_s": None if args.grace_s is None else int(args.grace_s), **config_overrides(args, REFRESH_FLAGS)}
     cfg = RefreshConfig(registry=args.registry, redis_url=args.redis_url, prefix=args.prefix,
                         run_root=args.run_dir or args.registry.resolve().parent / "runs",
                         store_root=args.store or args.data_dir / "interactions", data_dir=args.data_dir,
