@@ -40,28 +40,47 @@ class RedisClusterProcs:
     port + 10000, can be out of range or taken for an ephemeral port."""
 
     def __init__(self, workdir: Path, n: int = 3) -> None:
-        self.ports = [free_port() for _ in range(n)]
+        self.ports: list[int] = []
         self.procs: list[subprocess.Popen[bytes]] = []
-        for port in self.ports:
-            d = workdir / str(port)
-            d.mkdir()
-            self.procs.append(subprocess.Popen(
-                ["redis-server", "--port", str(port), "--cluster-port", str(free_port()), "--bind", "127.0.0.1",
-                 "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
-                 # Healthy nodes keep serving their slots while one is stopped (the test's point);
-                 # a short node timeout exercises the FAIL flag and its clearing on SIGCONT.
-                 "--cluster-require-full-coverage", "no", "--cluster-node-timeout", "2000",
-                 "--save", "", "--appendonly", "no", "--dir", str(d)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self._taken: set[int] = set()  # every port handed out here: two nodes never get the same one
         try:
-            for port in self.ports:
-                wait_until(lambda p=port: self._ping(p), what=f"redis-server on {port}")
+            for _ in range(n):
+                self._start_node(workdir)
             subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
                             "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
             self.wait_ok()
         except BaseException:
             self.stop()  # no fixture teardown runs for a failed setup: leave no servers behind
             raise
+
+    def _port(self) -> int:
+        while (port := free_port()) in self._taken:
+            pass
+        self._taken.add(port)
+        return port
+
+    def _start_node(self, workdir: Path) -> None:
+        """One node on fresh ports; a node that exits before it answers (a port another process
+        took between our check and its bind) is started again on other ports."""
+        for _ in range(5):
+            port = self._port()
+            d = workdir / str(port)
+            d.mkdir()
+            proc = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--cluster-port", str(self._port()), "--bind", "127.0.0.1",
+                 "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
+                 # Healthy nodes keep serving their slots while one is stopped (the test's point);
+                 # a short node timeout exercises the FAIL flag and its clearing on SIGCONT.
+                 "--cluster-require-full-coverage", "no", "--cluster-node-timeout", "2000",
+                 "--save", "", "--appendonly", "no", "--dir", str(d)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_until(lambda p=port, proc=proc: self._ping(p) or proc.poll() is not None,  # type: ignore[misc]
+                       what=f"redis-server on {port}")
+            if proc.poll() is None:
+                self.ports.append(port)
+                self.procs.append(proc)
+                return
+        raise AssertionError("redis-server did not start on 5 pairs of free ports")
 
     @staticmethod
     def _ping(port: int) -> bool:
