@@ -23,6 +23,7 @@ SERVE_FLAGS = {
     "--admin-host": "admin_host", "--admin-port": "admin_port", "--admin-token-file": "admin_token_file",
     "--log-format": "log_format",
 }
+STORE_FLAG = {"--feature-store": "feature_store"}  # in the --redis-url group
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     store.add_argument("--redis-url", default=None, help="use Redis as the feature store (or --redis-url-file)")
     store.add_argument("--redis-url-file", dest="redis_url", type=secret_file, default=None, metavar="FILE",
                        help="--redis-url's URL from the first line of FILE (keeps a password off the command line)")
-    add_config_flags(store, ServeConfig, {"--feature-store": "feature_store"})
+    add_config_flags(store, ServeConfig, STORE_FLAG)
     p.add_argument("--config", type=Path, default=None, help="JSON file of ServeConfig settings (flags win over it)")
     add_config_flags(p, ServeConfig, SERVE_FLAGS)
     p.set_defaults(func=cmd_serve)
@@ -62,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from online.logs import configure_logging
     from online.server import start_server
 
-    flags = {**SERVE_FLAGS, "--feature-store": "feature_store"}
+    flags = {**SERVE_FLAGS, **STORE_FLAG}
     if args.redis_url:
         args.feature_store = "redis"
     try:

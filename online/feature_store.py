@@ -72,30 +72,32 @@ class BatchFeatures:
         return np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.offsets))
 
     @classmethod
-    def empty(cls, n: int, dim: int) -> BatchFeatures:
-        return cls(np.zeros((n, dim), np.float32), np.zeros(n, bool), np.zeros(n + 1, np.int64), [],
-                   np.zeros(0, np.int8), np.zeros(0, np.int64))
-
-    @classmethod
     def from_rows(cls, embeddings: Sequence[np.ndarray | None], sessions: Sequence[Sequence[bytes]], *,
                   dim: int) -> BatchFeatures:
-        """From per-user decoded embeddings (None: absent) and raw session members
-        (``towers.store_format.encode_event``: ``item\ttype\tts``, newest first). The members
-        are decoded as one string (one decode, one split for the batch, not one per event)."""
+        """From per-user decoded embeddings (None: absent) and raw session members (see
+        ``from_sessions``)."""
         n = len(embeddings)
         emb = np.zeros((n, dim), np.float32)
         has = np.zeros(n, bool)
         for i, e in enumerate(embeddings):
             if e is not None:
                 emb[i], has[i] = e, True
-        offsets = np.zeros(n + 1, np.int64)
+        return cls.from_sessions(emb, has, sessions)
+
+    @classmethod
+    def from_sessions(cls, embedding: np.ndarray, has_user: np.ndarray,
+                      sessions: Sequence[Sequence[bytes]]) -> BatchFeatures:
+        """With the batch's embeddings already gathered, from raw session members
+        (``towers.store_format.encode_event``: ``item\ttype\tts``, newest first). The members
+        are decoded as one string (one decode, one split for the batch, not one per event)."""
+        offsets = np.zeros(len(sessions) + 1, np.int64)
         np.cumsum([len(s) for s in sessions], out=offsets[1:])
         members = [m for s in sessions for m in s]
         if not members:
-            return cls(emb, has, offsets, [], np.zeros(0, np.int8), np.zeros(0, np.int64))
+            return cls(embedding, has_user, offsets, [], np.zeros(0, np.int8), np.zeros(0, np.int64))
         parts = b"\t".join(members).decode().split("\t")
         types = np.fromiter((_TYPE_CODE.get(t, -1) for t in parts[1::3]), np.int8, count=len(members))
-        return cls(emb, has, offsets, parts[0::3], types, np.array(parts[2::3], dtype=np.int64))
+        return cls(embedding, has_user, offsets, parts[0::3], types, np.array(parts[2::3], dtype=np.int64))
 
     def take(self, rows: np.ndarray) -> BatchFeatures:
         """Rows ``rows`` (any order, repeats allowed), as a batch of their own."""
@@ -246,8 +248,7 @@ class InMemoryFeatureStore:
             # Newest first, ties by member descending: the order of Redis's ZREVRANGE.
             sessions.append([m for m, _ in sorted(sess.items(), key=lambda kv: (kv[1], kv[0]),
                                                   reverse=True)[:n_recent]] if sess else [])
-        feats = BatchFeatures.from_rows([None] * len(user_ids), sessions, dim=dim)
-        return BatchFeatures(vecs, has, feats.offsets, feats.items, feats.types, feats.timestamps)
+        return BatchFeatures.from_sessions(vecs, has, sessions)
 
     async def batch_recs(self, version: str, user_ids: Sequence[str], *, timeout: float) -> BatchRecs:
         index, _, items, scores = self._versions.get(version, ({}, None, None, None))

@@ -89,7 +89,9 @@ def test_a_worker_starts_in_a_blackout_serves_degraded_recovers_and_swaps_throug
                      redis_url=redis_proc.url, redis_prefix=PREFIX)
         wait_until(lambda: srv.running.watcher.state.rejected >= 1, timeout=20, what="the refusal in the blackout")
         assert srv.running.watcher.state.version == v0  # the old version serves on
-        time.sleep(2.0)
+        # Still dark at the next poll: refused again, not given up on.
+        wait_until(lambda: srv.running.watcher.state.rejected >= 2, timeout=20, what="a second refusal in the blackout")
+        assert srv.running.watcher.state.version == v0
         proxy.blackhole(False)
         wait_until(lambda: srv.running.watcher.state.version == v1, timeout=30, what="the retried swap")
         wait_until(lambda: callers.answers[-1][1] == v1 and callers.answers[-1][0] == pb.RUNG_FULL, timeout=20,

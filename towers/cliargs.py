@@ -126,4 +126,4 @@ def flag_of(args: argparse.Namespace, flags: Mapping[str, str], error: ConfigErr
     """A config error about a field a given flag set, renamed to the flag the user typed (one
     about a value from elsewhere, a config file say, keeps its field's name)."""
     by_path = {path: flag for flag, path in flags.items() if getattr(args, path.replace(".", "__")) is not None}
-    return ConfigError(by_path[error.field], str(error).split(": ", 1)[1]) if error.field in by_path else error
+    return ConfigError(by_path[error.field], error.message) if error.field in by_path else error

@@ -18,6 +18,7 @@ class ConfigError(TwoTowerError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
 
 
 class InvalidRequest(TwoTowerError):
